@@ -1,0 +1,176 @@
+"""The embedding cache (SPEC 2): encoding images is the only expensive step, so it is done once.
+
+Image embeddings are keyed by (model identity, preprocessing) -> folder, and by the image file's content -> row;
+text embeddings by model identity -> folder and prompt string -> row. A folder holds .npz shards, each written to a
+temporary file and renamed into place, so a crash leaves only whole shards. An encode flushes a shard every few
+hundred images and on any interruption, and a rerun encodes only what is missing, in the same batches as an
+uninterrupted run would, so it ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import ImageFiles, file_digest
+from .models import ModelHandle
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[-48:].strip("_") or "model"
+
+
+class EmbeddingStore:
+    """A folder of .npz shards mapping string keys to float32 vectors."""
+
+    def __init__(self, root: Path, description: dict):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / "key.json").exists():
+            atomic_write_bytes(self.root / "key.json", json.dumps(description, indent=2, sort_keys=True).encode())
+        self._rows: dict[str, np.ndarray] = {}
+        for shard in sorted(self.root.glob("*.npz")):
+            self._read_shard(shard)
+
+    def _read_shard(self, shard: Path) -> None:
+        try:
+            with np.load(shard, allow_pickle=False) as z:
+                keys, vectors = z["keys"], z["vectors"]
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("embedding cache: skipping unreadable shard %s (%s); its images will be encoded again",
+                        shard, e)
+            return
+        self._rows.update(zip(keys.tolist(), vectors))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def get(self, keys: list[str]) -> np.ndarray:
+        missing = [k for k in keys if k not in self._rows]
+        if missing:
+            raise KeyError(f"{len(missing)} keys not in the embedding cache {self.root}, e.g. {missing[0]}")
+        return np.stack([self._rows[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+
+    def add(self, keys: list[str], vectors: np.ndarray) -> None:
+        if not keys:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        name = f"{time.time_ns()}-{os.getpid()}-{_digest(keys)}.npz"
+        buf = _npz_bytes(keys=np.array(keys), vectors=vectors)
+        atomic_write_bytes(self.root / name, buf)
+        self._rows.update(zip(keys, vectors))
+
+    def compact(self) -> None:
+        """Merge all shards into one (written before the old ones are removed, so nothing is lost on a crash)."""
+        shards = sorted(self.root.glob("*.npz"))
+        if len(shards) < 2:
+            return
+        keys = sorted(self._rows)
+        merged = self.root / f"{time.time_ns()}-{os.getpid()}-merged.npz"
+        atomic_write_bytes(merged, _npz_bytes(keys=np.array(keys), vectors=np.stack([self._rows[k] for k in keys])))
+        for shard in shards:
+            shard.unlink(missing_ok=True)
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def image_store(cache_dir: str | Path, handle: ModelHandle) -> EmbeddingStore:
+    description = {"model": handle.identity, "preprocess": handle.preprocess.key()}
+    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{_digest(description)}"
+    return EmbeddingStore(Path(cache_dir) / "images" / name, description)
+
+
+def text_store(cache_dir: str | Path, handle: ModelHandle) -> EmbeddingStore:
+    description = {"model": handle.identity}
+    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{_digest(description)}"
+    return EmbeddingStore(Path(cache_dir) / "texts" / name, description)
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def encode_texts(handle: ModelHandle, texts: list[str], store: EmbeddingStore, chunk: int = 1024) -> np.ndarray:
+    """Text embeddings of `texts`, encoding only the prompts not yet in `store` (all at once, as the winner did)."""
+    keys = [text_key(t) for t in texts]
+    todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in store))
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        store.add([text_key(t) for t in part], handle.encoder.encode_texts(part).numpy())
+    return store.get(keys)
+
+
+def encode_images(handle: ModelHandle, files: list[Path], store: EmbeddingStore, digests: list[str] | None = None,
+                  num_workers: int = 2, flush_every: int = 512, progress: bool = True) -> np.ndarray:
+    """Image embeddings of `files` (L2-normalised float32, one row per file), encoding only what `store` lacks.
+
+    Batches are the fixed slices [i*B, (i+1)*B) of `files`; a batch with any image missing is encoded whole, so a
+    resumed encode computes exactly what an uninterrupted one would.
+    """
+    digests = digests if digests is not None else [file_digest(p) for p in files]
+    bs = handle.entry.batch_size
+    batches = [list(range(s, min(s + bs, len(files)))) for s in range(0, len(files), bs)]
+    todo = [b for b in batches if any(digests[i] not in store for i in b)]
+    if todo:
+        loader = torch.utils.data.DataLoader(
+            ImageFiles(files, handle.preprocess.transform()), batch_sampler=todo, num_workers=num_workers,
+            pin_memory=handle.device.type == "cuda", persistent_workers=False,
+        )
+        pending_keys: list[str] = []
+        pending: list[np.ndarray] = []
+        bar = tqdm(total=sum(map(len, todo)), unit="img", desc=f"encode {handle.name}", disable=not progress)
+        try:
+            for batch, pixels in zip(todo, loader):
+                pending.append(handle.encoder.encode_images(pixels).numpy())
+                pending_keys += [digests[i] for i in batch]
+                bar.update(len(batch))
+                if len(pending_keys) >= flush_every:
+                    store.add(pending_keys, np.concatenate(pending))
+                    pending_keys, pending = [], []
+        finally:
+            bar.close()
+            if pending_keys:  # keep what was computed, even when interrupted
+                store.add(pending_keys, np.concatenate(pending))
+        store.compact()
+    return store.get(digests)

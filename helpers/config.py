@@ -1,0 +1,248 @@
+"""Run configs: one YAML file describes a run (SPEC 2).
+
+A config is loaded into the dataclasses below; every key is checked against them, so a typo is an error that
+names the key and suggests the nearest valid one. Relative paths are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .scoring import SCORERS
+
+BACKENDS = ("open_clip", "hf_clip", "eva_clip")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DevData:
+    path: str
+    class_map: dict[str, str] | None = None  # dev folder name -> challenge class name
+    limit: int | None = None  # at most N images, taken round-robin over the classes
+
+
+@dataclass
+class Data:
+    test: str | None = None  # <dir>/<one sub-folder>/<id>.jpg + <dir>/classes.json
+    limit: int | None = None  # the first N test images in natural order
+    dev: DevData | None = None
+    classes: list[str] | None = None  # default: the test folder's classes.json
+
+
+@dataclass
+class PromptSpec:
+    set: str = "winner"  # a built-in prompt set or the path of a prompt-set YAML file
+    groups: list[str] | None = None  # keep only these groups, in this order
+    exclude: list[str] | None = None  # drop these groups
+
+
+@dataclass
+class ModelEntry:
+    backend: str
+    pretrained: str  # open_clip tag, checkpoint file, local-dir:, local directory, hub id, or "random"
+    arch: str | None = None  # open_clip architecture name or the path of an architecture JSON file
+    revision: str | None = None  # hub revision; required for eva_clip hub ids
+    sharpness: float = 1.0  # adjust_sharpness factor; 1.0 leaves the image as it is
+    precision: str = "fp32"
+    batch_size: int = 32
+    seed: int = 0  # initialises the weights when pretrained is "random"
+    weights_only: bool = True  # False allows pickled checkpoints (the original G14_fullcc2.5b.pt); trusted files only
+    device_map: str | None = None  # eva_clip: "auto" spreads the model over several GPUs
+    mean: list[float] | None = None  # normalisation; default: the model's own
+    std: list[float] | None = None
+
+
+@dataclass
+class Ensemble:
+    weights: dict[str, float] | None = None  # default: equal weights over all models
+    drop_below: float | None = None  # per-prompt probabilities <= this are set to 0 after the weighted sum
+
+
+@dataclass
+class RunConfig:
+    name: str
+    data: Data
+    models: dict[str, ModelEntry]
+    prompts: str | PromptSpec | list[PromptSpec] = "winner"
+    scoring: str = "joint_softmax_mean"
+    logit_scale: float = 100.0
+    ensemble: Ensemble = field(default_factory=Ensemble)
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    cache_dir: str = "outputs/cache"
+    num_workers: int = 2  # image decoding workers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: object, source: str = "config") -> RunConfig:
+    try:
+        config = _build(RunConfig, raw, "")
+        _check(config)
+        _resolve_paths(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
+def _build(hint, value, where: str):
+    """Turn parsed YAML into `hint` (a dataclass, container or scalar type), naming `where` on error."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _build(option, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where or 'config'}: none of the accepted forms fits: "
+                          + "; ".join(errors))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where or 'config'} must be a mapping, got {value!r}")
+        fields = {f.name: f for f in dataclasses.fields(hint)}
+        hints = typing.get_type_hints(hint)
+        for key in value:
+            if key not in fields:
+                near = difflib.get_close_matches(str(key), fields, n=1)
+                place = f" in {where}" if where else ""
+                hint_text = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
+                raise ConfigError(f"unknown key '{key}'{place}{hint_text}")
+        kwargs = {}
+        for name, f in fields.items():
+            key_where = f"{where}.{name}" if where else name
+            if name in value:
+                kwargs[name] = _build(hints[name], value[name], key_where)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key '{key_where}'")
+        return hint(**kwargs)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {_build(key_type, k, f"{where} key"): _build(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_build(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _one_of(value, options, where):
+    if value not in options:
+        near = difflib.get_close_matches(str(value), options, n=1)
+        extra = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"{where} is '{value}', expected one of {', '.join(options)}{extra}")
+
+
+def is_hub_id(pretrained: str) -> bool:
+    """A hub id looks like 'org/name' and is not a path that exists here."""
+    if pretrained.startswith(("/", ".", "~", "local-dir:")) or Path(pretrained).expanduser().exists():
+        return False
+    return pretrained.count("/") == 1
+
+
+def _check(config: RunConfig) -> None:
+    _one_of(config.scoring, tuple(SCORERS), "scoring")
+    if config.logit_scale <= 0:
+        raise ConfigError(f"logit_scale must be positive, got {config.logit_scale}")
+    if not config.models:
+        raise ConfigError("models must name at least one model")
+    if config.data.test is None and config.data.dev is None:
+        raise ConfigError("data needs 'test' or 'dev'")
+    if config.data.test is None and not config.data.classes:
+        raise ConfigError("data.classes is required without data.test (whose classes.json names the classes)")
+    dev_limit = config.data.dev.limit if config.data.dev else None
+    for key, limit in (("data.limit", config.data.limit), ("data.dev.limit", dev_limit)):
+        if limit is not None and limit < 1:
+            raise ConfigError(f"{key} must be at least 1, got {limit}")
+    for name, m in config.models.items():
+        where = f"models.{name}"
+        _one_of(m.backend, BACKENDS, f"{where}.backend")
+        _one_of(m.precision, PRECISIONS, f"{where}.precision")
+        if m.sharpness < 0:
+            raise ConfigError(f"{where}.sharpness must be >= 0, got {m.sharpness}")
+        if m.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size must be at least 1, got {m.batch_size}")
+        if m.backend == "open_clip" and m.arch is None and not m.pretrained.startswith(("local-dir:", "hf-hub:")):
+            raise ConfigError(f"{where}.arch is required for backend open_clip (e.g. ViT-bigG-14-quickgelu)")
+        if m.backend != "open_clip" and m.arch is not None:
+            raise ConfigError(f"{where}.arch is for backend open_clip only; {m.backend} reads it from the model folder")
+        if m.backend == "eva_clip" and is_hub_id(m.pretrained) and not m.revision:
+            raise ConfigError(f"{where}.revision is required: eva_clip runs remote code, so the hub id "
+                              f"'{m.pretrained}' must be pinned to a commit")
+        if (m.mean is None) != (m.std is None) or any(len(v) != 3 for v in (m.mean or [0] * 3, m.std or [0] * 3)):
+            raise ConfigError(f"{where}: mean and std go together, three numbers each")
+    weights = config.ensemble.weights
+    if weights is not None:
+        for name in weights:
+            if name not in config.models:
+                raise ConfigError(f"ensemble.weights names '{name}', not one of the models "
+                                  f"({', '.join(config.models)})")
+        for name in config.models:
+            if name not in weights:
+                raise ConfigError(f"ensemble.weights has no weight for model '{name}' (give 0 to leave it out)")
+        if any(w < 0 for w in weights.values()) or abs(sum(weights.values()) - 1) > 1e-6:
+            raise ConfigError(f"ensemble.weights must be >= 0 and sum to 1, got {weights}")
+    drop = config.ensemble.drop_below
+    if drop is not None:
+        if not 0 <= drop < 1:
+            raise ConfigError(f"ensemble.drop_below must be in [0, 1), got {drop}")
+        if config.scoring != "joint_softmax_mean":
+            raise ConfigError("ensemble.drop_below acts on per-prompt probabilities, so it needs "
+                              f"scoring: joint_softmax_mean (got {config.scoring})")
+
+
+def _resolve(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _resolve_paths(config: RunConfig) -> None:
+    if config.data.test is not None:
+        config.data.test = _resolve(config.data.test)
+    if config.data.dev is not None:
+        config.data.dev.path = _resolve(config.data.dev.path)
+    config.cache_dir = _resolve(config.cache_dir)
+    specs = config.prompts if isinstance(config.prompts, list) else [config.prompts]
+    for spec in specs:
+        if isinstance(spec, PromptSpec) and spec.set.endswith((".yaml", ".yml")):
+            spec.set = _resolve(spec.set)
+    if isinstance(config.prompts, str) and config.prompts.endswith((".yaml", ".yml")):
+        config.prompts = _resolve(config.prompts)
+    for m in config.models.values():
+        if m.arch is not None and m.arch.endswith(".json"):
+            m.arch = _resolve(m.arch)
+        if m.pretrained.startswith("local-dir:"):
+            m.pretrained = "local-dir:" + _resolve(m.pretrained.removeprefix("local-dir:"))
+        elif m.pretrained != "random" and Path(m.pretrained).expanduser().exists():
+            m.pretrained = _resolve(m.pretrained)

@@ -1,0 +1,417 @@
+"""Model backends behind one interface: L2-normalised float32 image and text features.
+
+A backend is a small class in the BACKENDS registry. It says, without loading anything, what identifies the
+weights (for the cache keys and the manifest) and how images are preprocessed, and it loads an `Encoder`.
+`ModelHandle` loads lazily, so a run whose embeddings are all cached never loads a model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pickle
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .config import ModelEntry, is_hub_id
+from .data import OPENAI_MEAN, OPENAI_STD, Preprocess
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
+OPEN_CLIP_TAG_ALIASES = {"metaclip_2_5b": "metaclip_fullcc"}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Weights that are neither on disk nor downloadable here; the message says what to do."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device is '{device}' but CUDA is not available here (use device: auto or cpu)")
+    return torch.device(device)
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+_reachable: dict[str, bool] = {}
+
+
+def host_reachable(host: str, timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so that an offline machine fails at once instead of retrying for minutes."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if host not in _reachable:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _reachable[host] = True
+        except OSError:
+            _reachable[host] = False
+    return _reachable[host]
+
+
+def hub_host() -> str:
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+
+
+def _offline_error(name: str, what: str, cache: str, local_hint: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"models.{name}: the weights of {what} are not in the local cache ({cache}) and cannot be downloaded "
+        f"from here (no network). Download them where there is network (they land in that cache), or give a local "
+        f"copy: {local_hint}."
+    )
+
+
+class Encoder:
+    """A loaded model. Subclasses implement `_image_features` and `_text_features`."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.dtype = model.eval(), device, dtype
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self._image_features(pixels.to(self.device, self.dtype, non_blocking=True)).float()
+        return (x / x.norm(dim=-1, keepdim=True)).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        x = self._text_features(texts).float()
+        return (x / x.norm(dim=-1, keepdim=True)).cpu()
+
+
+class OpenClipEncoder(Encoder):
+    def __init__(self, model, device, dtype, tokenizer):
+        super().__init__(model, device, dtype)
+        self.tokenizer = tokenizer
+
+    def _image_features(self, pixels):
+        return self.model.encode_image(pixels)
+
+    def _text_features(self, texts):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
+class HfClipEncoder(Encoder):
+    def __init__(self, model, device, dtype, tokenizer):
+        super().__init__(model, device, dtype)
+        self.tokenizer = tokenizer
+
+    def _image_features(self, pixels):
+        return self.model.get_image_features(pixel_values=pixels)
+
+    def _text_features(self, texts):
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return self.model.get_text_features(**tokens)
+
+
+class EvaClipEncoder(Encoder):
+    """EVA-CLIP through its remote code: `encode_image` / `encode_text` on CLIPTokenizer ids padded as the winner."""
+
+    def __init__(self, model, device, dtype, tokenizer):
+        super().__init__(model, device, dtype)
+        self.tokenizer = tokenizer
+
+    def _image_features(self, pixels):
+        return self.model.encode_image(pixels)
+
+    def _text_features(self, texts):
+        ids = self.tokenizer(texts, return_tensors="pt", padding=True).input_ids.to(self.device)
+        return self.model.encode_text(ids)
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str):
+    def add(cls):
+        BACKENDS[name] = cls
+        return cls
+
+    return add
+
+
+class Backend:
+    """What a model entry means for one backend. `name` is the entry's key in the run config."""
+
+    def __init__(self, name: str, entry: ModelEntry):
+        self.name, self.entry = name, entry
+
+    @property
+    def random_weights(self) -> bool:
+        return self.entry.pretrained == "random"
+
+    def identity(self) -> dict:
+        """What determines the features, for cache keys: backend, weights, precision."""
+        e = self.entry
+        ident = {"backend": e.backend, "arch": e.arch, "pretrained": e.pretrained, "revision": e.revision,
+                 "precision": e.precision}
+        if self.random_weights:
+            ident["seed"] = e.seed
+        elif Path(e.pretrained.removeprefix("local-dir:")).exists():
+            stat = Path(e.pretrained.removeprefix("local-dir:")).stat()
+            ident["file"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return ident
+
+    def preprocess(self) -> Preprocess:
+        size, mean, std = self._defaults()
+        mean, std = (tuple(self.entry.mean), tuple(self.entry.std)) if self.entry.mean else (mean, std)
+        return Preprocess(size=size, sharpness=self.entry.sharpness, mean=mean, std=std)
+
+    def _defaults(self) -> tuple[int, tuple, tuple]:
+        raise NotImplementedError
+
+    def load(self, device: torch.device) -> Encoder:
+        raise NotImplementedError
+
+
+@register_backend("open_clip")
+class OpenClipBackend(Backend):
+    @property
+    def arch(self) -> str:
+        arch = self.entry.arch
+        if arch and arch.endswith(".json"):
+            import open_clip
+
+            if not Path(arch).is_file():
+                raise FileNotFoundError(f"models.{self.name}.arch: no such architecture file {arch}")
+            open_clip.add_model_config(arch)
+            return Path(arch).stem
+        return arch
+
+    @property
+    def tag(self) -> str:
+        return OPEN_CLIP_TAG_ALIASES.get(self.entry.pretrained, self.entry.pretrained)
+
+    def identity(self) -> dict:
+        return {**super().identity(), "pretrained": self.tag}
+
+    def _schema_config(self) -> dict | None:
+        p = self.entry.pretrained
+        if p.startswith("local-dir:"):
+            path = Path(p.removeprefix("local-dir:")) / "open_clip_config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"models.{self.name}.pretrained: {path} is missing")
+            return json.loads(path.read_text())
+        return None
+
+    def _defaults(self):
+        import open_clip
+
+        schema = self._schema_config()
+        if schema is not None:
+            model_cfg, pp = schema["model_cfg"], schema.get("preprocess_cfg", {})
+        else:
+            model_cfg = open_clip.get_model_config(self.arch)
+            if model_cfg is None:
+                raise ValueError(f"models.{self.name}.arch: open_clip has no architecture '{self.entry.arch}' "
+                                 f"(see open_clip.list_models(), or give the path of a JSON config)")
+            pp = open_clip.get_pretrained_cfg(self.arch, self.tag) if not self.random_weights else {}
+        size = model_cfg["vision_cfg"].get("image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return size, tuple(pp.get("mean", OPENAI_MEAN)), tuple(pp.get("std", OPENAI_STD))
+
+    def _checkpoint(self) -> str | None:
+        """A local file for `pretrained` (None for local-dir: and random), downloading a tag's weights if possible."""
+        import open_clip
+        from huggingface_hub import try_to_load_from_cache
+
+        p = self.entry.pretrained
+        if self.random_weights or p.startswith("local-dir:"):
+            return None
+        if p.startswith("hf-hub:"):
+            raise WeightsUnavailableError(f"models.{self.name}.pretrained: use an open_clip tag, a file or local-dir:, "
+                                          f"not '{p}'")
+        if Path(p).is_file():
+            return p
+        cfg = open_clip.get_pretrained_cfg(self.arch, self.tag)
+        if not cfg:
+            looks_like_path = "/" in p or p.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            if looks_like_path:
+                raise FileNotFoundError(f"models.{self.name}.pretrained: no such checkpoint file {p}")
+            tags = open_clip.list_pretrained_tags_by_model(self.arch)
+            raise ValueError(f"models.{self.name}.pretrained: '{p}' is neither a file nor an open_clip tag of "
+                             f"{self.arch} (tags: {', '.join(tags) or 'none'}; or 'random', or local-dir:PATH)")
+        what = f"open_clip {self.arch} '{self.tag}'"
+        if cfg.get("hf_hub"):
+            org, repo, filename = (cfg["hf_hub"].split("/") + [""])[:3]
+            repo = f"{org}/{repo}"
+            for candidate in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
+                cached = try_to_load_from_cache(repo, candidate)
+                if isinstance(cached, str):
+                    return cached
+            if not host_reachable(hub_host()):
+                raise _offline_error(self.name, f"{what} (hub repo {repo})", _hf_cache_dir(),
+                                     "`pretrained: /path/to/open_clip_pytorch_model.bin` (or the original .pt with "
+                                     "`weights_only: false`) or `pretrained: local-dir:/path/to/folder`")
+        else:
+            cache = os.path.expanduser("~/.cache/clip")
+            cached = Path(cache) / os.path.basename(cfg["url"])
+            if cached.is_file():
+                return str(cached)
+            if not host_reachable(urlparse(cfg["url"]).hostname):
+                raise _offline_error(self.name, f"{what} ({cfg['url']})", cache, "`pretrained: /path/to/file.pt`")
+        return open_clip.download_pretrained(cfg)
+
+    def load(self, device):
+        import open_clip
+
+        if self.random_weights:
+            torch.manual_seed(self.entry.seed)
+            model = open_clip.create_model(self.arch, pretrained=None, device=device)
+            tokenizer = open_clip.get_tokenizer(self.arch)
+        else:
+            checkpoint = self._checkpoint()
+            model_name = self.entry.pretrained if checkpoint is None else self.arch
+            try:
+                model = open_clip.create_model(model_name, pretrained=checkpoint, device=device,
+                                               require_pretrained=True, weights_only=self.entry.weights_only)
+            except pickle.UnpicklingError as e:
+                raise WeightsUnavailableError(
+                    f"models.{self.name}: {checkpoint} is a pickled checkpoint that torch will not load with "
+                    f"weights_only=True ({str(e).splitlines()[0]}). If you trust the file, set "
+                    f"`weights_only: false` in models.{self.name}.") from e
+            tokenizer = open_clip.get_tokenizer(model_name)
+        dtype = DTYPES[self.entry.precision]
+        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer)
+
+
+class TransformersBackend(Backend):
+    """Shared by hf_clip and eva_clip: a local model directory or a hub id at a revision."""
+
+    trust_remote_code = False
+
+    @property
+    def local_dir(self) -> Path | None:
+        p = Path(self.entry.pretrained).expanduser()
+        return p if p.is_dir() else None
+
+    def _hub_kwargs(self) -> dict:
+        return {"revision": self.entry.revision, "trust_remote_code": self.trust_remote_code}
+
+    def _config_dict(self) -> dict:
+        """config.json without loading code or weights: from the folder, the hub cache, or a download."""
+        if self.local_dir is not None:
+            path = self.local_dir / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"models.{self.name}.pretrained: {path} is missing (not a model folder?)")
+            return json.loads(path.read_text())
+        if self.random_weights or not is_hub_id(self.entry.pretrained):
+            raise FileNotFoundError(f"models.{self.name}.pretrained: no such model folder {self.entry.pretrained} "
+                                    f"({self.entry.backend} needs a local folder or a hub id org/name)")
+        return json.loads(Path(self._hub_file("config.json")).read_text())
+
+    def _hub_file(self, filename: str) -> str:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        repo, revision = self.entry.pretrained, self.entry.revision
+        cached = try_to_load_from_cache(repo, filename, revision=revision)
+        if isinstance(cached, str):
+            return cached
+        if not host_reachable(hub_host()):
+            raise _offline_error(self.name, f"{self.entry.backend} '{repo}' at revision {revision or 'main'}",
+                                 _hf_cache_dir(), "`pretrained: /path/to/model-folder` (the downloaded snapshot)")
+        return hf_hub_download(repo, filename, revision=revision)
+
+    def _defaults(self):
+        cfg = self._config_dict()
+        size = cfg.get("vision_config", {}).get("image_size", 224)
+        mean, std = OPENAI_MEAN, OPENAI_STD
+        if self.local_dir is not None and (self.local_dir / "preprocessor_config.json").is_file():
+            pp = json.loads((self.local_dir / "preprocessor_config.json").read_text())
+            mean, std = tuple(pp.get("image_mean", mean)), tuple(pp.get("image_std", std))
+        return size, mean, std
+
+    def _source(self) -> str:
+        if self.local_dir is not None:
+            return str(self.local_dir)
+        self._hub_file("config.json")  # fails at once, with the offline message, when it cannot be had
+        return self.entry.pretrained
+
+    def _from_pretrained(self, cls, **kwargs):
+        source = self._source()
+        try:
+            return cls.from_pretrained(source, **self._hub_kwargs(), **kwargs)
+        except OSError as e:
+            raise WeightsUnavailableError(f"models.{self.name}: cannot load {source}: {e}") from e
+
+
+@register_backend("hf_clip")
+class HfClipBackend(TransformersBackend):
+    def load(self, device):
+        from transformers import AutoTokenizer, CLIPModel
+
+        dtype = DTYPES[self.entry.precision]
+        if self.random_weights:
+            raise ValueError(f"models.{self.name}: hf_clip has no architecture to initialise randomly; "
+                             "save a CLIPModel with save_pretrained and give its folder")
+        model = self._from_pretrained(CLIPModel, torch_dtype=dtype)
+        tokenizer = self._from_pretrained(AutoTokenizer)
+        return HfClipEncoder(model.to(device), device, dtype, tokenizer)
+
+
+@register_backend("eva_clip")
+class EvaClipBackend(TransformersBackend):
+    trust_remote_code = True
+
+    def load(self, device):
+        from transformers import AutoModel, CLIPTokenizer
+
+        dtype = DTYPES[self.entry.precision]
+        kwargs = {"torch_dtype": dtype}
+        if self.entry.device_map:
+            kwargs["device_map"] = self.entry.device_map
+        model = self._from_pretrained(AutoModel, **kwargs)
+        if not self.entry.device_map:
+            model = model.to(device)
+        else:
+            device = next(model.parameters()).device  # inputs go where the first layers are
+        tokenizer = self._from_pretrained(CLIPTokenizer)
+        return EvaClipEncoder(model, device, dtype, tokenizer)
+
+
+class ModelHandle:
+    """One model entry of a run: identity and preprocessing at once, the model itself only when first needed."""
+
+    def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto"):
+        self.backend = BACKENDS[entry.backend](name, entry)
+        self.name, self.entry = name, entry
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self._encoder: Encoder | None = None
+
+    @property
+    def identity(self) -> dict:
+        return self.backend.identity()
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.backend.preprocess()
+
+    @property
+    def random_weights(self) -> bool:
+        return self.backend.random_weights
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = self.backend.load(self.device)
+        return self._encoder
+
+    def close(self) -> None:
+        """Free the model (and its GPU memory) before the next one is loaded."""
+        self._encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

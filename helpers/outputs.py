@@ -1,0 +1,109 @@
+"""What a run writes: the submission (validated, atomic), metrics, and the manifest that says how it was made."""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import atomic_write_bytes
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "pillow", "natsort", "pandas",
+            "papermill", "huggingface_hub", "accelerate")
+
+
+class SubmissionError(ValueError):
+    pass
+
+
+def validate_submission(ids: list[int], labels, n_classes: int, expected_ids: list[int] | None = None) -> None:
+    labels = np.asarray(labels)
+    if len(ids) != len(labels):
+        raise SubmissionError(f"submission: {len(ids)} ids but {len(labels)} labels")
+    if len(set(ids)) != len(ids):
+        raise SubmissionError("submission: an id appears more than once")
+    if expected_ids is not None and sorted(ids) != sorted(expected_ids):
+        raise SubmissionError(f"submission: ids do not match the test set ({len(ids)} vs {len(expected_ids)})")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes or not np.issubdtype(labels.dtype, np.integer)):
+        raise SubmissionError(f"submission: labels must be integers in 0..{n_classes - 1}")
+
+
+def write_submission(path: Path, ids: list[int], labels, n_classes: int) -> None:
+    """`id_idx,label`, one row per image in the test set's order, written atomically."""
+    validate_submission(ids, labels, n_classes)
+    text = "id_idx,label\n" + "".join(f"{i},{int(y)}\n" for i, y in zip(ids, labels))
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def read_submission(path: Path) -> tuple[list[int], list[int]]:
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    if list(df.columns) != ["id_idx", "label"]:
+        raise SubmissionError(f"{path}: header must be id_idx,label, got {','.join(df.columns)}")
+    return df["id_idx"].tolist(), df["label"].tolist()
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def write_npy(path: Path, array) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def git_commit() -> dict:
+    def git(*args):
+        return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_description(device: torch.device) -> dict:
+    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def build_manifest(config: dict, device: torch.device, data: dict, models: dict) -> dict:
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "git": git_commit(),
+        "device": device_description(device),
+        "data": data,
+        "models": models,
+        "config": config,
+    }

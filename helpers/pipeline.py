@@ -1,0 +1,170 @@
+"""A run, in two steps that the notebooks call one by one and `predict` calls in a row:
+
+1. `run_model`: one model encodes the prompts and every split (through the cache) and writes its outputs under
+   `<output>/models/<name>/`.
+2. `run_ensemble`: combines the models' outputs, writes `submission.csv`, `metrics.json` and the manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from .cache import encode_images, encode_texts, image_store, text_store
+from .config import RunConfig
+from .data import ImageSet, file_digest, fingerprint, load_dev_set, load_test_set, read_classes
+from .models import ModelHandle, resolve_device
+from .outputs import build_manifest, write_json, write_npy, write_submission
+from .prompts import PromptSet, load_prompts
+from .scoring import Scores, ensemble_scores, joint_softmax_probs, score
+from .stats import accuracy_summary
+
+
+@dataclass
+class RunData:
+    """The classes, prompts and image sets ("test", "dev") of a run config."""
+
+    classes: list[str]
+    prompts: PromptSet
+    splits: dict[str, ImageSet] = field(default_factory=dict)
+
+    @cached_property
+    def digests(self) -> dict[str, list[str]]:
+        return {name: [file_digest(p) for p in s.files] for name, s in self.splits.items()}
+
+    def fingerprints(self) -> dict:
+        return {name: fingerprint(s, self.digests[name]) for name, s in self.splits.items()}
+
+
+def load_run_data(config: RunConfig) -> RunData:
+    splits = {}
+    if config.data.test:
+        splits["test"] = load_test_set(config.data.test, config.data.limit)
+    classes = config.data.classes or (splits["test"].classes if splits else read_classes(config.data.test))
+    if config.data.dev:
+        dev = config.data.dev
+        splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
+    return RunData(classes, load_prompts(config.prompts, classes), splits)
+
+
+def model_dir(output_dir: Path, name: str) -> Path:
+    return Path(output_dir) / "models" / name
+
+
+def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunData | None = None,
+              progress: bool = True) -> dict:
+    """Encode the prompts and every split with model `name`; write its embeddings, probabilities and predictions."""
+    if name not in config.models:
+        raise KeyError(f"no model '{name}' in the config (models: {', '.join(config.models)})")
+    data = data or load_run_data(config)
+    handle = ModelHandle(name, config.models[name], config.device)
+    out = model_dir(output_dir, name)
+    started = time.perf_counter()
+    try:
+        text_emb = encode_texts(handle, data.prompts.texts, text_store(config.cache_dir, handle))
+        write_npy(out / "text_embeddings.npy", text_emb)
+        data.prompts.to_frame().to_csv(out / "prompts.csv", index_label="prompt")
+        seconds = {}
+        for split, images in data.splits.items():
+            t0 = time.perf_counter()
+            image_emb = encode_images(handle, images.files, image_store(config.cache_dir, handle),
+                                      data.digests[split], num_workers=config.num_workers, progress=progress)
+            seconds[split] = round(time.perf_counter() - t0, 3)
+            scores = score(config.scoring, image_emb, text_emb, data.prompts.class_index, len(data.classes),
+                           config.logit_scale)
+            probs = scores.prompt_probs if scores.prompt_probs is not None else joint_softmax_probs(
+                image_emb, text_emb, config.logit_scale)
+            split_dir = out / split
+            write_npy(split_dir / "image_embeddings.npy", image_emb)
+            write_npy(split_dir / "prompt_probs.npy", probs.numpy())
+            write_npy(split_dir / "class_scores.npy", scores.class_scores.numpy())
+            _predictions_frame(images, scores.labels, data.classes).to_csv(split_dir / "predictions.csv", index=False)
+        info = {
+            "name": name,
+            "identity": handle.identity,
+            "random_weights": handle.random_weights,
+            "preprocess": handle.preprocess.key(),
+            "precision": handle.entry.precision,
+            "device": str(handle.device),
+            "model_loaded": handle.loaded,  # False: everything came from the embedding cache
+            "encode_seconds": seconds,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    finally:
+        handle.close()
+    write_json(out / "model.json", info)
+    return info
+
+
+def _predictions_frame(images: ImageSet, labels: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({"file": [str(p.relative_to(images.root)) for p in images.files], "label": labels,
+                          "class": [classes[i] for i in labels]})
+    if images.ids is not None:
+        frame.insert(0, "id_idx", images.ids)
+    if images.labels is not None:
+        frame["true_label"] = images.labels
+    return frame
+
+
+def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: str) -> Scores:
+    split_dir = model_dir(output_dir, name) / split
+    if not (split_dir / "class_scores.npy").is_file():
+        raise FileNotFoundError(f"{split_dir}: no outputs of model '{name}' (run its inference first)")
+    probs = torch.from_numpy(np.load(split_dir / "prompt_probs.npy"))
+    class_scores = torch.from_numpy(np.load(split_dir / "class_scores.npy"))
+    return Scores(class_scores, probs if scoring == "joint_softmax_mean" else None)
+
+
+def ensemble_weights(config: RunConfig) -> dict[str, float]:
+    return config.ensemble.weights or {n: 1 / len(config.models) for n in config.models}
+
+
+def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None = None) -> dict:
+    """Combine the models' outputs; write submission.csv (when there is a test split) and metrics.json."""
+    data = data or load_run_data(config)
+    output_dir = Path(output_dir)
+    weights = ensemble_weights(config)
+    n_classes = len(data.classes)
+    metrics: dict = {"weights": weights, "drop_below": config.ensemble.drop_below, "scoring": config.scoring}
+    for split, images in data.splits.items():
+        per_model = {n: load_model_scores(output_dir, n, split, config.scoring) for n in config.models}
+        combined = ensemble_scores(per_model, weights, data.prompts.class_index, n_classes,
+                                   config.ensemble.drop_below)
+        labels = combined.labels
+        _predictions_frame(images, labels, data.classes).to_csv(output_dir / f"{split}_predictions.csv", index=False)
+        summary: dict = {"images": len(images),
+                         "predicted_counts": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)}}
+        if split == "test":
+            write_submission(output_dir / "submission.csv", images.ids, labels, n_classes)
+        if images.labels is not None:
+            summary["models"] = {n: accuracy_summary(images.labels, s.labels) for n, s in per_model.items()}
+            summary["ensemble"] = accuracy_summary(images.labels, labels)
+        metrics[split] = summary
+    write_json(output_dir / "metrics.json", metrics)
+    return metrics
+
+
+def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, models: dict) -> None:
+    """The config used (resolved) and the manifest."""
+    output_dir = Path(output_dir)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
+    write_json(output_dir / "manifest.json", manifest)
+
+
+def predict(config: RunConfig, output_dir: str | Path, progress: bool = True) -> dict:
+    """Every model, then the ensemble: the whole run in this process."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = load_run_data(config)
+    models = {name: run_model(config, name, output_dir, data, progress) for name in config.models}
+    metrics = run_ensemble(config, output_dir, data)
+    write_run_files(config, output_dir, data, models)
+    return metrics

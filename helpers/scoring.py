@@ -1,0 +1,92 @@
+"""Zero-shot scoring of cached embeddings, and the probability ensemble (SPEC 1, steps 4 and 5).
+
+Everything here takes L2-normalised float32 embeddings and is a few small matrix products. The arithmetic follows
+the winner's notebook operation by operation (scale, then matmul, then softmax over all prompts) so that labels
+match it exactly; pooling is over each class's own prompts, never a reshape that assumes equal counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Scores:
+    class_scores: torch.Tensor  # (images, classes); argmax is the prediction
+    prompt_probs: torch.Tensor | None = None  # (images, prompts) when the mode has per-prompt probabilities
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.class_scores.max(dim=-1)[1].numpy()
+
+
+def _t(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x, dtype=torch.float32)
+
+
+def pool_by_class(prompt_scores: torch.Tensor, class_index, n_classes: int) -> torch.Tensor:
+    """Mean of each class's own prompt columns: (images, prompts) -> (images, classes)."""
+    class_index = torch.as_tensor(np.asarray(class_index))
+    return torch.stack([prompt_scores[:, class_index == c].mean(dim=-1) for c in range(n_classes)], dim=-1)
+
+
+def joint_softmax_probs(image_emb, text_emb, logit_scale: float = 100.0) -> torch.Tensor:
+    """softmax(scale * cos) taken jointly over every prompt of every class, as the winner did."""
+    return (logit_scale * _t(image_emb) @ _t(text_emb).T).softmax(dim=-1)
+
+
+def joint_softmax_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
+    probs = joint_softmax_probs(image_emb, text_emb, logit_scale)
+    return Scores(pool_by_class(probs, class_index, n_classes), probs)
+
+
+def prototype_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
+    """CLIP's usual practice: one prototype per class, the renormalised mean of its prompt embeddings."""
+    prototypes = pool_by_class(_t(text_emb).T, class_index, n_classes).T
+    prototypes = prototypes / prototypes.norm(dim=-1, keepdim=True)
+    return Scores((logit_scale * _t(image_emb) @ prototypes.T).softmax(dim=-1))
+
+
+def mean_logit_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
+    """Mean of each class's logits, then softmax over classes."""
+    logits = logit_scale * _t(image_emb) @ _t(text_emb).T
+    return Scores(pool_by_class(logits, class_index, n_classes).softmax(dim=-1))
+
+
+SCORERS = {
+    "joint_softmax_mean": joint_softmax_scores,
+    "prototype": prototype_scores,
+    "mean_logit": mean_logit_scores,
+}
+
+
+def score(mode: str, image_emb, text_emb, class_index, n_classes: int, logit_scale: float = 100.0) -> Scores:
+    if mode not in SCORERS:
+        raise ValueError(f"unknown scoring mode '{mode}' (modes: {', '.join(SCORERS)})")
+    return SCORERS[mode](image_emb, text_emb, class_index, n_classes, logit_scale)
+
+
+def ensemble_scores(scores: dict[str, Scores], weights: dict[str, float], class_index, n_classes: int,
+                    drop_below: float | None = None) -> Scores:
+    """Weighted sum of the models' per-prompt probabilities (or class scores, for modes without them), the
+    optional drop of small probabilities, then the class mean."""
+    names = [n for n in weights if weights[n] > 0]
+    if not names:
+        raise ValueError("ensemble: every weight is 0")
+    per_prompt = all(scores[n].prompt_probs is not None for n in names)
+    if drop_below is not None and not per_prompt:
+        raise ValueError("ensemble: drop_below needs per-prompt probabilities (scoring: joint_softmax_mean)")
+    if per_prompt:
+        combined = scores[names[0]].prompt_probs * weights[names[0]]
+        for n in names[1:]:
+            combined = combined + scores[n].prompt_probs * weights[n]
+        if drop_below is not None:
+            combined = torch.where(combined > drop_below, combined, 0)
+        return Scores(pool_by_class(combined, class_index, n_classes), combined)
+    combined = scores[names[0]].class_scores * weights[names[0]]
+    for n in names[1:]:
+        combined = combined + scores[n].class_scores * weights[n]
+    return Scores(combined)

@@ -1,0 +1,115 @@
+"""Fixtures: small copies of the real images in ../shared/data, and tiny randomly initialised models saved to
+local files, so that every loading path runs for real without a network."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.config import config_from_dict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("WORKBENCH_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+SCENE = SHARED_DATA / "scene" / "Scene"
+INTEL = SHARED_DATA / "intel_test"
+CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
+INTEL_CLASS_MAP = {"buildings": "Buildings", "forest": "Forests", "glacier": "Glacier", "mountain": "Mountains",
+                   "sea": "Sea", "street": "Street"}
+# the first ids in natural order, and two of the 20 wider images (squashed to 224x224 by the preprocessing)
+SCENE_IDS = list(range(36)) + [148, 247]
+
+TINY_ARCH = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def require_shared(path: Path) -> Path:
+    """Real data is required in CI (a missing folder fails there); elsewhere its absence skips the test."""
+    if not path.exists():
+        message = f"{path} is missing: the real images of ../shared/data are needed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def scene_dir(tmp_path_factory) -> Path:
+    """A challenge-layout folder (Scene/0/<id>.jpg + classes.json) with real challenge images."""
+    src = require_shared(SCENE)
+    root = tmp_path_factory.mktemp("scene") / "Scene"
+    (root / "0").mkdir(parents=True)
+    for i in SCENE_IDS:
+        shutil.copy(src / "0" / f"{i}.jpg", root / "0" / f"{i}.jpg")
+    shutil.copy(src / "classes.json", root / "classes.json")
+    return root
+
+
+@pytest.fixture(scope="session")
+def dev_dir(tmp_path_factory) -> Path:
+    """A labeled ImageFolder with 4 real Intel photos per class (folder names as in the Intel set)."""
+    src = require_shared(INTEL)
+    root = tmp_path_factory.mktemp("dev") / "intel"
+    for folder in INTEL_CLASS_MAP:
+        (root / folder).mkdir(parents=True)
+        for p in sorted((src / folder).iterdir())[:4]:
+            shutil.copy(p, root / folder / p.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("arch") / "tiny-quickgelu.json"
+    path.write_text(json.dumps(TINY_ARCH))
+    return path
+
+
+def save_open_clip_checkpoint(arch_file: Path, seed: int, path: Path) -> Path:
+    import open_clip
+
+    open_clip.add_model_config(arch_file)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch_file.stem)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_arch) -> tuple[Path, Path]:
+    """Two randomly initialised open_clip checkpoints of the tiny architecture, standing in for the two models."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    return (save_open_clip_checkpoint(tiny_arch, 1, folder / "a.pt"),
+            save_open_clip_checkpoint(tiny_arch, 2, folder / "b.pt"))
+
+
+@pytest.fixture
+def make_config(tmp_path, scene_dir, tiny_arch, tiny_checkpoints):
+    """A run config like the issue's example, on the tiny checkpoints; keyword arguments override top-level keys."""
+
+    def make(**overrides):
+        a, b = tiny_checkpoints
+        raw = {
+            "name": "test",
+            "data": {"test": str(scene_dir)},
+            "prompts": "winner",
+            "scoring": "joint_softmax_mean",
+            "models": {
+                "a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3},
+                "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0},
+            },
+            "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": None},
+            "cache_dir": str(tmp_path / "cache"),
+            "num_workers": 0,
+        }
+        raw.update(overrides)
+        return config_from_dict(raw)
+
+    return make
