@@ -1,0 +1,124 @@
+"""`python -m helpers predict`: what it writes, that it is deterministic, and how it fails."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers.__main__ import main
+from helpers.data import DataError, load_dev_set
+from helpers.outputs import SubmissionError, read_submission, validate_submission, write_submission
+from helpers.pipeline import predict
+
+from .conftest import CLASSES, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS
+
+
+def write_config(tmp_path, config) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return str(path)
+
+
+def test_the_cli_writes_submission_outputs_and_manifest(make_config, dev_dir, tmp_path):
+    config = make_config(data={"test": make_config().data.test,
+                               "dev": {"path": str(dev_dir), "class_map": INTEL_CLASS_MAP}})
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "helpers", "predict", write_config(tmp_path, config),
+                             "--output-dir", str(out)], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "encode a" in result.stderr and "img" in result.stderr  # the progress bar
+
+    ids, labels = read_submission(out / "submission.csv")
+    assert ids == SCENE_IDS and set(labels) <= set(range(6))
+    for name in "ab":
+        model = out / "models" / name
+        assert np.load(model / "text_embeddings.npy").shape == (312, 32)
+        assert np.load(model / "test" / "prompt_probs.npy").shape == (38, 312)
+        assert np.load(model / "dev" / "image_embeddings.npy").shape == (24, 32)
+        assert json.loads((model / "model.json").read_text())["random_weights"] is False
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for summary in [*metrics["dev"]["models"].values(), metrics["dev"]["ensemble"]]:
+        lo, hi = summary["ci95"]
+        assert summary["images"] == 24 and lo <= summary["accuracy"] <= hi
+    assert sum(metrics["test"]["predicted_counts"].values()) == 38
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] == "2.14.1" and manifest["packages"]["open_clip_torch"] == "3.3.0"
+    assert manifest["device"]["type"] == "cpu"
+    assert manifest["models"]["a"]["precision"] == "fp32"
+    assert "commit" in manifest["git"]
+    assert manifest["data"]["test"]["images"] == 38 and len(manifest["data"]["test"]["sha256"]) == 64
+    assert manifest["data"]["dev"]["images"] == 24
+    assert manifest["config"]["models"]["a"]["sharpness"] == 2.3
+    assert yaml.safe_load((out / "config.yaml").read_text())["name"] == "test"
+
+
+def test_the_same_config_twice_gives_a_byte_identical_submission(make_config, tmp_path):
+    config = make_config()
+    predict(config, tmp_path / "one", progress=False)  # encodes
+    predict(config, tmp_path / "two", progress=False)  # from the cache
+    fresh = make_config(cache_dir=str(tmp_path / "fresh-cache"))
+    predict(fresh, tmp_path / "three", progress=False)  # encodes again
+    one, two, three = ((tmp_path / r / "submission.csv").read_bytes() for r in ("one", "two", "three"))
+    assert one == two == three
+    assert one.startswith(b"id_idx,label\n0,") and one.count(b"\n") == 39
+
+
+def test_random_weights_are_marked_in_the_manifest(make_config, tiny_arch, tmp_path, capsys):
+    config = make_config(models={"r": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": "random"}},
+                         ensemble={}, data={"test": make_config().data.test, "limit": 5})
+    assert main(["predict", write_config(tmp_path, config), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["models"]["r"]["random_weights"] is True
+    assert read_submission(tmp_path / "o" / "submission.csv")[0] == [0, 1, 2, 3, 4]
+
+
+def test_bad_input_is_a_clear_error_with_the_path_named(make_config, tmp_path, capsys):
+    config = make_config(data={"test": str(tmp_path / "no-such-folder")})
+    assert main(["predict", write_config(tmp_path, config), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-folder: no such test folder" in err
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: x\ndata: {test: /x}\nmodels: {a: {backend: open_clip, arch: A, pretrained: random, "
+                    "sharpnes: 2}}\n")
+    assert main(["predict", str(typo)]) == 2
+    assert "unknown key 'sharpnes' in models.a; did you mean 'sharpness'?" in capsys.readouterr().err
+
+
+def test_a_model_whose_checkpoint_is_missing_is_an_error_not_random_weights(make_config, tiny_arch, tmp_path, capsys):
+    config = make_config(models={"a": {"backend": "open_clip", "arch": str(tiny_arch),
+                                       "pretrained": str(tmp_path / "missing.pt")}}, ensemble={})
+    assert main(["predict", write_config(tmp_path, config), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "submission.csv").exists()
+
+
+def test_submissions_are_validated():
+    validate_submission([0, 1], [0, 5], 6)
+    with pytest.raises(SubmissionError, match="more than once"):
+        validate_submission([0, 0], [0, 1], 6)
+    with pytest.raises(SubmissionError, match="integers in 0..5"):
+        validate_submission([0, 1], [0, 6], 6)
+    with pytest.raises(SubmissionError, match="2 ids but 1 labels"):
+        validate_submission([0, 1], [0], 6)
+
+
+def test_write_submission_refuses_bad_rows_and_leaves_no_file(tmp_path):
+    with pytest.raises(SubmissionError):
+        write_submission(tmp_path / "s.csv", [0, 1], [0, -1], 6)
+    assert not list(tmp_path.iterdir())
+
+
+def test_dev_sets_map_folder_names_and_stay_balanced_when_limited(dev_dir):
+    dev = load_dev_set(dev_dir, CLASSES, INTEL_CLASS_MAP)
+    assert len(dev) == 24 and np.bincount(dev.labels).tolist() == [4] * 6
+    small = load_dev_set(dev_dir, CLASSES, INTEL_CLASS_MAP, limit=12)
+    assert np.bincount(small.labels).tolist() == [2] * 6
+    with pytest.raises(DataError, match="forest: folder maps to 'forest'"):
+        load_dev_set(dev_dir, CLASSES, {k: v for k, v in INTEL_CLASS_MAP.items() if k != "forest"})
