@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint
+.PHONY: setup test lint demo
 
 setup: $(VENV)/.installed
 
@@ -18,3 +18,8 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check helpers tests bench
+
+# Offline, on the CPU, with random-weight models: shows the pipeline and its outputs (labels are meaningless).
+SCENE ?= ../shared/data/scene/Scene
+demo: setup
+	$(BIN)/python -m helpers predict configs/demo.yaml --set data.test=$(SCENE) --output-dir outputs/demo

@@ -18,7 +18,7 @@ USER_ERRORS = (ConfigError, DataError, WeightsUnavailableError, SubmissionError,
 def cmd_predict(args) -> None:
     from .pipeline import predict
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     random = [n for n, m in config.models.items() if m.pretrained == "random"]
     if random:
         print(f"note: model(s) {', '.join(random)} use RANDOM weights (pretrained: random): "
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("predict", help="run every model and the ensemble; write submission.csv and the manifest")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--output-dir", help="where to write (default: outputs/predict/<name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.limit=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
     args = parser.parse_args(argv)

@@ -86,7 +86,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Load a run config; `overrides` are "dotted.key=value" strings (the value is read as YAML)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -94,7 +95,23 @@ def load_config(path: str | Path) -> RunConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    for item in overrides:
+        apply_override(raw, item)
     return config_from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set one "dotted.key=value" in a parsed config, creating mappings on the way (papermill-style parameters)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.setdefault(part, {}), dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a mapping")
+        node = node[part]
+    node[last] = yaml.safe_load(value)
 
 
 def config_from_dict(raw: object, source: str = "config") -> RunConfig:

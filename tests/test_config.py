@@ -95,3 +95,13 @@ def test_missing_or_broken_files_are_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "name: [unclosed"))
+
+
+def test_overrides_from_the_command_line_set_dotted_keys(tmp_path):
+    path = write(tmp_path, EXAMPLE.format(test="x"))
+    config = load_config(path, ["data.limit=8", "models.a.sharpness=1.5", "ensemble.drop_below=null"])
+    assert config.data.limit == 8 and config.models["a"].sharpness == 1.5 and config.ensemble.drop_below is None
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        load_config(path, ["data.limit"])
+    with pytest.raises(ConfigError, match="unknown key 'limt' in data"):
+        load_config(path, ["data.limt=3"])
