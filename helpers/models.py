@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import pickle
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -69,6 +70,12 @@ def _offline_error(name: str, what: str, cache: str, local_hint: str) -> Weights
         f"from here (no network). Download them where there is network (they land in that cache), or give a local "
         f"copy: {local_hint}."
     )
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The line of torch's weights_only error that names the offending global, without terminal colour codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
 
 
 class Encoder:
@@ -139,6 +146,13 @@ def register_backend(name: str):
     return add
 
 
+def _file_stamps(path: Path) -> dict:
+    """Size and modification time of a weights file, or of every file in a model folder (cheaper than hashing
+    gigabytes; a file rewritten in place changes its stamp)."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
 class Backend:
     """What a model entry means for one backend. `name` is the entry's key in the run config."""
 
@@ -157,8 +171,7 @@ class Backend:
         if self.random_weights:
             ident["seed"] = e.seed
         elif Path(e.pretrained.removeprefix("local-dir:")).exists():
-            stat = Path(e.pretrained.removeprefix("local-dir:")).stat()
-            ident["file"] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            ident["files"] = _file_stamps(Path(e.pretrained.removeprefix("local-dir:")))
         return ident
 
     def preprocess(self) -> Preprocess:
@@ -225,7 +238,13 @@ class OpenClipBackend(Backend):
         from huggingface_hub import try_to_load_from_cache
 
         p = self.entry.pretrained
-        if self.random_weights or p.startswith("local-dir:"):
+        if p.startswith("local-dir:"):
+            folder = Path(p.removeprefix("local-dir:"))
+            if folder.is_dir() and not any(f.suffix in (".safetensors", ".bin", ".pth") for f in folder.iterdir()):
+                raise WeightsUnavailableError(f"models.{self.name}.pretrained: {folder} has no weights (e.g. "
+                                              f"open_clip_model.safetensors or open_clip_pytorch_model.bin)")
+            return None
+        if self.random_weights:
             return None
         if p.startswith("hf-hub:"):
             raise WeightsUnavailableError(f"models.{self.name}.pretrained: use an open_clip tag, a file or local-dir:, "
@@ -240,33 +259,37 @@ class OpenClipBackend(Backend):
             tags = open_clip.list_pretrained_tags_by_model(self.arch)
             raise ValueError(f"models.{self.name}.pretrained: '{p}' is neither a file nor an open_clip tag of "
                              f"{self.arch} (tags: {', '.join(tags) or 'none'}; or 'random', or local-dir:PATH)")
-        what = f"open_clip {self.arch} '{self.tag}'"
+        alias = f" (the winner's name for '{self.tag}')" if self.tag != p else ""
+        what = f"open_clip {self.arch} '{p}'{alias}"
+        url_cache = Path(os.path.expanduser("~/.cache/clip"))
+        candidates = []  # (where it would be cached, its host, the cached file if there)
         if cfg.get("hf_hub"):
             org, repo, filename = (cfg["hf_hub"].split("/") + [""])[:3]
             repo = f"{org}/{repo}"
-            for candidate in ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin"):
-                cached = try_to_load_from_cache(repo, candidate)
-                if isinstance(cached, str):
-                    return cached
-            if not host_reachable(hub_host()):
-                raise _offline_error(self.name, f"{what} (hub repo {repo})", _hf_cache_dir(),
-                                     "`pretrained: /path/to/open_clip_pytorch_model.bin` (or the original .pt with "
-                                     "`weights_only: false`) or `pretrained: local-dir:/path/to/folder`")
-        else:
-            cache = os.path.expanduser("~/.cache/clip")
-            cached = Path(cache) / os.path.basename(cfg["url"])
-            if cached.is_file():
-                return str(cached)
-            if not host_reachable(urlparse(cfg["url"]).hostname):
-                raise _offline_error(self.name, f"{what} ({cfg['url']})", cache, "`pretrained: /path/to/file.pt`")
+            names = ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin")
+            cached = [try_to_load_from_cache(repo, n) for n in names]
+            candidates.append((f"hub repo {repo} in {_hf_cache_dir()}", hub_host(),
+                               next((c for c in cached if isinstance(c, str)), None)))
+        if cfg.get("url"):
+            cached = url_cache / os.path.basename(cfg["url"])
+            candidates.append((f"{cfg['url']} in {url_cache}", urlparse(cfg["url"]).hostname,
+                               str(cached) if cached.is_file() else None))
+        for _, _, cached in candidates:
+            if cached:
+                return cached
+        if not any(host_reachable(host) for _, host, _ in candidates):
+            raise _offline_error(self.name, what, "; ".join(where for where, _, _ in candidates),
+                                 "`pretrained: /path/to/open_clip_pytorch_model.bin` (or the original .pt with "
+                                 "`weights_only: false`) or `pretrained: local-dir:/path/to/folder`")
         return open_clip.download_pretrained(cfg)
 
     def load(self, device):
         import open_clip
 
         if self.random_weights:
-            torch.manual_seed(self.entry.seed)
-            model = open_clip.create_model(self.arch, pretrained=None, device=device)
+            with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
+                torch.manual_seed(self.entry.seed)
+                model = open_clip.create_model(self.arch, pretrained=None, device=device)
             tokenizer = open_clip.get_tokenizer(self.arch)
         else:
             checkpoint = self._checkpoint()
@@ -276,8 +299,8 @@ class OpenClipBackend(Backend):
                                                require_pretrained=True, weights_only=self.entry.weights_only)
             except pickle.UnpicklingError as e:
                 raise WeightsUnavailableError(
-                    f"models.{self.name}: {checkpoint} is a pickled checkpoint that torch will not load with "
-                    f"weights_only=True ({str(e).splitlines()[0]}). If you trust the file, set "
+                    f"models.{self.name}: {checkpoint or self.entry.pretrained} is a pickled checkpoint that torch "
+                    f"will not load with weights_only=True ({_unpickling_reason(e)}). If you trust the file, set "
                     f"`weights_only: false` in models.{self.name}.") from e
             tokenizer = open_clip.get_tokenizer(model_name)
         dtype = DTYPES[self.entry.precision]
@@ -353,7 +376,7 @@ class HfClipBackend(TransformersBackend):
         if self.random_weights:
             raise ValueError(f"models.{self.name}: hf_clip has no architecture to initialise randomly; "
                              "save a CLIPModel with save_pretrained and give its folder")
-        model = self._from_pretrained(CLIPModel, torch_dtype=dtype)
+        model = self._from_pretrained(CLIPModel, dtype=dtype)
         tokenizer = self._from_pretrained(AutoTokenizer)
         return HfClipEncoder(model.to(device), device, dtype, tokenizer)
 
@@ -366,7 +389,7 @@ class EvaClipBackend(TransformersBackend):
         from transformers import AutoModel, CLIPTokenizer
 
         dtype = DTYPES[self.entry.precision]
-        kwargs = {"torch_dtype": dtype}
+        kwargs = {"dtype": dtype}
         if self.entry.device_map:
             kwargs["device_map"] = self.entry.device_map
         model = self._from_pretrained(AutoModel, **kwargs)
