@@ -1,4 +1,9 @@
-"""Command line: `python -m helpers predict CONFIG.yaml --output-dir DIR`."""
+"""Command line of the workbench.
+
+    python -m helpers predict CONFIG.yaml --output-dir DIR     every model, the ensemble, submission.csv
+    python -m helpers estimate-blur DIR [--limit N]            blur statistics of a folder of images
+    python -m helpers make-dev SRC --out DST --class-map ...   a labeled dev set degraded like the test set
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,60 @@ def cmd_predict(args) -> None:
     print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}")
 
 
+def cmd_estimate_blur(args) -> None:
+    from .devset import list_images, measure_blur
+
+    folder = Path(args.folder)
+    files = list_images(folder, args.limit)
+    groups = {"all": files}
+    subfolders = sorted({p.parent for p in files})
+    if len(subfolders) > 1:
+        groups.update({str(d.relative_to(folder)): [p for p in files if p.parent == d] for d in subfolders})
+    print(f"{'set':<16}{'images':>8}{'median':>8}{'p10':>8}{'p90':>8}{'jpeg_q':>8}")
+    overall = None
+    for name, group in groups.items():
+        stats = measure_blur(group, progress=not args.quiet and name == "all")
+        overall = overall or stats
+        print(f"{name:<16}{stats['images']:>8}{stats['median']:>8.2f}{stats.get('p10', float('nan')):>8.2f}"
+              f"{stats.get('p90', float('nan')):>8.2f}{str(stats['jpeg_quality']):>8}")
+    if overall["measured"] < overall["images"]:
+        print(f"note: {overall['images'] - overall['measured']} images too flat to measure", file=sys.stderr)
+    print(f"sigma_px={overall['median']:.2f}")
+
+
+def cmd_make_dev(args) -> None:
+    from .data import read_classes
+    from .devset import build_dev_set, list_images, match_test_blur, measure_blur, parse_class_map
+
+    class_map = parse_class_map(args.class_map)
+    if args.test:
+        classes = read_classes(Path(args.test))
+    elif args.sigma is not None and args.quality is not None:
+        classes = list(dict.fromkeys(class_map.values())) if class_map else None
+    else:
+        raise DataError("make-dev needs --test DIR (to match its blur and read its classes.json), "
+                        "or both --sigma and --quality")
+    if classes is None:
+        classes = sorted(p.name for p in Path(args.src).iterdir() if p.is_dir())
+    provenance = {}
+    sigma, quality = args.sigma, args.quality
+    if sigma is None or quality is None:
+        print(f"matching the blur of {args.test} ...", file=sys.stderr)
+        matched = match_test_blur(list_images(args.src), Path(args.test), kernel_size=args.kernel_size,
+                                  size=args.size)
+        sigma = matched["sigma"] if sigma is None else sigma
+        quality = matched["quality"] if quality is None else quality
+        provenance["matched_to"] = {"test": str(args.test), **matched}
+    info = build_dev_set(args.src, args.out, classes, class_map, sigma, quality, args.kernel_size, args.size,
+                         provenance, progress=not args.quiet)
+    dev_blur = measure_blur(list_images(args.out))["median"]
+    print(json.dumps({k: v for k, v in info.items() if k != "ignored_non_images"}, indent=2))
+    if info["ignored_non_images"]:
+        print(f"ignored {len(info['ignored_non_images'])} non-image files, e.g. {info['ignored_non_images'][0]}",
+              file=sys.stderr)
+    print(f"wrote {info['images']} images to {args.out}; estimated blur of the dev set: sigma_px={dev_blur:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +98,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set data.limit=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("estimate-blur", help="estimated Gaussian blur (sigma, px) of a folder of images")
+    p.add_argument("folder")
+    p.add_argument("--limit", type=int, help="only the first N images in natural order")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_estimate_blur)
+
+    p = sub.add_parser("make-dev", help="degrade a labeled ImageFolder like the challenge's test set")
+    p.add_argument("src", help="labeled ImageFolder: SRC/<class folder>/<image>")
+    p.add_argument("--out", required=True, help="where to write the dev set (must not exist)")
+    p.add_argument("--class-map", help="folder=Class,... or a YAML file; default: folders are class names")
+    p.add_argument("--test", help="the challenge test folder: its classes.json, blur and JPEG quality are matched")
+    p.add_argument("--sigma", type=float, help="Gaussian sigma in px at --size (default: matched to --test)")
+    p.add_argument("--quality", type=int, help="JPEG quality (default: read from the --test files)")
+    p.add_argument("--kernel-size", type=int, help="blur kernel size (default: the full Gaussian, 4 sigma)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_make_dev)
     args = parser.parse_args(argv)
     try:
         args.func(args)

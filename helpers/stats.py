@@ -1,23 +1,67 @@
-"""Accuracy with honest intervals: every number the workbench prints carries a 95% bootstrap interval."""
+"""Accuracy with honest intervals: every number the workbench prints carries a 95% bootstrap interval, and every
+A-versus-B comparison a paired test on the same images, so that a "+0.1%" is seen as the noise it is."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import binomtest
+
+N_RESAMPLES, SEED, LEVEL = 1000, 0, 0.95
 
 
-def bootstrap_ci(correct, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of a 0/1 vector (seeded, so the same data gives the same interval)."""
-    correct = np.asarray(correct, dtype=np.float64)
-    if correct.size == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = rng.choice(correct, size=(n_resamples, correct.size), replace=True).mean(axis=1)
+def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
+    lo, hi = np.percentile(samples, [tail, 100 - tail])
     return float(lo), float(hi)
 
 
-def accuracy_summary(labels, predictions, n_resamples: int = 1000, seed: int = 0) -> dict:
+def bootstrap_ci(correct, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                 level: float = LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of a 0/1 vector (seeded: the same data gives the same interval)."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.size == 0:
+        return (float("nan"), float("nan"))
+    idx = np.random.default_rng(seed).integers(0, correct.size, size=(n_resamples, correct.size))
+    return _percentile_interval(correct[idx].mean(axis=1), level)
+
+
+def accuracy_summary(labels, predictions, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict:
     correct = np.asarray(labels) == np.asarray(predictions)
     lo, hi = bootstrap_ci(correct, n_resamples, seed)
-    return {"accuracy": float(correct.mean()), "ci95": [lo, hi], "images": int(correct.size)}
+    return {"accuracy": float(correct.mean()) if correct.size else float("nan"), "ci95": [lo, hi],
+            "images": int(correct.size)}
+
+
+def per_class_accuracy(labels, predictions, classes: list[str], **kwargs) -> dict[str, dict]:
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    return {c: accuracy_summary(labels[labels == i], predictions[labels == i], **kwargs) for i, c in enumerate(classes)}
+
+
+def confusion_matrix(labels, predictions, n_classes: int) -> np.ndarray:
+    """Rows: true class; columns: predicted class."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def mcnemar_p(correct_a, correct_b) -> float:
+    """Exact McNemar test: only the images on which A and B disagree in correctness carry information."""
+    correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_comparison(labels, predictions_a, predictions_b, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                      alpha: float = 1 - LEVEL) -> dict:
+    """B against A on the same images: the accuracy difference with a paired bootstrap interval, McNemar's p,
+    and whether B differs from A beyond chance."""
+    labels = np.asarray(labels)
+    correct_a = (np.asarray(predictions_a) == labels).astype(np.float64)
+    correct_b = (np.asarray(predictions_b) == labels).astype(np.float64)
+    diff = correct_b - correct_a
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(n_resamples, diff.size))
+    lo, hi = _percentile_interval(diff[idx].mean(axis=1), 1 - alpha)
+    p = mcnemar_p(correct_a, correct_b)
+    return {"delta": float(diff.mean()), "delta_ci95": [lo, hi], "mcnemar_p": p, "differs": bool(p < alpha)}

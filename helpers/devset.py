@@ -1,0 +1,114 @@
+"""A labeled dev set that looks like the challenge's test set: any labeled ImageFolder, degraded as the challenge
+was, with the blur chosen so that the dev set's estimated blur matches the test set's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from natsort import natsorted
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .blur import blur_summary, calibrate_sigma, degrade_bytes, estimate_sigma, jpeg_quality
+from .data import IMAGE_EXTENSIONS, DataError, load_dev_set
+
+
+def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """Every image file below `folder`, in natural order of the paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = natsorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=str)
+    if not files:
+        raise DataError(f"{folder}: no images below this folder")
+    return files[:limit]
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except OSError as e:
+        raise DataError(f"{path}: cannot read this image: {e}") from e
+
+
+def measure_blur(files: list[Path], progress: bool = False) -> dict:
+    """Blur statistics of a set of images (sigma in px at each image's own size) and their JPEG qualities."""
+    sigmas = [estimate_sigma(_open(p)) for p in tqdm(files, desc="estimate blur", unit="img", disable=not progress)]
+    qualities = Counter(jpeg_quality(p) for p in files)
+    return {**blur_summary(sigmas), "jpeg_quality": qualities.most_common(1)[0][0], "sigmas": sigmas}
+
+
+def parse_class_map(text: str | None) -> dict[str, str] | None:
+    """`buildings=Buildings,forest=Forests` (or the path of a YAML/JSON mapping) -> dict."""
+    if not text:
+        return None
+    if Path(text).is_file():
+        import yaml
+
+        mapping = yaml.safe_load(Path(text).read_text())
+        if not isinstance(mapping, dict):
+            raise DataError(f"{text}: a class map file must hold a mapping folder -> class name")
+        return {str(k): str(v) for k, v in mapping.items()}
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise DataError(f"--class-map '{text}': expected folder=Class,folder=Class,...")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def match_test_blur(src_files: list[Path], test_dir: Path, sample: int = 96, kernel_size: int | None = None,
+                    size: int = 224) -> dict:
+    """The degradation parameters that make `src_files` look like the test set: its JPEG quality (read from the
+    files' quantisation tables) and the sigma whose estimated blur matches the test set's median."""
+    test = measure_blur(list_images(test_dir, limit=512))
+    step = max(1, len(src_files) // sample)
+    images = [_open(p) for p in src_files[::step][:sample]]
+    sigma = calibrate_sigma(images, test["median"], test["jpeg_quality"], size, kernel_size)
+    return {"sigma": sigma, "quality": test["jpeg_quality"], "test_blur_median": round(test["median"], 3)}
+
+
+def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_map: dict[str, str] | None,
+                  sigma: float, quality: int | None, kernel_size: int | None = None, size: int = 224,
+                  provenance: dict | None = None, progress: bool = True) -> dict:
+    """Degrade every image of the labeled folder `src` into `out/<class name>/<stem>.jpg`; returns what was done
+    (also written to `out/degradation.json`).
+
+    Deterministic (no randomness; JPEG encoding is a pure function of the pixels). The set is written into a
+    temporary folder beside `out` and moved into place when complete, so `out` is never half-built.
+    """
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise DataError(f"{out}: already exists; remove it to rebuild the dev set")
+    source = load_dev_set(src, classes, class_map)
+    stray = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for c in classes:
+            (tmp / c).mkdir()
+        names = set()
+        for path, label in tqdm(list(zip(source.files, source.labels)), desc="make dev set", unit="img",
+                                disable=not progress):
+            target = tmp / classes[label] / f"{path.stem}.{'jpg' if quality else 'png'}"
+            if target in names:
+                raise DataError(f"{path}: a second image named {path.stem} maps to class {classes[label]}")
+            names.add(target)
+            target.write_bytes(degrade_bytes(_open(path), sigma, quality, size, kernel_size))
+        info = {"source": str(src), "images": len(source), "per_class": dict(zip(classes, np.bincount(
+            source.labels, minlength=len(classes)).tolist())), "class_map": class_map,
+            "degradation": {"size": size, "resize": "bicubic", "sigma": sigma, "kernel_size": kernel_size,
+                            "jpeg_quality": quality}, "ignored_non_images": [str(p) for p in stray],
+            **(provenance or {})}
+        (tmp / "degradation.json").write_text(json.dumps(info, indent=2) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
