@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import ImageFiles, file_digest
+from .data import ImageFiles, Preprocess, file_digest
 from .models import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ def _npz_bytes(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def image_store(cache_dir: str | Path, handle: ModelHandle) -> EmbeddingStore:
-    description = {"model": handle.identity, "preprocess": handle.preprocess.key()}
+def image_store(cache_dir: str | Path, handle: ModelHandle, preprocess: Preprocess) -> EmbeddingStore:
+    description = {"model": handle.identity, "preprocess": preprocess.key()}
     name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{_digest(description)}"
     return EmbeddingStore(Path(cache_dir) / "images" / name, description)
 
@@ -131,8 +131,9 @@ def text_key(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def encode_texts(handle: ModelHandle, texts: list[str], store: EmbeddingStore, chunk: int = 1024) -> np.ndarray:
-    """Text embeddings of `texts`, encoding only the prompts not yet in `store` (all at once, as the winner did)."""
+def encode_texts(handle: ModelHandle, texts: list[str], cache_dir: str | Path, chunk: int = 1024) -> np.ndarray:
+    """Text embeddings of `texts`, encoding only the prompts not yet cached (all at once, as the winner did)."""
+    store = text_store(cache_dir, handle)
     keys = [text_key(t) for t in texts]
     todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in store))
     for start in range(0, len(todo), chunk):
@@ -141,25 +142,29 @@ def encode_texts(handle: ModelHandle, texts: list[str], store: EmbeddingStore, c
     return store.get(keys)
 
 
-def encode_images(handle: ModelHandle, files: list[Path], store: EmbeddingStore, digests: list[str] | None = None,
-                  num_workers: int = 2, flush_every: int = 512, progress: bool = True) -> np.ndarray:
-    """Image embeddings of `files` (L2-normalised float32, one row per file), encoding only what `store` lacks.
+def encode_images(handle: ModelHandle, files: list[Path], preprocess: Preprocess, cache_dir: str | Path,
+                  digests: list[str] | None = None, num_workers: int = 2, flush_every: int = 512,
+                  progress: bool = True) -> np.ndarray:
+    """Image embeddings of `files` under `preprocess` (L2-normalised float32, one row per file), encoding only
+    what the cache lacks.
 
     Batches are the fixed slices [i*B, (i+1)*B) of `files`; a batch with any image missing is encoded whole, so a
     resumed encode computes exactly what an uninterrupted one would.
     """
+    store = image_store(cache_dir, handle, preprocess)
     digests = digests if digests is not None else [file_digest(p) for p in files]
     bs = handle.entry.batch_size
     batches = [list(range(s, min(s + bs, len(files)))) for s in range(0, len(files), bs)]
     todo = [b for b in batches if any(digests[i] not in store for i in b)]
     if todo:
         loader = torch.utils.data.DataLoader(
-            ImageFiles(files, handle.preprocess.transform()), batch_sampler=todo, num_workers=num_workers,
+            ImageFiles(files, preprocess.transform()), batch_sampler=todo, num_workers=num_workers,
             pin_memory=handle.device.type == "cuda", persistent_workers=False,
         )
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []
-        bar = tqdm(total=sum(map(len, todo)), unit="img", desc=f"encode {handle.name}", disable=not progress)
+        desc = f"encode {handle.name} (sharpness {preprocess.sharpness:g})"
+        bar = tqdm(total=sum(map(len, todo)), unit="img", desc=desc, disable=not progress)
         try:
             for batch, pixels in zip(todo, loader):
                 pending.append(handle.encoder.encode_images(pixels).numpy())

@@ -53,7 +53,7 @@ class ModelEntry:
     pretrained: str  # open_clip tag, checkpoint file, local-dir:, local directory, hub id, or "random"
     arch: str | None = None  # open_clip architecture name or the path of an architecture JSON file
     revision: str | None = None  # hub revision; required for eva_clip hub ids
-    sharpness: float = 1.0  # adjust_sharpness factor; 1.0 leaves the image as it is
+    sharpness: float | list[float] = 1.0  # adjust_sharpness factor (1.0: unchanged); a list averages the views
     precision: str = "fp32"
     batch_size: int = 32
     seed: int = 0  # initialises the weights when pretrained is "random"
@@ -207,8 +207,9 @@ def _check(config: RunConfig) -> None:
         where = f"models.{name}"
         _one_of(m.backend, BACKENDS, f"{where}.backend")
         _one_of(m.precision, PRECISIONS, f"{where}.precision")
-        if m.sharpness < 0:
-            raise ConfigError(f"{where}.sharpness must be >= 0, got {m.sharpness}")
+        factors = m.sharpness if isinstance(m.sharpness, list) else [m.sharpness]
+        if not factors or any(f < 0 for f in factors) or len(set(factors)) != len(factors):
+            raise ConfigError(f"{where}.sharpness must be a factor >= 0 or a list of distinct ones, got {m.sharpness}")
         if m.batch_size < 1:
             raise ConfigError(f"{where}.batch_size must be at least 1, got {m.batch_size}")
         if m.backend == "open_clip" and m.arch is None and not m.pretrained.startswith(("local-dir:", "hf-hub:")):

@@ -174,10 +174,10 @@ class Backend:
             ident["files"] = _file_stamps(Path(e.pretrained.removeprefix("local-dir:")))
         return ident
 
-    def preprocess(self) -> Preprocess:
+    def preprocess(self, sharpness: float) -> Preprocess:
         size, mean, std = self._defaults()
         mean, std = (tuple(self.entry.mean), tuple(self.entry.std)) if self.entry.mean else (mean, std)
-        return Preprocess(size=size, sharpness=self.entry.sharpness, mean=mean, std=std)
+        return Preprocess(size=size, sharpness=sharpness, mean=mean, std=std)
 
     def _defaults(self) -> tuple[int, tuple, tuple]:
         raise NotImplementedError
@@ -415,8 +415,14 @@ class ModelHandle:
         return self.backend.identity()
 
     @property
-    def preprocess(self) -> Preprocess:
-        return self.backend.preprocess()
+    def views(self) -> list[Preprocess]:
+        """One preprocessing per sharpening factor of the entry (several: test-time views, averaged)."""
+        factors = self.entry.sharpness if isinstance(self.entry.sharpness, list) else [self.entry.sharpness]
+        return [self.backend.preprocess(f) for f in factors]
+
+    def preprocess(self, sharpness: float) -> Preprocess:
+        """This model's preprocessing at another sharpening factor (for sharpness ablations)."""
+        return self.backend.preprocess(sharpness)
 
     @property
     def random_weights(self) -> bool:

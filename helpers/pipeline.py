@@ -17,14 +17,14 @@ import pandas as pd
 import torch
 import yaml
 
-from .cache import encode_images, encode_texts, image_store, text_store
+from .cache import encode_images, encode_texts
 from .config import RunConfig
-from .data import ImageSet, file_digest, fingerprint, load_dev_set, load_test_set, read_classes
+from .data import ImageSet, Preprocess, file_digest, fingerprint, load_dev_set, load_test_set, read_classes
 from .models import ModelHandle, resolve_device
 from .outputs import build_manifest, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
-from .scoring import Scores, ensemble_scores, joint_softmax_probs, score
-from .stats import accuracy_summary
+from .scoring import Scores, average_scores, ensemble_scores, joint_softmax_probs, score
+from .stats import evaluate, paired_comparison
 
 
 @dataclass
@@ -58,9 +58,26 @@ def model_dir(output_dir: Path, name: str) -> Path:
     return Path(output_dir) / "models" / name
 
 
+def split_embeddings(handle: ModelHandle, config: RunConfig, data: RunData, split: str,
+                     views: list[Preprocess] | None = None, progress: bool = True) -> list[np.ndarray]:
+    """Image embeddings of one split, one (images, dim) array per view, through the cache."""
+    images = data.splits[split]
+    return [encode_images(handle, images.files, view, config.cache_dir, data.digests[split],
+                          num_workers=config.num_workers, progress=progress) for view in (views or handle.views)]
+
+
+def score_views(config: RunConfig, image_embs: list[np.ndarray], text_emb: np.ndarray, prompts: PromptSet) -> Scores:
+    """Scores of every view, averaged (one view: its scores)."""
+    return average_scores([score(config.scoring, e, text_emb, prompts.class_index, len(prompts.classes),
+                                 config.logit_scale) for e in image_embs])
+
+
 def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunData | None = None,
               progress: bool = True) -> dict:
-    """Encode the prompts and every split with model `name`; write its embeddings, probabilities and predictions."""
+    """Encode the prompts and every split with model `name`; write its embeddings, probabilities and predictions.
+
+    `image_embeddings.npy` is (images, dim), or (views, images, dim) when `sharpness` lists several factors.
+    """
     if name not in config.models:
         raise KeyError(f"no model '{name}' in the config (models: {', '.join(config.models)})")
     data = data or load_run_data(config)
@@ -68,21 +85,21 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
     out = model_dir(output_dir, name)
     started = time.perf_counter()
     try:
-        text_emb = encode_texts(handle, data.prompts.texts, text_store(config.cache_dir, handle))
+        text_emb = encode_texts(handle, data.prompts.texts, config.cache_dir)
         write_npy(out / "text_embeddings.npy", text_emb)
         data.prompts.to_frame().to_csv(out / "prompts.csv", index_label="prompt")
         seconds = {}
         for split, images in data.splits.items():
             t0 = time.perf_counter()
-            image_emb = encode_images(handle, images.files, image_store(config.cache_dir, handle),
-                                      data.digests[split], num_workers=config.num_workers, progress=progress)
+            image_embs = split_embeddings(handle, config, data, split, progress=progress)
             seconds[split] = round(time.perf_counter() - t0, 3)
-            scores = score(config.scoring, image_emb, text_emb, data.prompts.class_index, len(data.classes),
-                           config.logit_scale)
-            probs = scores.prompt_probs if scores.prompt_probs is not None else joint_softmax_probs(
-                image_emb, text_emb, config.logit_scale)
+            scores = score_views(config, image_embs, text_emb, data.prompts)
+            probs = scores.prompt_probs
+            if probs is None:  # other scoring modes still record the winner's per-prompt probabilities
+                probs = torch.stack([joint_softmax_probs(e, text_emb, config.logit_scale) for e in image_embs]).mean(0)
             split_dir = out / split
-            write_npy(split_dir / "image_embeddings.npy", image_emb)
+            stacked = image_embs[0] if len(image_embs) == 1 else np.stack(image_embs)
+            write_npy(split_dir / "image_embeddings.npy", stacked)
             write_npy(split_dir / "prompt_probs.npy", probs.numpy())
             write_npy(split_dir / "class_scores.npy", scores.class_scores.numpy())
             _predictions_frame(images, scores.labels, data.classes).to_csv(split_dir / "predictions.csv", index=False)
@@ -90,7 +107,7 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             "name": name,
             "identity": handle.identity,
             "random_weights": handle.random_weights,
-            "preprocess": handle.preprocess.key(),
+            "views": [view.key() for view in handle.views],
             "precision": handle.entry.precision,
             "device": str(handle.device),
             "model_loaded": handle.loaded,  # False: everything came from the embedding cache
@@ -144,8 +161,11 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
         if split == "test":
             write_submission(output_dir / "submission.csv", images.ids, labels, n_classes)
         if images.labels is not None:
-            summary["models"] = {n: accuracy_summary(images.labels, s.labels) for n, s in per_model.items()}
-            summary["ensemble"] = accuracy_summary(images.labels, labels)
+            summary["models"] = {n: evaluate(images.labels, s.labels, data.classes) for n, s in per_model.items()}
+            summary["ensemble"] = evaluate(images.labels, labels, data.classes)
+            # the ensemble against each model alone, on the same images: is the gain beyond chance?
+            summary["ensemble_vs_model"] = {n: paired_comparison(images.labels, s.labels, labels)
+                                            for n, s in per_model.items()}
         metrics[split] = summary
     write_json(output_dir / "metrics.json", metrics)
     return metrics

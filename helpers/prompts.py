@@ -45,18 +45,12 @@ class PromptSet:
     def counts(self) -> dict[str, int]:
         return {c: sum(p.class_index == i for p in self.prompts) for i, c in enumerate(self.classes)}
 
-    def select(self, groups: list[str]) -> PromptSet:
-        """The same set with only the prompts of `groups` (for ablations)."""
-        return build_prompt_set([(g, self._group_prompts(g)) for g in groups], self.classes)
-
-    def _group_prompts(self, group: str) -> dict[int, list[str]]:
-        if group not in self.groups:
-            raise ConfigError(f"no prompt group '{group}' (groups: {', '.join(self.groups)})")
-        out: dict[int, list[str]] = {}
-        for p in self.prompts:
-            if p.group == group:
-                out.setdefault(p.class_index, []).append(p.text)
-        return out
+    def group_indices(self, groups: list[str]) -> np.ndarray:
+        """Positions of the prompts of `groups` in this set, in its (class-major) order, for ablations."""
+        unknown = [g for g in groups if g not in self.groups]
+        if unknown:
+            raise ConfigError(f"no prompt group '{unknown[0]}' (groups: {', '.join(self.groups)})")
+        return np.array([i for i, p in enumerate(self.prompts) if p.group in groups], dtype=np.int64)
 
     def to_frame(self):
         import pandas as pd

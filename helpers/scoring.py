@@ -69,6 +69,16 @@ def score(mode: str, image_emb, text_emb, class_index, n_classes: int, logit_sca
     return SCORERS[mode](image_emb, text_emb, class_index, n_classes, logit_scale)
 
 
+def average_scores(views: list[Scores]) -> Scores:
+    """Test-time views of the same images (several sharpening factors): the mean of their probabilities."""
+    if len(views) == 1:
+        return views[0]
+    probs = None
+    if all(v.prompt_probs is not None for v in views):
+        probs = torch.stack([v.prompt_probs for v in views]).mean(dim=0)
+    return Scores(torch.stack([v.class_scores for v in views]).mean(dim=0), probs)
+
+
 def ensemble_scores(scores: dict[str, Scores], weights: dict[str, float], class_index, n_classes: int,
                     drop_below: float | None = None) -> Scores:
     """Weighted sum of the models' per-prompt probabilities (or class scores, for modes without them), the

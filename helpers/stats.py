@@ -65,3 +65,9 @@ def paired_comparison(labels, predictions_a, predictions_b, n_resamples: int = N
     lo, hi = _percentile_interval(diff[idx].mean(axis=1), 1 - alpha)
     p = mcnemar_p(correct_a, correct_b)
     return {"delta": float(diff.mean()), "delta_ci95": [lo, hi], "mcnemar_p": p, "differs": bool(p < alpha)}
+
+
+def evaluate(labels, predictions, classes: list[str]) -> dict:
+    """Everything metrics.json says of one set of predictions on labeled data."""
+    return {**accuracy_summary(labels, predictions), "per_class": per_class_accuracy(labels, predictions, classes),
+            "confusion": confusion_matrix(labels, predictions, len(classes)).tolist()}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers.config import config_from_dict
+from helpers.models import Encoder
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("WORKBENCH_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
@@ -113,3 +114,23 @@ def make_config(tmp_path, scene_dir, tiny_arch, tiny_checkpoints):
         return config_from_dict(raw)
 
     return make
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def count_image_batches(monkeypatch):
+    """Counts (and optionally interrupts) calls of the image encoder of every backend."""
+    calls = {"n": 0, "fail_after": None}
+    original = Encoder.encode_images
+
+    def counted(self, pixels):
+        if calls["fail_after"] is not None and calls["n"] >= calls["fail_after"]:
+            raise Interrupt("stopped part-way")
+        calls["n"] += 1
+        return original(self, pixels)
+
+    monkeypatch.setattr(Encoder, "encode_images", counted)
+    return calls

@@ -179,13 +179,13 @@ def test_features_are_unit_float32(backend, request):
 def test_identity_and_preprocess_do_not_load_the_model(backend, request):
     entry = entry_for(backend, request)
     handle = ModelHandle("m", entry, device="cpu")
-    identity, preprocess = handle.identity, handle.preprocess
+    identity, preprocess = handle.identity, handle.views[0]
     assert not handle.loaded
     assert identity["backend"] == backend and identity["precision"] == "fp32"
     weights = [name for name in identity["files"] if name.endswith((".bin", ".safetensors"))]
     assert weights, "the cache identity must stamp the weights file itself, not only its folder"
     assert preprocess.size == 224
-    assert handle.identity == identity and handle.preprocess == preprocess
+    assert handle.identity == identity and handle.views == [preprocess]
 
 
 def _open_clip_config_only(folder: Path) -> ModelEntry:
@@ -213,7 +213,7 @@ CONFIG_ONLY = {  # a model folder whose config says image_size 96, with no weigh
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_preprocess_comes_from_the_model_config(backend, tmp_path):
     handle = ModelHandle("m", CONFIG_ONLY[backend](tmp_path), device="cpu")
-    preprocess = handle.preprocess
+    preprocess = handle.views[0]
     assert (preprocess.size, preprocess.mean, preprocess.std) == (96, MEAN, STD)
     assert handle.identity["precision"] == handle.entry.precision
     assert not handle.loaded
@@ -237,7 +237,7 @@ def test_open_clip_checkpoint_file_gives_the_saved_models_features(tiny_arch, ti
 
 def test_open_clip_local_dir_loads_its_weights_and_preprocessing(open_clip_dir, tiny_arch):
     handle = make_handle("open_clip", f"local-dir:{open_clip_dir}")
-    assert (handle.preprocess.mean, handle.preprocess.std) == (MEAN, STD)
+    assert (handle.views[0].mean, handle.views[0].std) == (MEAN, STD)
     with torch.no_grad():
         expected = unit(tiny_open_clip(tiny_arch, seed=3).encode_image(PIXELS))
     torch.testing.assert_close(handle.encoder.encode_images(PIXELS), expected)
@@ -269,7 +269,7 @@ def test_open_clip_random_weights_follow_the_seed(tiny_arch):
 def test_open_clip_tag_fails_fast_offline(arch, tag, repo, offline, no_model_building):
     handle = make_handle("open_clip", tag, arch=arch)
     assert handle.identity["pretrained"] == "metaclip_fullcc"  # the alias names the same weights
-    assert (handle.preprocess.size, handle.preprocess.mean) == (224, OPENAI_MEAN)  # no weights needed for these
+    assert (handle.views[0].size, handle.views[0].mean) == (224, OPENAI_MEAN)  # no weights needed for these
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailableError) as error:
         load(handle)
@@ -378,7 +378,7 @@ def test_eva_clip_hub_id_needs_a_revision(tmp_path):
 def test_hub_id_fails_fast_offline(backend, repo, revision, offline):
     handle = make_handle(backend, repo, revision=revision)
     start = time.perf_counter()
-    for step in ("preprocess", "encoder"):
+    for step in ("views", "encoder"):
         with pytest.raises(WeightsUnavailableError) as error:
             getattr(handle, step)
         message = str(error.value)

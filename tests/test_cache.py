@@ -7,28 +7,10 @@ import pytest
 
 from helpers.cache import EmbeddingStore, encode_images, image_store
 from helpers.data import load_test_set
-from helpers.models import Encoder, ModelHandle
+from helpers.models import ModelHandle
 from helpers.pipeline import predict
 
-
-class Interrupt(Exception):
-    pass
-
-
-@pytest.fixture
-def count_image_batches(monkeypatch):
-    """Counts (and optionally interrupts) calls of the image encoder of every backend."""
-    calls = {"n": 0, "fail_after": None}
-    original = Encoder.encode_images
-
-    def counted(self, pixels):
-        if calls["fail_after"] is not None and calls["n"] >= calls["fail_after"]:
-            raise Interrupt("stopped part-way")
-        calls["n"] += 1
-        return original(self, pixels)
-
-    monkeypatch.setattr(Encoder, "encode_images", counted)
-    return calls
+from .conftest import Interrupt
 
 
 def model_info(run, name):
@@ -64,10 +46,11 @@ def test_a_changed_preprocessing_or_precision_is_a_different_cache_entry(make_co
                                   "a": {**vars(config.models["a"]), "sharpness": 3.0}})
     bf16 = make_config(models={**{k: vars(v) for k, v in config.models.items()},
                                "a": {**vars(config.models["a"]), "precision": "bf16"}})
-    roots = {image_store(config.cache_dir, ModelHandle("a", c.models["a"], "cpu")).root
-             for c in (config, sharper, bf16)}
+    roots = {image_store(config.cache_dir, h, h.views[0]).root
+             for h in (ModelHandle("a", c.models["a"], "cpu") for c in (config, sharper, bf16))}
     assert len(roots) == 3
-    assert image_store(config.cache_dir, handle).root == image_store(config.cache_dir, handle).root
+    view = handle.views[0]
+    assert image_store(config.cache_dir, handle, view).root == image_store(config.cache_dir, handle, view).root
 
 
 def test_an_interrupted_encode_resumes_and_ends_with_the_same_result(make_config, scene_dir, tmp_path,
@@ -77,19 +60,18 @@ def test_an_interrupted_encode_resumes_and_ends_with_the_same_result(make_config
     files = load_test_set(scene_dir).files  # 38 images: 5 batches of 8
 
     handle = ModelHandle("a", config.models["a"], "cpu")
-    store = image_store(tmp_path / "uninterrupted", handle)
-    expected = encode_images(handle, files, store, num_workers=0, progress=False)
+    view = handle.views[0]
+    expected = encode_images(handle, files, view, tmp_path / "uninterrupted", num_workers=0, progress=False)
     assert count_image_batches["n"] == 5
 
     count_image_batches.update(n=0, fail_after=3)
     resumed_root = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        encode_images(handle, files, image_store(resumed_root, handle), num_workers=0, flush_every=8,
-                      progress=False)
-    assert len(image_store(resumed_root, handle)) == 24  # the three finished batches were kept
+        encode_images(handle, files, view, resumed_root, num_workers=0, flush_every=8, progress=False)
+    assert len(image_store(resumed_root, handle, view)) == 24  # the three finished batches were kept
 
     count_image_batches.update(n=0, fail_after=None)
-    result = encode_images(handle, files, image_store(resumed_root, handle), num_workers=0, progress=False)
+    result = encode_images(handle, files, view, resumed_root, num_workers=0, progress=False)
     assert count_image_batches["n"] == 2  # only the two missing batches
     assert np.array_equal(result, expected)
     assert result.dtype == np.float32 and np.allclose(np.linalg.norm(result, axis=1), 1, atol=1e-5)

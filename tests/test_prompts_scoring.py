@@ -32,7 +32,8 @@ def test_sets_compose_by_group():
                        CLASSES)
     assert two.texts[:4] == ["Buildings", "A picture of an urban area with buildings",
                              "An architectural structure in the city", "The Windows"]
-    assert load_prompts("winner", CLASSES).select(["name"]).texts == CLASSES
+    winner = load_prompts("winner", CLASSES)
+    assert [winner.texts[i] for i in winner.group_indices(["name"])] == CLASSES
 
 
 def test_a_prompt_set_file_may_give_classes_different_counts(tmp_path):
