@@ -1,8 +1,10 @@
 """Command line of the workbench.
 
-    python -m helpers predict CONFIG.yaml --output-dir DIR     every model, the ensemble, submission.csv
+    python -m helpers run CONFIG.yaml [--output-dir DIR]       the notebooks end to end (papermill): the main job
+    python -m helpers predict CONFIG.yaml --output-dir DIR     the same computation in this process, no notebooks
     python -m helpers estimate-blur DIR [--limit N]            blur statistics of a folder of images
     python -m helpers make-dev SRC --out DST --class-map ...   a labeled dev set degraded like the test set
+    python -m helpers download-data [--dest data]              the challenge's test images, to data/Scene
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .data import DataError
+from .download import DataUnavailableError
 from .models import WeightsUnavailableError
 from .outputs import SubmissionError
+from .run import RunError
 
-USER_ERRORS = (ConfigError, DataError, WeightsUnavailableError, SubmissionError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, DataUnavailableError, WeightsUnavailableError, SubmissionError,
+               FileNotFoundError, RunError)
 
 
 def cmd_predict(args) -> None:
@@ -32,6 +37,26 @@ def cmd_predict(args) -> None:
     metrics = predict(config, output_dir, progress=not args.quiet)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}")
+
+
+def cmd_run(args) -> None:
+    from .run import run_pipeline
+
+    run_dir = run_pipeline(args.config, args.set, args.output_dir, analyses=not args.no_analyses,
+                           progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {run_dir}")
+
+
+def cmd_install_kernel(args) -> None:
+    from .run import install_kernel
+
+    print(f"installed the Jupyter kernel '{install_kernel()}' for {sys.executable}")
+
+
+def cmd_download_data(args) -> None:
+    from .download import download_challenge_data
+
+    print(f"challenge test set: {download_challenge_data(Path(args.dest), progress=not args.quiet)}")
 
 
 def cmd_estimate_blur(args) -> None:
@@ -91,6 +116,17 @@ def cmd_make_dev(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="execute the notebooks end to end with papermill into a run folder")
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--output-dir", help="the run folder (default: outputs/runs/<name>-<config hash>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--no-analyses", action="store_true", help="only inference and ensemble")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("install-kernel", help="register this interpreter as the notebooks' Jupyter kernel")
+    p.set_defaults(func=cmd_install_kernel)
+
     p = sub.add_parser("predict", help="run every model and the ensemble; write submission.csv and the manifest")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--output-dir", help="where to write (default: outputs/predict/<name>)")
@@ -98,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set data.limit=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("download-data", help="download the challenge data (HF dataset sw24/sw24) to DEST/Scene")
+    p.add_argument("--dest", default="data", help="receives Scene/ and data.zip.sha256 (default: data)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_download_data)
 
     p = sub.add_parser("estimate-blur", help="estimated Gaussian blur (sigma, px) of a folder of images")
     p.add_argument("folder")

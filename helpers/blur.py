@@ -19,6 +19,7 @@ from scipy import ndimage
 
 FLOOR_DECADES = 2.0  # the fitted band stays this many decades (x100 in power) above the noise floor
 ALPHA_PRIOR, ALPHA_PRIOR_WEIGHT = 2.0, 1.0
+SHARP_PX, NATURAL_ALPHA_MAX = 1.5, 3.0  # when the full-spectrum fit is trusted (see estimate_sigma)
 # IJG's standard luminance quantisation table (JPEG Annex K), row-major as Pillow reports it
 _IJG_LUMA = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
                       14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113,
@@ -46,10 +47,8 @@ def radial_power_spectrum(gray: np.ndarray) -> np.ndarray:
     return profile[: n // 2]
 
 
-def estimate_sigma(image: Image.Image | np.ndarray) -> float:
-    """Gaussian blur sigma in pixels at the image's own size; NaN for an image too flat to measure."""
-    gray = to_gray(image)
-    profile = radial_power_spectrum(gray)
+def _band_fit(profile: np.ndarray) -> float:
+    """sigma from the band above the noise floor: accurate from about 1.5 px up, under JPEG noise too."""
     n = 2 * len(profile)
     with np.errstate(divide="ignore"):
         log_power = np.log10(profile)
@@ -67,6 +66,44 @@ def estimate_sigma(image: Image.Image | np.ndarray) -> float:
     target = np.append(signal, prior * ALPHA_PRIOR)
     (_, _, beta), *_ = np.linalg.lstsq(design, target, rcond=None)
     return float(n * math.sqrt(max(beta, 0.0)) / (2 * math.pi))
+
+
+def _full_fit(profile: np.ndarray, start_sigma: float) -> tuple[float, float]:
+    """sigma from the whole spectrum, with the noise floor as a fitted term: right where the image is sharp (its
+    high frequencies are signal, which the band fit would take for the floor), biased low under JPEG noise."""
+    from scipy.optimize import least_squares
+
+    n = 2 * len(profile)
+    k = np.arange(2, len(profile), dtype=np.float64)
+    log_power = np.log(np.maximum(profile[2:], 1e-12))
+    prior = 0.3 * math.sqrt(len(k)) * ALPHA_PRIOR_WEIGHT
+
+    def residuals(p):
+        c, alpha, beta, floor = p
+        model = np.logaddexp(c - alpha * np.log(k) - beta * k * k, floor)
+        return np.append(model - log_power, prior * (alpha - ALPHA_PRIOR))
+
+    start = [log_power[0] + ALPHA_PRIOR * math.log(2), ALPHA_PRIOR, min((2 * math.pi * start_sigma / n) ** 2, 0.5),
+             math.log(np.median(profile[int(0.3 * n):]))]
+    fit = least_squares(residuals, start, bounds=([-np.inf, 0, 0, -np.inf], [np.inf, 5, 1, np.inf]),
+                        loss="soft_l1", f_scale=0.5)
+    return float(n * math.sqrt(fit.x[2]) / (2 * math.pi)), float(fit.x[1])
+
+
+def estimate_sigma(image: Image.Image | np.ndarray) -> float:
+    """Gaussian blur sigma in pixels at the image's own size; NaN for an image too flat to measure.
+
+    The band fit is the estimate; the full-spectrum fit decides whether there is a blur roll-off to measure at all:
+    when it reads less than SHARP_PX with a natural power law (alpha <= NATURAL_ALPHA_MAX; a blurred image can
+    also be fitted as "sharp" but only with an unnaturally steep alpha), the image is sharp and the band fit, which
+    would take its high frequencies for noise, is not used."""
+    profile = radial_power_spectrum(to_gray(image))
+    if not np.isfinite(profile).all() or profile[2:].max() <= 0:
+        return float("nan")
+    band = _band_fit(profile)
+    full, alpha = _full_fit(profile, band if np.isfinite(band) else 1.0)
+    sharp = full < SHARP_PX and alpha <= NATURAL_ALPHA_MAX
+    return full if sharp or not np.isfinite(band) else band
 
 
 def jpeg_quality(path: str | Path) -> int | None:

@@ -70,6 +70,16 @@ class Ensemble:
 
 
 @dataclass
+class Analysis:
+    """What the analysis notebooks of a run compute (the dev-set ablations need data.dev)."""
+
+    inspect_images: int = 8  # test images in the gallery
+    sharpness_grid: list[float | list[float]] = field(default_factory=lambda: [1.0, 1.5, 2.0, 2.3, 2.6, 3.0])
+    weight_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.45, 0.5, 0.54, 0.55, 0.6, 0.7])
+    drop_thresholds: list[float] = field(default_factory=lambda: [0.0005, 0.001, 0.002, 0.005, 0.01])
+
+
+@dataclass
 class RunConfig:
     name: str
     data: Data
@@ -81,6 +91,7 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when present, else CPU
     cache_dir: str = "outputs/cache"
     num_workers: int = 2  # image decoding workers
+    analysis: Analysis = field(default_factory=Analysis)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -38,7 +38,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _hf_cache_dir() -> str:
+def hf_cache_dir() -> str:
     from huggingface_hub import constants
 
     return constants.HF_HUB_CACHE
@@ -182,6 +182,10 @@ class Backend:
     def _defaults(self) -> tuple[int, tuple, tuple]:
         raise NotImplementedError
 
+    def check_weights(self) -> None:
+        """Fail now, with the clear message, if the weights are neither on disk nor downloadable (loads nothing)."""
+        raise NotImplementedError
+
     def load(self, device: torch.device) -> Encoder:
         raise NotImplementedError
 
@@ -232,8 +236,13 @@ class OpenClipBackend(Backend):
         size = size[0] if isinstance(size, (list, tuple)) else size
         return size, tuple(pp.get("mean", OPENAI_MEAN)), tuple(pp.get("std", OPENAI_STD))
 
-    def _checkpoint(self) -> str | None:
-        """A local file for `pretrained` (None for local-dir: and random), downloading a tag's weights if possible."""
+    def check_weights(self) -> None:
+        self._defaults()
+        self._checkpoint(download=False)
+
+    def _checkpoint(self, download: bool = True) -> str | None:
+        """A local file for `pretrained` (None for local-dir: and random), downloading a tag's weights if possible
+        (with download=False, only checks that they are cached or can be downloaded)."""
         import open_clip
         from huggingface_hub import try_to_load_from_cache
 
@@ -268,7 +277,7 @@ class OpenClipBackend(Backend):
             repo = f"{org}/{repo}"
             names = ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin")
             cached = [try_to_load_from_cache(repo, n) for n in names]
-            candidates.append((f"hub repo {repo} in {_hf_cache_dir()}", hub_host(),
+            candidates.append((f"hub repo {repo} in {hf_cache_dir()}", hub_host(),
                                next((c for c in cached if isinstance(c, str)), None)))
         if cfg.get("url"):
             cached = url_cache / os.path.basename(cfg["url"])
@@ -281,7 +290,7 @@ class OpenClipBackend(Backend):
             raise _offline_error(self.name, what, "; ".join(where for where, _, _ in candidates),
                                  "`pretrained: /path/to/open_clip_pytorch_model.bin` (or the original .pt with "
                                  "`weights_only: false`) or `pretrained: local-dir:/path/to/folder`")
-        return open_clip.download_pretrained(cfg)
+        return open_clip.download_pretrained(cfg) if download else None
 
     def load(self, device):
         import open_clip
@@ -341,7 +350,7 @@ class TransformersBackend(Backend):
             return cached
         if not host_reachable(hub_host()):
             raise _offline_error(self.name, f"{self.entry.backend} '{repo}' at revision {revision or 'main'}",
-                                 _hf_cache_dir(), "`pretrained: /path/to/model-folder` (the downloaded snapshot)")
+                                 hf_cache_dir(), "`pretrained: /path/to/model-folder` (the downloaded snapshot)")
         return hf_hub_download(repo, filename, revision=revision)
 
     def _defaults(self):
@@ -352,6 +361,9 @@ class TransformersBackend(Backend):
             pp = json.loads((self.local_dir / "preprocessor_config.json").read_text())
             mean, std = tuple(pp.get("image_mean", mean)), tuple(pp.get("image_std", std))
         return size, mean, std
+
+    def check_weights(self) -> None:
+        self._defaults()
 
     def _source(self) -> str:
         if self.local_dir is not None:
@@ -427,6 +439,9 @@ class ModelHandle:
     @property
     def random_weights(self) -> bool:
         return self.backend.random_weights
+
+    def check_weights(self) -> None:
+        self.backend.check_weights()
 
     @property
     def loaded(self) -> bool:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +21,7 @@ import yaml
 from .cache import encode_images, encode_texts
 from .config import RunConfig
 from .data import ImageSet, Preprocess, file_digest, fingerprint, load_dev_set, load_test_set, read_classes
-from .models import ModelHandle, resolve_device
+from .models import ModelHandle, WeightsUnavailableError, resolve_device
 from .outputs import build_manifest, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
 from .scoring import Scores, average_scores, ensemble_scores, joint_softmax_probs, score
@@ -171,20 +172,36 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
     return metrics
 
 
-def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, models: dict) -> None:
-    """The config used (resolved) and the manifest."""
+def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData) -> None:
+    """The config used (resolved) and the manifest, with what each model's inference recorded."""
     output_dir = Path(output_dir)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    models = {n: json.loads((model_dir(output_dir, n) / "model.json").read_text()) for n in config.models}
     manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
     write_json(output_dir / "manifest.json", manifest)
 
 
+def check_models(config: RunConfig) -> None:
+    """Before any work: every model's weights are on disk or downloadable, else one error that says, for each
+    model that lacks them, what to do."""
+    problems = []
+    for name, entry in config.models.items():
+        try:
+            ModelHandle(name, entry, config.device).check_weights()
+        except (WeightsUnavailableError, FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+    if problems:
+        raise WeightsUnavailableError("\n".join(problems))
+
+
 def predict(config: RunConfig, output_dir: str | Path, progress: bool = True) -> dict:
     """Every model, then the ensemble: the whole run in this process."""
+    check_models(config)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data = load_run_data(config)
-    models = {name: run_model(config, name, output_dir, data, progress) for name in config.models}
+    for name in config.models:
+        run_model(config, name, output_dir, data, progress)
     metrics = run_ensemble(config, output_dir, data)
-    write_run_files(config, output_dir, data, models)
+    write_run_files(config, output_dir, data)
     return metrics

@@ -28,8 +28,14 @@ def test_known_blurs_come_back_within_one_pixel(photos, sigma, quality):
     assert all(abs(e - sigma) <= 1.5 for e in estimates), estimates
 
 
+def test_sharp_photos_read_as_sharp(photos):
+    """Unblurred photos at their own 150 px, and upscaled to 224 (bicubic adds a little blur)."""
+    assert all(estimate_sigma(p) < 1.0 for p in photos)
+    assert all(estimate_sigma(degrade(p, 0, 75)) < 1.0 for p in photos)
+
+
 def test_the_estimate_grows_with_the_blur(photos):
-    estimates = [estimate_sigma(degrade(photos[0], s, 75)) for s in (1, 3, 5, 7, 9)]
+    estimates = [estimate_sigma(degrade(photos[0], s, 75)) for s in (0, 1, 3, 5, 7, 9)]
     assert estimates == sorted(estimates)
 
 

@@ -1,0 +1,73 @@
+"""The notebooks' ipywidgets: a sharpening slider, and prompt-group checkboxes that recompute from cached
+embeddings (a few small matrix products: milliseconds)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+from IPython.display import display
+
+from .ablation import ModelEmbeddings
+from .scoring import SCORERS, average_scores, score
+from .stats import accuracy_summary
+
+
+def sharpness_slider(files: list[Path], size: int = 224, start: float = 2.3):
+    """The images as given beside their sharpened versions; the slider sets the factor."""
+    from .plots import sharpening_gallery
+
+    out = widgets.Output()
+
+    def show(factor: float) -> None:
+        with out:
+            out.clear_output(wait=True)
+            fig = sharpening_gallery(files, [1.0, factor], size)
+            plt.show(fig)
+
+    slider = widgets.FloatSlider(value=start, min=0.0, max=5.0, step=0.1, description="sharpness",
+                                 continuous_update=False)
+    slider.observe(lambda change: show(change["new"]), names="value")
+    show(start)
+    box = widgets.VBox([slider, out])
+    display(box)
+    return box
+
+
+def group_accuracy(emb: ModelEmbeddings, groups: list[str], mode: str, logit_scale: float = 100.0) -> dict:
+    """Accuracy (with its interval) of one prompt-group selection and scoring mode, from cached embeddings."""
+    idx = emb.prompts.group_indices(groups)
+    prompts = emb.prompts
+    if len(set(prompts.class_index[idx].tolist())) < len(prompts.classes):
+        raise ValueError("every class needs at least one prompt in the chosen groups")
+    labels = average_scores([score(mode, e, emb.text[idx], prompts.class_index[idx], len(prompts.classes),
+                                   logit_scale) for e in emb.image]).labels
+    return {**accuracy_summary(emb.labels, labels), "prompts": len(idx)}
+
+
+def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0):
+    """A checkbox per prompt group and a scoring-mode menu; the accuracy is recomputed on every change."""
+    boxes = [widgets.Checkbox(value=True, description=g, indent=False) for g in emb.prompts.groups]
+    mode = widgets.Dropdown(options=list(SCORERS), value="joint_softmax_mean", description="scoring")
+    result = widgets.HTML()
+
+    def update(_=None) -> None:
+        chosen = [b.description for b in boxes if b.value]
+        started = time.perf_counter()
+        try:
+            r = group_accuracy(emb, chosen, mode.value, logit_scale)
+        except ValueError as e:
+            result.value = f"<b>{e}</b>"
+            return
+        ms = (time.perf_counter() - started) * 1000
+        result.value = (f"<b>{r['accuracy']:.4f}</b> [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] on {r['images']} dev "
+                        f"images, {r['prompts']} prompts ({ms:.0f} ms)")
+
+    for w in [*boxes, mode]:
+        w.observe(update, names="value")
+    update()
+    box = widgets.VBox([widgets.HBox(boxes), mode, result])
+    display(box)
+    return box

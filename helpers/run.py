@@ -1,0 +1,113 @@
+"""`python -m helpers run CONFIG`: the workbench's notebooks executed end to end by papermill.
+
+The inference notebook runs once per model, each in a fresh kernel (so a model's GPU memory is freed before the
+next one loads), then the ensemble notebook writes the submission, and the analysis notebooks write their figures
+and tables. Everything lands in one run folder; a rerun reuses the inference of models that finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import RunConfig, load_config
+from .outputs import PROJECT_ROOT
+from .pipeline import check_models, model_dir
+
+KERNEL_NAME = "blur-zeroshot"
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+INSPECT, SHARPNESS, PROMPTS, INFERENCE, ENSEMBLE = (
+    "01_inspect.ipynb", "02_preprocessing_ablation.ipynb", "03_prompt_ablation.ipynb", "04_inference.ipynb",
+    "05_ensemble.ipynb")
+
+
+class RunError(RuntimeError):
+    """A run that stopped; the message names the notebook and the cell, or the run folder."""
+
+
+def install_kernel() -> str:
+    """Register this interpreter as the Jupyter kernel the notebooks name (for JupyterLab and papermill)."""
+    from ipykernel.kernelspec import install
+
+    install(user=True, kernel_name=KERNEL_NAME, display_name="Python (blur-zeroshot workbench)")
+    return KERNEL_NAME
+
+
+def ensure_kernel() -> str:
+    """The project's kernel, (re)registered if it is missing or points at another interpreter."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+        if Path(spec.argv[0]) == Path(sys.executable):
+            return KERNEL_NAME
+    except NoSuchKernel:
+        pass
+    return install_kernel()
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """outputs/runs/<name>-<hash of the resolved config>: the same config reruns into the same folder."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path("outputs") / "runs" / f"{config.name}-{digest}"
+
+
+def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress: bool = True) -> None:
+    import papermill as pm
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pm.execute_notebook(NOTEBOOKS / notebook, output, parameters=parameters, kernel_name=kernel,
+                            cwd=str(PROJECT_ROOT), progress_bar=progress)
+    except pm.PapermillExecutionError as e:
+        first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
+        raise RunError(f"{notebook} failed in cell In [{e.exec_count}] (`{first_line}`): {e.ename}: {e.evalue}\n"
+                       f"the executed notebook, with the traceback, is {output}") from None
+
+
+def _claim_run_dir(run_dir: Path, config: RunConfig) -> Path:
+    """Write the resolved config into the run folder, or check that the folder holds a run of this config."""
+    path = run_dir / "config.yaml"
+    resolved = config.to_dict()
+    if path.is_file():
+        if yaml.safe_load(path.read_text()) != resolved:
+            raise RunError(f"{run_dir} holds a run of another config; give another --output-dir")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return path
+
+
+def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
+                 analyses: bool = True, progress: bool = True, log=print) -> Path:
+    config = load_config(config_path, overrides)
+    check_models(config)  # before any work: a missing model fails now, with the clear message
+    run_dir = Path(output_dir) if output_dir else default_run_dir(config)
+    config_file = str(_claim_run_dir(run_dir, config).resolve())
+    kernel = ensure_kernel()
+    base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}
+    executed = run_dir / "notebooks"
+
+    for name in config.models:
+        out = executed / f"04_inference-{name}.ipynb"
+        if (model_dir(run_dir, name) / "model.json").is_file() and out.is_file():
+            log(f"model {name}: reusing the finished inference in {out}")
+            continue
+        log(f"model {name}: running {INFERENCE}")
+        execute(INFERENCE, out, {**base, "model_name": name}, kernel, progress)
+    log(f"ensemble: running {ENSEMBLE}")
+    execute(ENSEMBLE, executed / ENSEMBLE, base, kernel, progress)
+    if analyses:
+        execute(INSPECT, executed / INSPECT, base, kernel, progress)
+        if config.data.dev is not None:
+            execute(SHARPNESS, executed / SHARPNESS, base, kernel, progress)
+            for name in config.models:
+                execute(PROMPTS, executed / f"03_prompt_ablation-{name}.ipynb", {**base, "model_name": name},
+                        kernel, progress)
+        else:
+            log("no data.dev: skipping the dev-set ablations (preprocessing and prompts)")
+    return run_dir

@@ -1,0 +1,43 @@
+"""Every config shipped in configs/ loads; the winner's is the winning solution; offline it stops before any work."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.config import load_config
+
+from .conftest import PROJECT_ROOT
+
+CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.models and config.prompts == "winner"
+
+
+def test_the_winner_config_is_the_winning_solution():
+    config = load_config(PROJECT_ROOT / "configs" / "winner.yaml")
+    meta, eva = config.models["metaclip"], config.models["eva"]
+    assert (meta.backend, meta.arch, meta.pretrained, meta.sharpness) == (
+        "open_clip", "ViT-bigG-14-quickgelu", "metaclip_fullcc", 2.3)
+    assert (eva.backend, eva.pretrained, eva.revision, eva.sharpness, eva.precision) == (
+        "eva_clip", "BAAI/EVA-CLIP-18B", "ac8597aed12b1ecf2eda2130d0458bb1a0b50011", 2.0, "fp16")
+    assert config.scoring == "joint_softmax_mean" and config.logit_scale == 100
+    assert config.ensemble.weights == {"metaclip": 0.5, "eva": 0.5}
+
+
+def test_reproduce_offline_stops_at_once_with_the_message_for_every_model(tmp_path, scene_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "helpers", "run", "configs/winner.yaml", "--set",
+                             f"data.test={scene_dir}", "--output-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, env=env, timeout=120)
+    assert result.returncode == 2
+    for part in ("models.metaclip", "ViT-bigG-14-quickgelu 'metaclip_fullcc'", "models.eva",
+                 "'BAAI/EVA-CLIP-18B' at revision ac8597aed12b1ecf2eda2130d0458bb1a0b50011", "local-dir:"):
+        assert part in result.stderr
+    assert not Path(tmp_path / "run").exists()  # no work was done

@@ -1,0 +1,138 @@
+"""The notebooks, executed end to end by papermill on tiny models and real images: what each writes."""
+
+import json
+
+import nbformat
+import pytest
+import yaml
+from PIL import Image
+
+from helpers.outputs import read_submission
+from helpers.pipeline import predict
+from helpers.run import KERNEL_NAME, NOTEBOOKS, RunError, run_pipeline
+
+from .conftest import INTEL_CLASS_MAP, SCENE_IDS
+
+NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=lambda p: p.name)
+def test_committed_notebooks_have_no_outputs_and_a_parameters_cell(path):
+    book = nbformat.read(path, as_version=4)
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
+    assert book.metadata.kernelspec.name == KERNEL_NAME
+
+
+def test_there_are_the_five_notebooks():
+    assert [p.name for p in NOTEBOOK_FILES] == ["01_inspect.ipynb", "02_preprocessing_ablation.ipynb",
+                                                 "03_prompt_ablation.ipynb", "04_inference.ipynb", "05_ensemble.ipynb"]
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints):
+    folder = tmp_path_factory.mktemp("run-config")
+    a, b = tiny_checkpoints
+    raw = {
+        "name": "nbtest",
+        "data": {"test": str(scene_dir), "dev": {"path": str(dev_dir), "class_map": INTEL_CLASS_MAP}},
+        "models": {"a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3},
+                   "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0}},
+        "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": 0.002},
+        "cache_dir": str(folder / "cache"),
+        "num_workers": 0,
+        "analysis": {"inspect_images": 3, "sharpness_grid": [1.0, 2.3, [2.0, 2.5]], "weight_grid": [0.4, 0.5, 0.6],
+                     "drop_thresholds": [0.001, 0.002]},
+    }
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(run_config, tmp_path_factory):
+    logs = []
+    out = run_pipeline(run_config, output_dir=tmp_path_factory.mktemp("run") / "r", progress=False, log=logs.append)
+    assert logs[:2] == ["model a: running 04_inference.ipynb", "model b: running 04_inference.ipynb"]
+    return out
+
+
+EXECUTED = ["04_inference-a.ipynb", "04_inference-b.ipynb", "05_ensemble.ipynb", "01_inspect.ipynb",
+            "02_preprocessing_ablation.ipynb", "03_prompt_ablation-a.ipynb", "03_prompt_ablation-b.ipynb"]
+FIGURES = ["sharpening_gallery", "blur_histograms", "sharpness_ablation", "prompt_groups-a", "scoring_modes-b",
+           "predicted_classes-a", "predicted_classes-ensemble", "dev_confusion-ensemble", "ensemble_weights",
+           "drop_threshold"]
+
+
+def test_run_writes_the_submission_and_the_executed_notebooks(run_dir):
+    ids, labels = read_submission(run_dir / "submission.csv")
+    assert ids == SCENE_IDS and set(labels) <= set(range(6))
+    assert json.loads((run_dir / "manifest.json").read_text())["models"]["a"]["random_weights"] is False
+    assert json.loads((run_dir / "metrics.json").read_text())["dev"]["images"] == 24
+    for name in EXECUTED:
+        book = nbformat.read(run_dir / "notebooks" / name, as_version=4)
+        outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+        assert outputs and not [o for o in outputs if o.output_type == "error"], name
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in book.cells)
+    shown = [o for c in nbformat.read(run_dir / "notebooks" / "05_ensemble.ipynb", as_version=4).cells
+             if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(shown) >= 3  # the figures are in the executed notebook, not only on disk
+
+
+def test_figures_are_saved_as_png(run_dir):
+    for name in FIGURES:
+        with Image.open(run_dir / "figures" / f"{name}.png") as img:
+            assert img.format == "PNG" and min(img.size) > 100, name
+
+
+def test_tables_carry_intervals(run_dir):
+    import pandas as pd
+
+    sharp = pd.read_csv(run_dir / "tables" / "sharpness_ablation.csv", dtype={"variant": str})
+    assert sharp["variant"].tolist() == ["1", "2.3", "2+2.5"] * 2
+    groups = pd.read_csv(run_dir / "tables" / "prompt_groups-a.csv")
+    assert len(groups) == 11 and groups["reference"].sum() == 1
+    for name in ["sharpness_ablation", "prompt_groups-a", "scoring_modes-a", "ensemble_weights", "drop_threshold",
+                 "dev_accuracy"]:
+        table = pd.read_csv(run_dir / "tables" / f"{name}.csv")
+        assert {"accuracy", "ci_low", "ci_high"} <= set(table.columns), name
+        assert (table["ci_low"] <= table["accuracy"]).all() and (table["accuracy"] <= table["ci_high"]).all()
+    blur = pd.read_csv(run_dir / "tables" / "blur_statistics.csv").set_index("split")
+    assert 5.5 < blur.loc["test", "median"] < 7.2 and blur.loc["dev", "median"] < 1  # the dev photos are sharp
+
+
+def test_run_and_predict_give_byte_identical_submissions(run_dir, run_config, tmp_path):
+    from helpers.config import load_config
+
+    predict(load_config(run_config), tmp_path / "predict", progress=False)
+    assert (tmp_path / "predict" / "submission.csv").read_bytes() == (run_dir / "submission.csv").read_bytes()
+
+
+def test_a_rerun_reuses_finished_inference(run_dir, run_config):
+    before = {n: (run_dir / "notebooks" / n).stat().st_mtime_ns for n in EXECUTED[:2]}
+    logs = []
+    run_pipeline(run_config, output_dir=run_dir, analyses=False, progress=False, log=logs.append)
+    assert logs[:2] == [f"model {n}: reusing the finished inference in {run_dir}/notebooks/04_inference-{n}.ipynb"
+                        for n in "ab"]
+    assert {n: (run_dir / "notebooks" / n).stat().st_mtime_ns for n in EXECUTED[:2]} == before
+
+
+def test_a_run_folder_of_another_config_is_refused(run_dir, run_config):
+    with pytest.raises(RunError, match="holds a run of another config"):
+        run_pipeline(run_config, ["ensemble.drop_below=null"], output_dir=run_dir, progress=False, log=print)
+
+
+def test_a_failing_cell_fails_the_run_naming_notebook_and_cell(run_config, dev_dir, tmp_path):
+    broken = tmp_path / "dev"
+    for folder in INTEL_CLASS_MAP:
+        (broken / folder).mkdir(parents=True)
+        for p in sorted((dev_dir / folder).iterdir())[:1]:
+            (broken / folder / p.name).write_bytes(p.read_bytes())
+    (broken / "sea" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(RunError) as e:
+        run_pipeline(run_config, [f"data.dev.path={broken}"], output_dir=tmp_path / "run", progress=False,
+                     log=lambda m: None)
+    message = str(e.value)
+    assert message.startswith("04_inference.ipynb failed in cell In [3] (`import pandas as pd`)")
+    assert "broken.jpg: cannot read this image" in message and "04_inference-a.ipynb" in message
