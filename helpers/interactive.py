@@ -3,35 +3,42 @@ embeddings (a few small matrix products: milliseconds)."""
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import ipywidgets as widgets
-import matplotlib.pyplot as plt
 from IPython.display import display
+from PIL import Image
 
 from .ablation import ModelEmbeddings
+from .data import Sharpen
 from .scoring import SCORERS, average_scores, score
 from .stats import accuracy_summary
 
 
+def sharpness_strip(files: list[Path], factor: float, size: int = 224) -> bytes:
+    """PNG of the images as given (left) beside their sharpened versions (right), one row per image."""
+    strip = Image.new("RGB", (2 * size, size * len(files)), "white")
+    for row, path in enumerate(files):
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+        strip.paste(img, (0, row * size))
+        strip.paste(Sharpen(factor)(img), (size, row * size))
+    buf = io.BytesIO()
+    strip.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def sharpness_slider(files: list[Path], size: int = 224, start: float = 2.3):
-    """The images as given beside their sharpened versions; the slider sets the factor."""
-    from .plots import sharpening_gallery
-
-    out = widgets.Output()
-
-    def show(factor: float) -> None:
-        with out:
-            out.clear_output(wait=True)
-            fig = sharpening_gallery(files, [1.0, factor], size)
-            plt.show(fig)
-
+    """The images as given beside their sharpened versions; the slider sets the factor. (An Image widget, not an
+    Output widget with a figure: it redraws faster and does not stall headless papermill runs.)"""
+    view = widgets.Image(value=sharpness_strip(files, start, size), format="png")
     slider = widgets.FloatSlider(value=start, min=0.0, max=5.0, step=0.1, description="sharpness",
                                  continuous_update=False)
-    slider.observe(lambda change: show(change["new"]), names="value")
-    show(start)
-    box = widgets.VBox([slider, out])
+    slider.observe(lambda change: setattr(view, "value", sharpness_strip(files, change["new"], size)),
+                   names="value")
+    box = widgets.VBox([slider, view])
     display(box)
     return box
 
