@@ -20,7 +20,7 @@ import yaml
 
 from .cache import encode_images, encode_texts
 from .config import RunConfig
-from .data import ImageSet, Preprocess, file_digest, fingerprint, load_dev_set, load_test_set, read_classes
+from .data import ImageSet, Preprocess, file_digest, fingerprint, load_dev_set, load_test_set
 from .models import ModelHandle, WeightsUnavailableError, resolve_device
 from .outputs import build_manifest, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
@@ -48,7 +48,7 @@ def load_run_data(config: RunConfig) -> RunData:
     splits = {}
     if config.data.test:
         splits["test"] = load_test_set(config.data.test, config.data.limit)
-    classes = config.data.classes or (splits["test"].classes if splits else read_classes(config.data.test))
+    classes = config.data.classes or splits["test"].classes  # the config check asks for one of the two
     if config.data.dev:
         dev = config.data.dev
         splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)

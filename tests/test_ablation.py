@@ -109,3 +109,14 @@ def test_sharpness_views_average_the_probabilities(dev_config, tmp_path):
     text = np.load(tmp_path / "run" / "models" / "a" / "text_embeddings.npy")
     expected = torch.stack([joint_softmax_probs(v, text) for v in views]).mean(0).numpy()
     np.testing.assert_allclose(np.load(out / "prompt_probs.npy"), expected, rtol=1e-6)
+
+
+def test_the_benchmark_ablation_has_ten_variants_of_the_winner_set():
+    from helpers.bench import ablation_variants
+    from helpers.prompts import load_prompts
+
+    from .conftest import CLASSES
+
+    variants = ablation_variants(load_prompts("winner", CLASSES))
+    assert len(variants) == 10 and len(variants["all"]) == 312 and len(variants["only imagenet41"]) == 246
+    assert len(variants["without blur"]) == 288
