@@ -81,8 +81,8 @@ def _unpickling_reason(error: Exception) -> str:
 class Encoder:
     """A loaded model. Subclasses implement `_image_features` and `_text_features`."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-        self.model, self.device, self.dtype = model.eval(), device, dtype
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tokenizer):
+        self.model, self.device, self.dtype, self.tokenizer = model.eval(), device, dtype, tokenizer
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -96,10 +96,6 @@ class Encoder:
 
 
 class OpenClipEncoder(Encoder):
-    def __init__(self, model, device, dtype, tokenizer):
-        super().__init__(model, device, dtype)
-        self.tokenizer = tokenizer
-
     def _image_features(self, pixels):
         return self.model.encode_image(pixels)
 
@@ -108,10 +104,6 @@ class OpenClipEncoder(Encoder):
 
 
 class HfClipEncoder(Encoder):
-    def __init__(self, model, device, dtype, tokenizer):
-        super().__init__(model, device, dtype)
-        self.tokenizer = tokenizer
-
     def _image_features(self, pixels):
         return self.model.get_image_features(pixel_values=pixels)
 
@@ -122,10 +114,6 @@ class HfClipEncoder(Encoder):
 
 class EvaClipEncoder(Encoder):
     """EVA-CLIP through its remote code: `encode_image` / `encode_text` on CLIPTokenizer ids padded as the winner."""
-
-    def __init__(self, model, device, dtype, tokenizer):
-        super().__init__(model, device, dtype)
-        self.tokenizer = tokenizer
 
     def _image_features(self, pixels):
         return self.model.encode_image(pixels)
