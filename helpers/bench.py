@@ -1,15 +1,19 @@
 """Benchmarks: the workbench against the winner's notebook loop, measured side by side in one process.
 
-    python -m helpers.bench --images 512 [--arch ViT-B-32-quickgelu] [--batch-size 32] [--out FILE.json]
+    python -m helpers.bench --images 512 [--arch ViT-B-32-quickgelu] [--batch-size 32] [--variants ...] [--out F]
 
 A randomly initialised model (the compute is the real architecture's) reads the first N challenge images.
 Printed, and written to a JSON file whose copy is the last line of the output:
-- image encoding throughput, workbench (fp32 weights, and bf16 weights) against the original loop
-  (`tests/oracle.py`: the winner's code, literally), same model, images, batch size and device;
-- how many labels of the bf16 run agree with the fp32 run;
+- image encoding throughput of the original loop (`tests/oracle.py`: the winner's code, literally) and of the
+  workbench in each variant (precision, optionally `+compile`), same model, images, batch size and device; a
+  compiled variant is compiled before its clock starts (as every model is loaded before it), its compile time
+  reported beside it;
+- how many labels of each variant agree with the workbench's fp32 labels;
+- the machine's GEMM ceiling: the model's FLOPs per image against a large matmul's measured rate in that precision,
+  the most any implementation of the same arithmetic could encode here;
 - a prompt ablation of 10 prompt-set variants: from cached embeddings against re-running the encoder per variant;
 - the second encoding of the 312 prompts (a cache hit) against the first;
-- peak resident memory of encoding N images, and how much it grows per image against the embedding's own size.
+- resident memory of encoding N/4 and N images in fresh processes: the peak, and what stays after the encode.
 """
 
 from __future__ import annotations
@@ -22,22 +26,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 from natsort import natsorted
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .cache import encode_images, encode_texts
 from .config import ModelEntry
-from .models import ModelHandle, resolve_device
+from .models import DTYPES, ModelHandle, resolve_device
 from .outputs import PROJECT_ROOT
 from .prompts import load_prompts
 from .scoring import score
 
 DEFAULT_SCENE = PROJECT_ROOT.parent / "shared" / "data" / "scene" / "Scene"
 TARGETS = {"encode_ratio_bf16": 3.0, "encode_ratio_fp32": 1.0, "ablation_ratio": 50.0, "text_cache_ratio": 100.0}
+DEFAULT_VARIANTS = {"cpu": "fp32,bf16,fp32+compile,bf16+compile", "cuda": "fp32,fp16,fp16+compile"}
 
 
 def _oracle():
@@ -53,10 +60,71 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def _handle(args, checkpoint: Path, precision: str) -> ModelHandle:
+def _arch(name: str) -> str:
+    """An open_clip architecture name, or the path of an architecture JSON file (registered under its stem)."""
+    if name.endswith(".json"):
+        open_clip.add_model_config(name)
+        return Path(name).stem
+    return name
+
+
+def _handle(args, checkpoint: Path, precision: str, compile: bool = False) -> ModelHandle:
     entry = ModelEntry(backend="open_clip", arch=args.arch, pretrained=str(checkpoint), sharpness=2.3,
-                       precision=precision, batch_size=args.batch_size)
+                       precision=precision, batch_size=args.batch_size, compile=compile)
     return ModelHandle("bench", entry, args.device)
+
+
+def parse_variants(text: str) -> list[tuple[str, str, bool]]:
+    """'fp32,bf16+compile' -> [(key, precision, compile)]: ('fp32', 'fp32', False), ('bf16_compiled', ...)."""
+    variants = []
+    for item in filter(None, (v.strip() for v in text.split(","))):
+        precision, _, option = item.partition("+")
+        if precision not in DTYPES or option not in ("", "compile"):
+            raise SystemExit(f"--variants: '{item}' is not PRECISION or PRECISION+compile "
+                             f"(precisions: {', '.join(DTYPES)})")
+        variants.append((precision + ("_compiled" if option else ""), precision, bool(option)))
+    return variants
+
+
+def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, size: int = 2048, reps: int = 5) -> float:
+    """The machine's matmul rate in `dtype`: a large square product, best of `reps` after a warm-up."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    with torch.inference_mode():
+        a @ b
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flops_per_image(handle: ModelHandle) -> float:
+    """FLOPs of the workbench's image forward (matmuls, convolutions, attention), counted on one image.
+
+    Counted with torch's fused attention fast path off, whose single op the counter cannot see into; the CPU's
+    attention kernel is given torch's own formula for the other attention kernels.
+    """
+    encoder = handle.encoder
+    pixels = torch.zeros(1, 3, *(2 * [handle.views[0].size]), device=encoder.device, dtype=encoder.dtype)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), counter:
+            encoder._image_features(pixels)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    return float(counter.get_total_flops())
 
 
 def ablation_variants(prompts) -> dict[str, np.ndarray]:
@@ -69,13 +137,13 @@ def ablation_variants(prompts) -> dict[str, np.ndarray]:
 
 def memory_probe(args) -> None:
     """Child process: resident memory while encoding N images, sampled every 20 ms, against the resident memory
-    just before (the model already loaded), printed as JSON."""
+    just before (the model already loaded), and what is still resident after (the embeddings in hand), as JSON."""
     import threading
 
     import psutil
 
     files = natsorted(Path(args.scene).glob("0/*.jpg"), key=str)[: args.memory_probe]
-    handle = _handle(args, Path(args.checkpoint), "fp32")
+    handle = _handle(args, Path(args.checkpoint), args.probe_precision)
     _ = handle.encoder  # loaded first: the probe measures what encoding adds
     process, peak, done = psutil.Process(), [0], threading.Event()
 
@@ -89,18 +157,125 @@ def memory_probe(args) -> None:
     sampler.start()
     with tempfile.TemporaryDirectory() as cache:
         emb = encode_images(handle, files, handle.views[0], cache, num_workers=args.num_workers, progress=False)
+        after = process.memory_info().rss
         done.set()
         sampler.join()
-    print(json.dumps({"images": len(files), "before_bytes": before, "peak_bytes": max(peak[0], before),
-                      "dim": emb.shape[1]}))
+    print(json.dumps({"images": len(files), "before_bytes": before, "peak_bytes": max(peak[0], before, after),
+                      "after_bytes": after, "embedding_bytes": emb.nbytes}))
 
 
-def _probe(args, checkpoint: Path, n: int) -> dict:
+def _probe(args, checkpoint: Path, n: int, precision: str) -> dict:
     cmd = [sys.executable, "-m", "helpers.bench", "--memory-probe", str(n), "--checkpoint", str(checkpoint),
-           "--scene", str(args.scene), "--arch", args.arch, "--batch-size", str(args.batch_size),
-           "--device", args.device, "--num-workers", str(args.num_workers)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=PROJECT_ROOT)
+           "--probe-precision", precision, "--scene", str(args.scene), "--arch", args.arch,
+           "--batch-size", str(args.batch_size), "--device", args.device, "--num-workers", str(args.num_workers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
+    if out.returncode:
+        raise RuntimeError(f"memory probe of {n} images failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _warm_up(handle: ModelHandle) -> float:
+    """Load the model, and compile it for the full batch if it is compiled; returns the compile seconds."""
+    encoder = handle.encoder
+    if not encoder.compiled:
+        return 0.0
+    size = handle.views[0].size
+    _, seconds = _timed(lambda: encoder.encode_images(torch.zeros(handle.entry.batch_size, 3, size, size)))
+    return seconds
+
+
+def measure_encoding(args, report, files, tmp, checkpoint, variants, prompts) -> tuple[dict, dict]:
+    """Each variant: images/s and the ratio to the original loop; the 312 prompts once, then from the cache."""
+    embeddings, texts = {}, {}
+    for key, precision, compile in variants:
+        handle = _handle(args, checkpoint, precision, compile)
+        compile_s = _warm_up(handle)  # loaded (and compiled) before the clock starts, as the original's model is
+        if compile:
+            report[f"compile_s_{key}"] = compile_s
+        cache = tmp / "cache"  # one for all variants: their image keys differ, a precision's prompts are shared
+        embeddings[key], seconds = _timed(partial(encode_images, handle, files, handle.views[0], cache,
+                                                  num_workers=args.num_workers, progress=False))
+        report[f"{key}_images_per_s"] = len(files) / seconds
+        report[f"encode_ratio_{key}"] = report[f"{key}_images_per_s"] / report["original_images_per_s"]
+        compiled = f", compiled in {report[f'compile_s_{key}']:.1f} s before" if compile else ""
+        print(f"workbench {key:14s} {report[f'{key}_images_per_s']:7.1f} images/s "
+              f"({report[f'encode_ratio_{key}']:.2f}x the original{compiled})")
+        texts[key], first = _timed(partial(encode_texts, handle, prompts.texts, cache))
+        if key == variants[0][0]:
+            fresh = _handle(args, checkpoint, precision, compile)  # a new handle: nothing in memory but the cache
+            _, second = _timed(partial(encode_texts, fresh, prompts.texts, cache))
+            report.update(text_first_s=first, text_cached_s=second, text_cache_ratio=first / second)
+            print(f"312 prompts:         {first:7.2f} s, cached {second * 1000:.1f} ms "
+                  f"({report['text_cache_ratio']:.0f}x)")
+            report["gflop_per_image"] = flops_per_image(handle) / 1e9
+        handle.close()
+    for precision in dict.fromkeys(p for _, p, _ in variants):
+        best = max((k for k, p, _ in variants if p == precision), key=lambda k: report[f"{k}_images_per_s"])
+        report[f"encode_best_{precision}"] = best
+        report[f"encode_ratio_{precision}"] = report[f"encode_ratio_{best}"]
+    return embeddings, texts
+
+
+def measure_ceiling(report, precisions, device) -> None:
+    """The most images/s any implementation of the model's arithmetic could reach here, per precision."""
+    for precision in precisions:
+        rate = gemm_flops_per_s(DTYPES[precision], device)
+        ceiling = rate / (report["gflop_per_image"] * 1e9)
+        report.update({f"gemm_tflops_{precision}": rate / 1e12, f"ceiling_images_per_s_{precision}": ceiling,
+                       f"max_encode_ratio_{precision}": ceiling / report["original_images_per_s"]})
+        print(f"{precision} ceiling:        {ceiling:7.1f} images/s ({report['gflop_per_image']:.1f} GFLOP/image at "
+              f"{rate / 1e9:.0f} GFLOP/s, a {2048}-square matmul): at most "
+              f"{report[f'max_encode_ratio_{precision}']:.2f}x the original")
+
+
+def measure_memory(args, report, checkpoint, n_images, precision) -> None:
+    """Peak and retained resident memory for N/4 and N images in fresh processes; the growth per image."""
+    small, full = (_probe(args, checkpoint, n, precision) for n in (max(1, n_images // 4), n_images))
+    added = max(1, full["images"] - small["images"])
+    report["peak_rss_mb"] = full["peak_bytes"] / 2**20
+    report["encode_rss_growth_mb"] = (full["peak_bytes"] - full["before_bytes"]) / 2**20
+    report["encode_rss_growth_small_mb"] = (small["peak_bytes"] - small["before_bytes"]) / 2**20
+    report["peak_growth_per_image_bytes"] = (report["encode_rss_growth_mb"] - report["encode_rss_growth_small_mb"]) \
+        * 2**20 / added
+    report["retained_growth_per_image_bytes"] = ((full["after_bytes"] - full["before_bytes"])
+                                                 - (small["after_bytes"] - small["before_bytes"])) / added
+    report["embedding_bytes_per_image"] = full["embedding_bytes"] / full["images"]
+    print(f"peak RSS:            {report['peak_rss_mb']:.0f} MB encoding {full['images']} images: "
+          f"{report['encode_rss_growth_mb']:.0f} MB above the loaded model ({report['encode_rss_growth_small_mb']:.0f} "
+          f"MB for {small['images']}); from {small['images']} to {full['images']} images the peak grows "
+          f"{report['peak_growth_per_image_bytes']:.0f} B/image and what stays "
+          f"{report['retained_growth_per_image_bytes']:.0f} B/image (an embedding is "
+          f"{report['embedding_bytes_per_image']:.0f} B)")
+
+
+def measure_ablation(args, report, oracle, original, files, tmp, checkpoint, reference, prompts, classes) -> None:
+    """10 prompt-set variants: scored from the cache (no model loaded) against the original loop per variant."""
+    variants = ablation_variants(prompts)
+    _, precision, compile = reference
+
+    def workbench_ablation():
+        handle = _handle(args, checkpoint, precision, compile)  # never loaded: everything is cached
+        image = encode_images(handle, files, handle.views[0], tmp / "cache", progress=False)
+        text = encode_texts(handle, prompts.texts, tmp / "cache")
+        assert not handle.loaded
+        return {n: score("joint_softmax_mean", image, text[idx], prompts.class_index[idx], len(classes)).labels
+                for n, idx in variants.items()}
+
+    def original_ablation():
+        out = {}
+        for name, idx in variants.items():
+            probs = original([prompts.texts[i] for i in idx])
+            out[name] = oracle.ensemble_labels(probs, probs, classes, 1.0, 0.0)
+        return out
+
+    ours, report["ablation_workbench_s"] = _timed(workbench_ablation)
+    theirs, report["ablation_original_s"] = _timed(original_ablation)
+    report["ablation_variants"] = len(variants)
+    report["ablation_ratio"] = report["ablation_original_s"] / report["ablation_workbench_s"]
+    report["ablation_labels_equal"] = all(list(ours[n]) == theirs[n] for n in variants)
+    print(f"10-variant ablation: original {report['ablation_original_s']:.1f} s, workbench "
+          f"{report['ablation_workbench_s'] * 1000:.0f} ms ({report['ablation_ratio']:.0f}x); same labels: "
+          f"{report['ablation_labels_equal']}")
 
 
 def run(args) -> dict:
@@ -109,9 +284,13 @@ def run(args) -> dict:
     classes = json.loads((scene / "classes.json").read_text())
     files = natsorted((scene / "0").glob("*.jpg"), key=str)[: args.images]
     device = resolve_device(args.device)
-    report = {"arch": args.arch, "images": len(files), "batch_size": args.batch_size, "device": str(device),
-              "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-              "torch": torch.__version__}
+    variants = parse_variants(args.variants or DEFAULT_VARIANTS[device.type])
+    reference = next((v for v in variants if v[0] == "fp32"), variants[0])
+    arch = _arch(args.arch)
+    report = {"arch": arch, "images": len(files), "batch_size": args.batch_size, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or platform.machine(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "variants": [k for k, _, _ in variants], "label_reference": reference[0]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "Scene" / "0").mkdir(parents=True)  # the original's ImageFolder reads a whole folder: exactly these
@@ -119,81 +298,33 @@ def run(args) -> dict:
             shutil.copy(p, tmp / "Scene" / "0" / p.name)
         torch.manual_seed(0)
         checkpoint = tmp / "random.pt"
-        torch.save(open_clip.create_model(args.arch).state_dict(), checkpoint)
-        model = open_clip.create_model(args.arch, pretrained=str(checkpoint)).to(device)
+        torch.save(open_clip.create_model(arch).state_dict(), checkpoint)
+        model = open_clip.create_model(arch, pretrained=str(checkpoint)).to(device)
 
         def original(prompts):
             return oracle.open_clip_probs(model, open_clip.tokenizer, prompts, str(tmp), "Scene",
                                           oracle.make_processor(2.3), device=device, num_workers=2)
 
-        # 1. image encoding: the original loop (with the bare class names as prompts: text costs ~nothing)
+        # the original loop, with the bare class names as prompts (its text costs ~nothing)
         _, seconds = _timed(lambda: original(classes))
         report["original_images_per_s"] = len(files) / seconds
         print(f"original loop:       {report['original_images_per_s']:7.1f} images/s")
-        embeddings, texts = {}, {}
         prompts = load_prompts("winner", classes)
-        for precision in ("fp32", "bf16"):
-            handle = _handle(args, checkpoint, precision)
-            _ = handle.encoder  # loaded before the clock starts, as the original's model is
-            embeddings[precision], seconds = _timed(lambda h=handle, p=precision: encode_images(
-                h, files, h.views[0], tmp / f"cache-{p}", num_workers=args.num_workers, progress=False))
-            report[f"{precision}_images_per_s"] = len(files) / seconds
-            report[f"encode_ratio_{precision}"] = report[f"{precision}_images_per_s"] / report["original_images_per_s"]
-            print(f"workbench {precision}:      {report[f'{precision}_images_per_s']:7.1f} images/s "
-                  f"({report[f'encode_ratio_{precision}']:.2f}x the original)")
-            # 2. the 312 prompts: first encode (a cache miss), then again (a hit)
-            texts[precision], first = _timed(lambda h=handle, p=precision: encode_texts(h, prompts.texts,
-                                                                                     tmp / f"cache-{p}"))
-            if precision == "fp32":
-                _, second = _timed(lambda: encode_texts(_handle(args, checkpoint, "fp32"), prompts.texts,
-                                                        tmp / "cache-fp32"))
-                report.update(text_first_s=first, text_cached_s=second, text_cache_ratio=first / second)
-                print(f"312 prompts:         {first:7.2f} s, cached {second * 1000:.1f} ms "
-                      f"({report['text_cache_ratio']:.0f}x)")
-            handle.close()
-        labels = {p: score("joint_softmax_mean", embeddings[p], texts[p], prompts.class_index, len(classes)).labels
-                  for p in embeddings}
-        report["bf16_label_agreement"] = float(np.mean(labels["fp32"] == labels["bf16"]))
-        print(f"bf16 labels equal to fp32: {report['bf16_label_agreement']:.1%} (random weights: a floor)")
-
-        # 3. a prompt ablation of 10 variants: the cache against re-encoding per variant
-        variants = ablation_variants(prompts)
-
-        def workbench_ablation():
-            handle = _handle(args, checkpoint, "fp32")  # never loaded: everything is cached
-            image = encode_images(handle, files, handle.views[0], tmp / "cache-fp32", progress=False)
-            text = encode_texts(handle, prompts.texts, tmp / "cache-fp32")
-            return {n: score("joint_softmax_mean", image, text[idx], prompts.class_index[idx], len(classes)).labels
-                    for n, idx in variants.items()}
-
-        def original_ablation():
-            out = {}
-            for name, idx in variants.items():
-                probs = original([prompts.texts[i] for i in idx])
-                out[name] = oracle.ensemble_labels(probs, probs, classes, 1.0, 0.0)
-            return out
-
-        ours, report["ablation_workbench_s"] = _timed(workbench_ablation)
-        theirs, report["ablation_original_s"] = _timed(original_ablation)
-        report["ablation_variants"] = len(variants)
-        report["ablation_ratio"] = report["ablation_original_s"] / report["ablation_workbench_s"]
-        report["ablation_labels_equal"] = all(list(ours[n]) == theirs[n] for n in variants)
-        print(f"10-variant ablation: original {report['ablation_original_s']:.1f} s, workbench "
-              f"{report['ablation_workbench_s'] * 1000:.0f} ms ({report['ablation_ratio']:.0f}x); same labels: "
-              f"{report['ablation_labels_equal']}")
-
-        # 4. memory: peak RSS for N/4 and N images in fresh processes; the growth between them per image
-        small, full = _probe(args, checkpoint, max(1, len(files) // 4)), _probe(args, checkpoint, len(files))
-        growth = (full["peak_bytes"] - full["before_bytes"]) - (small["peak_bytes"] - small["before_bytes"])
-        report["peak_rss_mb"] = full["peak_bytes"] / 2**20
-        report["encode_rss_growth_mb"] = (full["peak_bytes"] - full["before_bytes"]) / 2**20
-        report["rss_growth_per_image_bytes"] = growth / max(1, full["images"] - small["images"])
-        report["embedding_bytes_per_image"] = full["dim"] * 4
-        print(f"peak RSS:            {report['peak_rss_mb']:.0f} MB encoding {full['images']} images, "
-              f"{report['encode_rss_growth_mb']:.0f} MB above the loaded model; from N/4 to N images it grows "
-              f"{report['rss_growth_per_image_bytes']:.0f} B/image (an embedding is "
-              f"{report['embedding_bytes_per_image']} B)")
-    report["targets_met"] = {k: report[k] >= v for k, v in TARGETS.items()}
+        embeddings, texts = measure_encoding(args, report, files, tmp, checkpoint, variants, prompts)
+        labels = {k: score("joint_softmax_mean", embeddings[k], texts[k], prompts.class_index, len(classes)).labels
+                  for k in embeddings}
+        for key in labels:
+            report[f"{key}_label_agreement"] = float(np.mean(labels[key] == labels[reference[0]]))
+        for precision in dict.fromkeys(p for _, p, _ in variants):
+            report[f"{precision}_label_agreement"] = report[f"{report[f'encode_best_{precision}']}_label_agreement"]
+        print("labels equal to " + reference[0] + ": " + ", ".join(
+            f"{k} {report[f'{k}_label_agreement']:.1%}" for k in labels if k != reference[0])
+            + " (random weights leave the scores nearly tied: a floor)")
+        measure_ceiling(report, dict.fromkeys(p for _, p, _ in variants), device)
+        if not args.skip_ablation:
+            measure_ablation(args, report, oracle, original, files, tmp, checkpoint, reference, prompts, classes)
+        measure_memory(args, report, checkpoint, len(files), reference[1])
+    report["targets_met"] = {k: report[k] >= v for k, v in TARGETS.items() if k in report}
     return report
 
 
@@ -205,16 +336,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=2, help="the workbench's decoding workers")
+    parser.add_argument("--variants", help="comma-separated PRECISION or PRECISION+compile (default: "
+                        f"{DEFAULT_VARIANTS['cpu']} on the CPU, {DEFAULT_VARIANTS['cuda']} on a GPU)")
+    parser.add_argument("--skip-ablation", action="store_true",
+                        help="leave out the 10-variant ablation (it runs the original loop 10 times)")
     parser.add_argument("--scene", default=str(DEFAULT_SCENE), help="the challenge test folder")
     parser.add_argument("--out", help="JSON file (default: outputs/bench/bench-<arch>-<images>.json)")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
         memory_probe(args)
         return
     report = run(args)
-    out = Path(args.out or f"outputs/bench/bench-{args.arch}-{args.images}.json")
+    out = Path(args.out or f"outputs/bench/bench-{_arch(args.arch)}-{args.images}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -122,7 +122,7 @@ def image_store(cache_dir: str | Path, handle: ModelHandle, preprocess: Preproce
 
 
 def text_store(cache_dir: str | Path, handle: ModelHandle) -> EmbeddingStore:
-    description = {"model": handle.identity}
+    description = {"model": handle.text_identity}
     name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{_digest(description)}"
     return EmbeddingStore(Path(cache_dir) / "texts" / name, description)
 

@@ -56,6 +56,7 @@ class ModelEntry:
     sharpness: float | list[float] = 1.0  # adjust_sharpness factor (1.0: unchanged); a list averages the views
     precision: str = "fp32"
     batch_size: int = 32
+    compile: bool = False  # torch.compile the image forward: faster after a one-time compile (CPU: ~15-30 s)
     seed: int = 0  # initialises the weights when pretrained is "random"
     weights_only: bool = True  # False allows pickled checkpoints (the original G14_fullcc2.5b.pt); trusted files only
     device_map: str | None = None  # eva_clip: "auto" spreads the model over several GPUs

@@ -79,14 +79,35 @@ def _unpickling_reason(error: Exception) -> str:
 
 
 class Encoder:
-    """A loaded model. Subclasses implement `_image_features` and `_text_features`."""
+    """A loaded model. Subclasses implement `_image_features` and `_text_features`.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tokenizer):
+    With `compile`, the image forward goes through torch.compile (on the CPU with inductor's weight freezing, which
+    prepacks the GEMM weights and fuses the elementwise work between them). Its shapes are static: a batch smaller
+    than the largest so far (the last one) is padded to it, so that it runs the compiled graph instead of compiling
+    another.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tokenizer,
+                 compile: bool = False):
         self.model, self.device, self.dtype, self.tokenizer = model.eval(), device, dtype, tokenizer
+        self.compiled = compile
+        self._image_forward = self._compile(self._image_features) if compile else self._image_features
+        self._compiled_batch: int | None = None
+
+    def _compile(self, forward):
+        options = {"freezing": True} if self.device.type == "cpu" else {}
+        return torch.compile(forward, dynamic=False, options=options)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self._image_features(pixels.to(self.device, self.dtype, non_blocking=True)).float()
+        n = len(pixels)
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        if self.compiled:  # always a fresh buffer: an input made outside inference mode would recompile
+            self._compiled_batch = max(self._compiled_batch or n, n)
+            padded = pixels.new_zeros(self._compiled_batch, *pixels.shape[1:])
+            padded[:n] = pixels
+            pixels = padded
+        x = self._image_forward(pixels)[:n].float()
         return (x / x.norm(dim=-1, keepdim=True)).cpu()
 
     @torch.inference_mode()
@@ -95,8 +116,43 @@ class Encoder:
         return (x / x.norm(dim=-1, keepdim=True)).cpu()
 
 
+def pools_class_token(visual: torch.nn.Module) -> bool:
+    """Whether an open_clip image tower is a plain ViT whose feature is its class token after the last block."""
+    from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer
+
+    return (isinstance(visual, VisionTransformer) and visual.attn_pool is None and visual.pool_type == "tok"
+            and not visual.output_tokens and isinstance(visual.transformer, Transformer)
+            and visual.transformer.batch_first
+            and all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                    for b in visual.transformer.resblocks))
+
+
+def class_token_features(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT forward, with the last block run for the class token only.
+
+    The feature is the class token's output, and in the last block nothing else depends on the other tokens' outputs:
+    they are still needed as keys and values, but their query, attention output and MLP are not. Same arithmetic for
+    the class token (the other rows of each GEMM are skipped), about 1/layers of the compute saved.
+    """
+    x = visual._embeds(pixels)
+    *blocks, last = visual.transformer.resblocks
+    for block in blocks:
+        x = block(x)
+    h = last.ln_1(x)
+    cls = x[:, :1] + last.ls_1(last.attn(h[:, :1], h, h, need_weights=False)[0])
+    cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+    pooled = visual.ln_post(cls[:, 0])
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
 class OpenClipEncoder(Encoder):
+    def __init__(self, model, *args, **kwargs):
+        self.class_token_only = pools_class_token(model.visual)
+        super().__init__(model, *args, **kwargs)
+
     def _image_features(self, pixels):
+        if self.class_token_only:
+            return class_token_features(self.model.visual, pixels)
         return self.model.encode_image(pixels)
 
     def _text_features(self, texts):
@@ -156,6 +212,8 @@ class Backend:
         e = self.entry
         ident = {"backend": e.backend, "arch": e.arch, "pretrained": e.pretrained, "revision": e.revision,
                  "precision": e.precision}
+        if e.compile:  # compiled kernels round differently (fused elementwise ops): their own cache entries
+            ident["compile"] = True
         if self.random_weights:
             ident["seed"] = e.seed
         elif Path(e.pretrained.removeprefix("local-dir:")).exists():
@@ -301,7 +359,7 @@ class OpenClipBackend(Backend):
                     f"`weights_only: false` in models.{self.name}.") from e
             tokenizer = open_clip.get_tokenizer(model_name)
         dtype = DTYPES[self.entry.precision]
-        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer)
+        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer, self.entry.compile)
 
 
 class TransformersBackend(Backend):
@@ -378,7 +436,7 @@ class HfClipBackend(TransformersBackend):
                              "save a CLIPModel with save_pretrained and give its folder")
         model = self._from_pretrained(CLIPModel, dtype=dtype)
         tokenizer = self._from_pretrained(AutoTokenizer)
-        return HfClipEncoder(model.to(device), device, dtype, tokenizer)
+        return HfClipEncoder(model.to(device), device, dtype, tokenizer, self.entry.compile)
 
 
 @register_backend("eva_clip")
@@ -398,7 +456,7 @@ class EvaClipBackend(TransformersBackend):
         else:
             device = next(model.parameters()).device  # inputs go where the first layers are
         tokenizer = self._from_pretrained(CLIPTokenizer)
-        return EvaClipEncoder(model, device, dtype, tokenizer)
+        return EvaClipEncoder(model, device, dtype, tokenizer, self.entry.compile)
 
 
 class ModelHandle:
@@ -413,6 +471,11 @@ class ModelHandle:
     @property
     def identity(self) -> dict:
         return self.backend.identity()
+
+    @property
+    def text_identity(self) -> dict:
+        """What determines the text features: `identity` less `compile` (only the image forward is compiled)."""
+        return {k: v for k, v in self.identity.items() if k != "compile"}
 
     @property
     def views(self) -> list[Preprocess]:

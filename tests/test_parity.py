@@ -48,7 +48,9 @@ def test_per_prompt_probabilities_match_the_winners(make_config, oracle_probs, t
         ours = np.load(tmp_path / "run" / "models" / name / "test" / "prompt_probs.npy")
         theirs = torch.stack(probs).numpy()
         assert ours.shape == theirs.shape == (len(SCENE_IDS), 312)
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+        # float32 round-off (the workbench's last block multiplies fewer rows, so its GEMMs sum in another
+        # order), times the logit scale of 100 before the softmax
+        np.testing.assert_allclose(ours, theirs, rtol=5e-5, atol=1e-7)
 
 
 def test_drop_changes_the_probabilities_it_should(make_config, tmp_path):
