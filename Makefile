@@ -10,7 +10,7 @@ INTEL_CLASS_MAP := buildings=Buildings,forest=Forests,glacier=Glacier,mountain=M
 # The demo evaluates on the labeled dev set too once `make dev-data` has built it.
 DEMO_DEV := $(if $(wildcard data/dev),--set data.dev.path=data/dev --set data.dev.limit=120)
 
-.PHONY: setup test lint demo reproduce data dev-data lab
+.PHONY: setup test lint demo reproduce data dev-data lab bench
 
 setup: $(VENV)/.installed
 
@@ -46,3 +46,7 @@ dev-data: setup
 
 lab: setup
 	$(BIN)/jupyter lab notebooks
+
+# The workbench against the winner's loop (BENCHMARKS.md): about 12 minutes on 2 CPU cores.
+bench: setup
+	$(BIN)/python -m helpers.bench --images 512 --scene $(SCENE)

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -51,6 +54,9 @@ def _oracle():
     sys.path.insert(0, str(PROJECT_ROOT))  # the oracle is the tests' literal transcription of the winner's notebook
     from tests import oracle
 
+    # its `torch.cuda.amp.autocast()` warns on every call (deprecated, and a no-op without CUDA)
+    warnings.filterwarnings("ignore", message=r".*(torch\.cuda\.amp\.autocast|CUDA is not available).*")
+
     return oracle
 
 
@@ -75,14 +81,14 @@ def _handle(args, checkpoint: Path, precision: str, compile: bool = False) -> Mo
 
 
 def parse_variants(text: str) -> list[tuple[str, str, bool]]:
-    """'fp32,bf16+compile' -> [(key, precision, compile)]: ('fp32', 'fp32', False), ('bf16_compiled', ...)."""
+    """'fp32,bf16+compile' -> [(key, precision, compile)]: ('fp32_eager', 'fp32', False), ('bf16_compiled', ...)."""
     variants = []
     for item in filter(None, (v.strip() for v in text.split(","))):
         precision, _, option = item.partition("+")
         if precision not in DTYPES or option not in ("", "compile"):
             raise SystemExit(f"--variants: '{item}' is not PRECISION or PRECISION+compile "
                              f"(precisions: {', '.join(DTYPES)})")
-        variants.append((precision + ("_compiled" if option else ""), precision, bool(option)))
+        variants.append((precision + ("_compiled" if option else "_eager"), precision, bool(option)))
     return variants
 
 
@@ -135,40 +141,34 @@ def ablation_variants(prompts) -> dict[str, np.ndarray]:
     return {name: prompts.group_indices(chosen) for name, chosen in variants.items()}
 
 
+def _proc_status_bytes(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
 def memory_probe(args) -> None:
-    """Child process: resident memory while encoding N images, sampled every 20 ms, against the resident memory
-    just before (the model already loaded), and what is still resident after (the embeddings in hand), as JSON."""
-    import threading
-
-    import psutil
-
+    """Child process: resident memory of encoding N images, as JSON: before (the model loaded), the peak during
+    the encode (the kernel's high-water mark, reset once the model is loaded), and after (the embeddings in hand)."""
     files = natsorted(Path(args.scene).glob("0/*.jpg"), key=str)[: args.memory_probe]
     handle = _handle(args, Path(args.checkpoint), args.probe_precision)
     _ = handle.encoder  # loaded first: the probe measures what encoding adds
-    process, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.02)
-
-    before = process.memory_info().rss
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    before = _proc_status_bytes("VmRSS")
     with tempfile.TemporaryDirectory() as cache:
         emb = encode_images(handle, files, handle.views[0], cache, num_workers=args.num_workers, progress=False)
-        after = process.memory_info().rss
-        done.set()
-        sampler.join()
-    print(json.dumps({"images": len(files), "before_bytes": before, "peak_bytes": max(peak[0], before, after),
-                      "after_bytes": after, "embedding_bytes": emb.nbytes}))
+        after, peak = _proc_status_bytes("VmRSS"), _proc_status_bytes("VmHWM")
+    print(json.dumps({"images": len(files), "before_bytes": before, "peak_bytes": peak, "after_bytes": after,
+                      "embedding_bytes": emb.nbytes}))
 
 
 def _probe(args, checkpoint: Path, n: int, precision: str) -> dict:
     cmd = [sys.executable, "-m", "helpers.bench", "--memory-probe", str(n), "--checkpoint", str(checkpoint),
            "--probe-precision", precision, "--scene", str(args.scene), "--arch", args.arch,
-           "--batch-size", str(args.batch_size), "--device", args.device, "--num-workers", str(args.num_workers)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
+           "--batch-size", str(args.batch_size), "--device", args.device] \
+        + (["--num-workers", str(args.num_workers)] if args.num_workers is not None else [])
+    # glibc keeps freed batch-sized blocks in its heap, so the resident size would follow the allocation history
+    # (tens of MB either way) rather than what is live; a fixed mmap threshold hands blocks over 1 MB back when freed
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, env=env)
     if out.returncode:
         raise RuntimeError(f"memory probe of {n} images failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -212,6 +212,7 @@ def measure_encoding(args, report, files, tmp, checkpoint, variants, prompts) ->
     for precision in dict.fromkeys(p for _, p, _ in variants):
         best = max((k for k, p, _ in variants if p == precision), key=lambda k: report[f"{k}_images_per_s"])
         report[f"encode_best_{precision}"] = best
+        report[f"{precision}_images_per_s"] = report[f"{best}_images_per_s"]
         report[f"encode_ratio_{precision}"] = report[f"encode_ratio_{best}"]
     return embeddings, texts
 
@@ -285,7 +286,7 @@ def run(args) -> dict:
     files = natsorted((scene / "0").glob("*.jpg"), key=str)[: args.images]
     device = resolve_device(args.device)
     variants = parse_variants(args.variants or DEFAULT_VARIANTS[device.type])
-    reference = next((v for v in variants if v[0] == "fp32"), variants[0])
+    reference = next((v for v in variants if v[0] == "fp32_eager"), variants[0])
     arch = _arch(args.arch)
     report = {"arch": arch, "images": len(files), "batch_size": args.batch_size, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", default="ViT-B-32-quickgelu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--num-workers", type=int, default=2, help="the workbench's decoding workers")
+    parser.add_argument("--num-workers", type=int, help="the workbench's decoding processes (default: as in a run)")
     parser.add_argument("--variants", help="comma-separated PRECISION or PRECISION+compile (default: "
                         f"{DEFAULT_VARIANTS['cpu']} on the CPU, {DEFAULT_VARIANTS['cuda']} on a GPU)")
     parser.add_argument("--skip-ablation", action="store_true",

@@ -142,15 +142,24 @@ def encode_texts(handle: ModelHandle, texts: list[str], cache_dir: str | Path, c
     return store.get(keys)
 
 
+def default_num_workers(device: torch.device) -> int:
+    """Decoding processes: none on the CPU, where they take cores from the model's own threads (measured on 2 cores:
+    8% slower with 2 workers than decoding in between batches), up to 8 beside a GPU, which one process decoding
+    about 650 images/s could not keep busy."""
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
 def encode_images(handle: ModelHandle, files: list[Path], preprocess: Preprocess, cache_dir: str | Path,
-                  digests: list[str] | None = None, num_workers: int = 2, flush_every: int = 512,
+                  digests: list[str] | None = None, num_workers: int | None = None, flush_every: int = 512,
                   progress: bool = True) -> np.ndarray:
     """Image embeddings of `files` under `preprocess` (L2-normalised float32, one row per file), encoding only
     what the cache lacks.
 
     Batches are the fixed slices [i*B, (i+1)*B) of `files`; a batch with any image missing is encoded whole, so a
-    resumed encode computes exactly what an uninterrupted one would.
+    resumed encode computes exactly what an uninterrupted one would. `num_workers` defaults to
+    `default_num_workers(handle.device)`.
     """
+    num_workers = default_num_workers(handle.device) if num_workers is None else num_workers
     store = image_store(cache_dir, handle, preprocess)
     digests = digests if digests is not None else [file_digest(p) for p in files]
     bs = handle.entry.batch_size

@@ -91,7 +91,7 @@ class RunConfig:
     ensemble: Ensemble = field(default_factory=Ensemble)
     device: str = "auto"  # auto: CUDA when present, else CPU
     cache_dir: str = "outputs/cache"
-    num_workers: int = 2  # image decoding workers
+    num_workers: int | None = None  # image decoding processes; default: none on the CPU, up to 8 beside a GPU
     analysis: Analysis = field(default_factory=Analysis)
 
     def to_dict(self) -> dict:
@@ -205,6 +205,8 @@ def _check(config: RunConfig) -> None:
     _one_of(config.scoring, tuple(SCORERS), "scoring")
     if config.logit_scale <= 0:
         raise ConfigError(f"logit_scale must be positive, got {config.logit_scale}")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0 (or absent: the device's default), got {config.num_workers}")
     if not config.models:
         raise ConfigError("models must name at least one model")
     if config.data.test is None and config.data.dev is None:

@@ -1,11 +1,13 @@
 """The embedding cache: a second run re-encodes nothing it has, writes are atomic, an interrupted encode resumes."""
 
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 
-from helpers.cache import EmbeddingStore, encode_images, image_store
+from helpers.cache import EmbeddingStore, default_num_workers, encode_images, image_store
 from helpers.data import load_test_set
 from helpers.models import ModelHandle
 from helpers.pipeline import predict
@@ -92,3 +94,11 @@ def test_store_writes_are_atomic_and_unreadable_shards_are_skipped(tmp_path, cap
     assert np.array_equal(EmbeddingStore(tmp_path / "s", {}).get(["k2"]), [[0, 1]])
     with pytest.raises(KeyError, match="1 keys not in the embedding cache"):
         reopened.get(["k1", "nope"])
+
+
+def test_decoding_workers_default_to_none_on_the_cpu_and_some_beside_a_gpu(monkeypatch):
+    assert default_num_workers(torch.device("cpu")) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_num_workers(torch.device("cuda")) == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert default_num_workers(torch.device("cuda")) == 4

@@ -74,6 +74,9 @@ def test_a_typo_names_the_key_and_suggests_the_right_one(tmp_path):
         ({"data": {"tset": "/x"}}, "unknown key 'tset' in data; did you mean 'test'?"),
         ({"prompts": {"set": "winner", "gruops": ["blur"]}}, "did you mean 'groups'"),
         ({"name": None}, "name must be str"),
+        ({"num_workers": -1}, "num_workers must be >= 0"),
+        ({"models": {"a": {"backend": "open_clip", "arch": "A", "pretrained": "random", "compile": "yes"}}},
+         "models.a.compile must be bool"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_key_named(change, message):
