@@ -5,9 +5,9 @@
 A randomly initialised model (the compute is the real architecture's) reads the first N challenge images.
 Printed, and written to a JSON file whose copy is the last line of the output:
 - image encoding throughput of the original loop (`tests/oracle.py`: the winner's code, literally) and of the
-  workbench in each variant (precision, optionally `+compile`), same model, images, batch size and device; a
-  compiled variant is compiled before its clock starts (as every model is loaded before it), its compile time
-  reported beside it;
+  workbench in each variant (a precision, optionally `+compile`, `+autocast`), same model, images, batch size and
+  device, the best of `--repeats` rounds; a compiled variant is compiled before its clock starts (as every model is
+  loaded before it), its compile time reported beside it;
 - how many labels of each variant agree with the workbench's fp32 labels;
 - the machine's GEMM ceiling: the model's FLOPs per image against a large matmul's measured rate in that precision,
   the most any implementation of the same arithmetic could encode here;
@@ -31,6 +31,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import open_clip
@@ -47,7 +48,14 @@ from .scoring import score
 
 DEFAULT_SCENE = PROJECT_ROOT.parent / "shared" / "data" / "scene" / "Scene"
 TARGETS = {"encode_ratio_bf16": 3.0, "encode_ratio_fp32": 1.0, "ablation_ratio": 50.0, "text_cache_ratio": 100.0}
-DEFAULT_VARIANTS = {"cpu": "fp32,bf16,fp32+compile,bf16+compile", "cuda": "fp32,fp16,fp16+compile"}
+DEFAULT_VARIANTS = {"cpu": "fp32,bf16,fp32+compile,bf16+compile", "cuda": "fp32+autocast,fp16,fp16+compile"}
+
+
+class Variant(NamedTuple):
+    key: str  # fp32_eager, bf16_compiled, fp32_eager_autocast, ...
+    precision: str
+    compile: bool = False
+    autocast: bool = False
 
 
 def _oracle():
@@ -74,21 +82,23 @@ def _arch(name: str) -> str:
     return name
 
 
-def _handle(args, checkpoint: Path, precision: str, compile: bool = False) -> ModelHandle:
+def _handle(args, checkpoint: Path, variant: Variant) -> ModelHandle:
     entry = ModelEntry(backend="open_clip", arch=args.arch, pretrained=str(checkpoint), sharpness=2.3,
-                       precision=precision, batch_size=args.batch_size, compile=compile)
+                       precision=variant.precision, batch_size=args.batch_size, compile=variant.compile,
+                       autocast=variant.autocast)
     return ModelHandle("bench", entry, args.device)
 
 
-def parse_variants(text: str) -> list[tuple[str, str, bool]]:
-    """'fp32,bf16+compile' -> [(key, precision, compile)]: ('fp32_eager', 'fp32', False), ('bf16_compiled', ...)."""
+def parse_variants(text: str) -> list[Variant]:
+    """'fp32,bf16+compile' -> [Variant('fp32_eager', 'fp32'), Variant('bf16_compiled', 'bf16', compile=True)]."""
     variants = []
     for item in filter(None, (v.strip() for v in text.split(","))):
-        precision, _, option = item.partition("+")
-        if precision not in DTYPES or option not in ("", "compile"):
-            raise SystemExit(f"--variants: '{item}' is not PRECISION or PRECISION+compile "
+        precision, *options = item.split("+")
+        if precision not in DTYPES or not set(options) <= {"compile", "autocast"}:
+            raise SystemExit(f"--variants: '{item}' is not PRECISION[+compile][+autocast] "
                              f"(precisions: {', '.join(DTYPES)})")
-        variants.append((precision + ("_compiled" if option else "_eager"), precision, bool(option)))
+        key = precision + ("_compiled" if "compile" in options else "_eager") + ("_autocast" * ("autocast" in options))
+        variants.append(Variant(key, precision, "compile" in options, "autocast" in options))
     return variants
 
 
@@ -149,7 +159,7 @@ def memory_probe(args) -> None:
     """Child process: resident memory of encoding N images, as JSON: before (the model loaded), the peak during
     the encode (the kernel's high-water mark, reset once the model is loaded), and after (the embeddings in hand)."""
     files = natsorted(Path(args.scene).glob("0/*.jpg"), key=str)[: args.memory_probe]
-    handle = _handle(args, Path(args.checkpoint), args.probe_precision)
+    handle = _handle(args, Path(args.checkpoint), Variant("probe", args.probe_precision))
     _ = handle.encoder  # loaded first: the probe measures what encoding adds
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
     before = _proc_status_bytes("VmRSS")
@@ -165,9 +175,9 @@ def _probe(args, checkpoint: Path, n: int, precision: str) -> dict:
            "--probe-precision", precision, "--scene", str(args.scene), "--arch", args.arch,
            "--batch-size", str(args.batch_size), "--device", args.device] \
         + (["--num-workers", str(args.num_workers)] if args.num_workers is not None else [])
-    # glibc keeps freed batch-sized blocks in its heap, so the resident size would follow the allocation history
-    # (tens of MB either way) rather than what is live; a fixed mmap threshold hands blocks over 1 MB back when freed
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    # glibc keeps freed blocks in its heap, so the resident size would follow the allocation history (tens of MB
+    # either way, measured) rather than what is live; these thresholds hand blocks over 128 KB back when freed
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, env=env)
     if out.returncode:
         raise RuntimeError(f"memory probe of {n} images failed:\n{out.stderr[-2000:]}")
@@ -184,36 +194,54 @@ def _warm_up(handle: ModelHandle) -> float:
     return seconds
 
 
-def measure_encoding(args, report, files, tmp, checkpoint, variants, prompts) -> tuple[dict, dict]:
-    """Each variant: images/s and the ratio to the original loop; the 312 prompts once, then from the cache."""
-    embeddings, texts = {}, {}
-    for key, precision, compile in variants:
-        handle = _handle(args, checkpoint, precision, compile)
-        compile_s = _warm_up(handle)  # loaded (and compiled) before the clock starts, as the original's model is
-        if compile:
-            report[f"compile_s_{key}"] = compile_s
-        cache = tmp / "cache"  # one for all variants: their image keys differ, a precision's prompts are shared
-        embeddings[key], seconds = _timed(partial(encode_images, handle, files, handle.views[0], cache,
-                                                  num_workers=args.num_workers, progress=False))
-        report[f"{key}_images_per_s"] = len(files) / seconds
+def measure_encoding(args, report, original, files, tmp, checkpoint, variants, prompts, classes) -> tuple[dict, dict]:
+    """Images/s of the original loop and of each variant, the best of `--repeats` rounds (a round times the original,
+    then every variant, so that a slow spell of the machine does not fall on one side only), and each variant's
+    ratio to the original; the 312 prompts once, then from the cache."""
+    best, embeddings, texts = {}, {}, {}
+
+    def record(name: str, seconds: float, round_: int) -> None:
+        best[name] = min(best.get(name, float("inf")), seconds)
+        print(f"round {round_ + 1}: {name:22s} {len(files) / seconds:7.1f} images/s")
+
+    for round_ in range(args.repeats):
+        record("original loop", _timed(partial(original, classes))[1], round_)  # bare class names: text ~free
+        for variant in variants:
+            handle = _handle(args, checkpoint, variant)
+            compile_s = _warm_up(handle)  # loaded (and compiled) before the clock starts, as the original's model is
+            if variant.compile:
+                report.setdefault(f"compile_s_{variant.key}", compile_s)
+            # one cache for all variants (their image keys differ, a precision's prompts are shared); a new one for
+            # each later round, which must encode everything again
+            cache = tmp / ("cache" if round_ == 0 else f"cache-round{round_ + 1}")
+            embeddings[variant.key], seconds = _timed(partial(encode_images, handle, files, handle.views[0], cache,
+                                                              num_workers=args.num_workers, progress=False))
+            record(f"workbench {variant.key}", seconds, round_)
+            if round_ == 0:
+                texts[variant.key], first = _timed(partial(encode_texts, handle, prompts.texts, cache))
+            if round_ == 0 and variant == variants[0]:
+                fresh = _handle(args, checkpoint, variant)  # a new handle: nothing in memory but the cache
+                _, second = _timed(partial(encode_texts, fresh, prompts.texts, cache))
+                report.update(text_first_s=first, text_cached_s=second, text_cache_ratio=first / second)
+                report["gflop_per_image"] = flops_per_image(handle) / 1e9
+            handle.close()
+    report["original_images_per_s"] = len(files) / best["original loop"]
+    print(f"original loop:       {report['original_images_per_s']:7.1f} images/s (best of {args.repeats})")
+    for variant in variants:
+        key = variant.key
+        report[f"{key}_images_per_s"] = len(files) / best[f"workbench {key}"]
         report[f"encode_ratio_{key}"] = report[f"{key}_images_per_s"] / report["original_images_per_s"]
-        compiled = f", compiled in {report[f'compile_s_{key}']:.1f} s before" if compile else ""
+        compiled = f", compiled in {report[f'compile_s_{key}']:.1f} s before" if variant.compile else ""
         print(f"workbench {key:14s} {report[f'{key}_images_per_s']:7.1f} images/s "
               f"({report[f'encode_ratio_{key}']:.2f}x the original{compiled})")
-        texts[key], first = _timed(partial(encode_texts, handle, prompts.texts, cache))
-        if key == variants[0][0]:
-            fresh = _handle(args, checkpoint, precision, compile)  # a new handle: nothing in memory but the cache
-            _, second = _timed(partial(encode_texts, fresh, prompts.texts, cache))
-            report.update(text_first_s=first, text_cached_s=second, text_cache_ratio=first / second)
-            print(f"312 prompts:         {first:7.2f} s, cached {second * 1000:.1f} ms "
-                  f"({report['text_cache_ratio']:.0f}x)")
-            report["gflop_per_image"] = flops_per_image(handle) / 1e9
-        handle.close()
-    for precision in dict.fromkeys(p for _, p, _ in variants):
-        best = max((k for k, p, _ in variants if p == precision), key=lambda k: report[f"{k}_images_per_s"])
-        report[f"encode_best_{precision}"] = best
-        report[f"{precision}_images_per_s"] = report[f"{best}_images_per_s"]
-        report[f"encode_ratio_{precision}"] = report[f"encode_ratio_{best}"]
+    print(f"312 prompts:         {report['text_first_s']:7.2f} s, cached {report['text_cached_s'] * 1000:.1f} ms "
+          f"({report['text_cache_ratio']:.0f}x)")
+    for precision in dict.fromkeys(v.precision for v in variants):
+        fastest = max((v.key for v in variants if v.precision == precision),
+                      key=lambda k: report[f"{k}_images_per_s"])
+        report[f"encode_best_{precision}"] = fastest
+        report[f"{precision}_images_per_s"] = report[f"{fastest}_images_per_s"]
+        report[f"encode_ratio_{precision}"] = report[f"encode_ratio_{fastest}"]
     return embeddings, texts
 
 
@@ -252,10 +280,9 @@ def measure_memory(args, report, checkpoint, n_images, precision) -> None:
 def measure_ablation(args, report, oracle, original, files, tmp, checkpoint, reference, prompts, classes) -> None:
     """10 prompt-set variants: scored from the cache (no model loaded) against the original loop per variant."""
     variants = ablation_variants(prompts)
-    _, precision, compile = reference
 
     def workbench_ablation():
-        handle = _handle(args, checkpoint, precision, compile)  # never loaded: everything is cached
+        handle = _handle(args, checkpoint, reference)  # never loaded: everything is cached
         image = encode_images(handle, files, handle.views[0], tmp / "cache", progress=False)
         text = encode_texts(handle, prompts.texts, tmp / "cache")
         assert not handle.loaded
@@ -286,12 +313,12 @@ def run(args) -> dict:
     files = natsorted((scene / "0").glob("*.jpg"), key=str)[: args.images]
     device = resolve_device(args.device)
     variants = parse_variants(args.variants or DEFAULT_VARIANTS[device.type])
-    reference = next((v for v in variants if v[0] == "fp32_eager"), variants[0])
+    reference = next((v for v in variants if v.key == "fp32_eager"), variants[0])
     arch = _arch(args.arch)
     report = {"arch": arch, "images": len(files), "batch_size": args.batch_size, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
               or platform.machine(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "variants": [k for k, _, _ in variants], "label_reference": reference[0]}
+              "variants": [v.key for v in variants], "label_reference": reference.key, "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "Scene" / "0").mkdir(parents=True)  # the original's ImageFolder reads a whole folder: exactly these
@@ -306,25 +333,22 @@ def run(args) -> dict:
             return oracle.open_clip_probs(model, open_clip.tokenizer, prompts, str(tmp), "Scene",
                                           oracle.make_processor(2.3), device=device, num_workers=2)
 
-        # the original loop, with the bare class names as prompts (its text costs ~nothing)
-        _, seconds = _timed(lambda: original(classes))
-        report["original_images_per_s"] = len(files) / seconds
-        print(f"original loop:       {report['original_images_per_s']:7.1f} images/s")
         prompts = load_prompts("winner", classes)
-        embeddings, texts = measure_encoding(args, report, files, tmp, checkpoint, variants, prompts)
+        embeddings, texts = measure_encoding(args, report, original, files, tmp, checkpoint, variants, prompts,
+                                             classes)
         labels = {k: score("joint_softmax_mean", embeddings[k], texts[k], prompts.class_index, len(classes)).labels
                   for k in embeddings}
         for key in labels:
-            report[f"{key}_label_agreement"] = float(np.mean(labels[key] == labels[reference[0]]))
-        for precision in dict.fromkeys(p for _, p, _ in variants):
+            report[f"{key}_label_agreement"] = float(np.mean(labels[key] == labels[reference.key]))
+        for precision in dict.fromkeys(v.precision for v in variants):
             report[f"{precision}_label_agreement"] = report[f"{report[f'encode_best_{precision}']}_label_agreement"]
-        print("labels equal to " + reference[0] + ": " + ", ".join(
-            f"{k} {report[f'{k}_label_agreement']:.1%}" for k in labels if k != reference[0])
+        print("labels equal to " + reference.key + ": " + ", ".join(
+            f"{k} {report[f'{k}_label_agreement']:.1%}" for k in labels if k != reference.key)
             + " (random weights leave the scores nearly tied: a floor)")
-        measure_ceiling(report, dict.fromkeys(p for _, p, _ in variants), device)
+        measure_ceiling(report, dict.fromkeys(v.precision for v in variants), device)
         if not args.skip_ablation:
             measure_ablation(args, report, oracle, original, files, tmp, checkpoint, reference, prompts, classes)
-        measure_memory(args, report, checkpoint, len(files), reference[1])
+        measure_memory(args, report, checkpoint, len(files), reference.precision)
     report["targets_met"] = {k: report[k] >= v for k, v in TARGETS.items() if k in report}
     return report
 
@@ -337,8 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, help="the workbench's decoding processes (default: as in a run)")
-    parser.add_argument("--variants", help="comma-separated PRECISION or PRECISION+compile (default: "
+    parser.add_argument("--variants", help="comma-separated PRECISION[+compile][+autocast] (default: "
                         f"{DEFAULT_VARIANTS['cpu']} on the CPU, {DEFAULT_VARIANTS['cuda']} on a GPU)")
+    parser.add_argument("--repeats", type=int, default=2, help="timing rounds; each figure is the best round")
     parser.add_argument("--skip-ablation", action="store_true",
                         help="leave out the 10-variant ablation (it runs the original loop 10 times)")
     parser.add_argument("--scene", default=str(DEFAULT_SCENE), help="the challenge test folder")

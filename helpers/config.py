@@ -57,6 +57,7 @@ class ModelEntry:
     precision: str = "fp32"
     batch_size: int = 32
     compile: bool = False  # torch.compile the image forward: faster after a one-time compile (CPU: ~15-30 s)
+    autocast: bool = False  # CUDA autocast to fp16 around the forwards, as the winner (a no-op on the CPU, as there)
     seed: int = 0  # initialises the weights when pretrained is "random"
     weights_only: bool = True  # False allows pickled checkpoints (the original G14_fullcc2.5b.pt); trusted files only
     device_map: str | None = None  # eva_clip: "auto" spreads the model over several GPUs

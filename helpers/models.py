@@ -81,6 +81,9 @@ def _unpickling_reason(error: Exception) -> str:
 class Encoder:
     """A loaded model. Subclasses implement `_image_features` and `_text_features`.
 
+    With `autocast`, both forwards run under CUDA autocast to fp16, as the winner's `torch.cuda.amp.autocast()`
+    (on the CPU that context did nothing, and neither does this).
+
     With `compile`, the image forward goes through torch.compile (on the CPU with inductor's weight freezing, which
     prepacks the GEMM weights and fuses the elementwise work between them). Its shapes are static: a batch smaller
     than the largest so far (the last one) is padded to it, so that it runs the compiled graph instead of compiling
@@ -88,9 +91,9 @@ class Encoder:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tokenizer,
-                 compile: bool = False):
+                 compile: bool = False, autocast: bool = False):
         self.model, self.device, self.dtype, self.tokenizer = model.eval(), device, dtype, tokenizer
-        self.compiled = compile
+        self.compiled, self.autocast = compile, autocast and device.type == "cuda"
         self._image_forward = self._compile(self._image_features) if compile else self._image_features
         self._compiled_batch: int | None = None
 
@@ -107,12 +110,14 @@ class Encoder:
             padded = pixels.new_zeros(self._compiled_batch, *pixels.shape[1:])
             padded[:n] = pixels
             pixels = padded
-        x = self._image_forward(pixels)[:n].float()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
+            x = self._image_forward(pixels)[:n].float()
         return (x / x.norm(dim=-1, keepdim=True)).cpu()
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        x = self._text_features(texts).float()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
+            x = self._text_features(texts).float()
         return (x / x.norm(dim=-1, keepdim=True)).cpu()
 
 
@@ -214,6 +219,8 @@ class Backend:
                  "precision": e.precision}
         if e.compile:  # compiled kernels round differently (fused elementwise ops): their own cache entries
             ident["compile"] = True
+        if e.autocast:
+            ident["autocast"] = True
         if self.random_weights:
             ident["seed"] = e.seed
         elif Path(e.pretrained.removeprefix("local-dir:")).exists():
@@ -359,7 +366,8 @@ class OpenClipBackend(Backend):
                     f"`weights_only: false` in models.{self.name}.") from e
             tokenizer = open_clip.get_tokenizer(model_name)
         dtype = DTYPES[self.entry.precision]
-        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer, self.entry.compile)
+        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer, self.entry.compile,
+                               self.entry.autocast)
 
 
 class TransformersBackend(Backend):
@@ -436,7 +444,7 @@ class HfClipBackend(TransformersBackend):
                              "save a CLIPModel with save_pretrained and give its folder")
         model = self._from_pretrained(CLIPModel, dtype=dtype)
         tokenizer = self._from_pretrained(AutoTokenizer)
-        return HfClipEncoder(model.to(device), device, dtype, tokenizer, self.entry.compile)
+        return HfClipEncoder(model.to(device), device, dtype, tokenizer, self.entry.compile, self.entry.autocast)
 
 
 @register_backend("eva_clip")
@@ -456,7 +464,7 @@ class EvaClipBackend(TransformersBackend):
         else:
             device = next(model.parameters()).device  # inputs go where the first layers are
         tokenizer = self._from_pretrained(CLIPTokenizer)
-        return EvaClipEncoder(model, device, dtype, tokenizer, self.entry.compile)
+        return EvaClipEncoder(model, device, dtype, tokenizer, self.entry.compile, self.entry.autocast)
 
 
 class ModelHandle:

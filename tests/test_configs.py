@@ -27,6 +27,7 @@ def test_the_winner_config_is_the_winning_solution():
         "open_clip", "ViT-bigG-14-quickgelu", "metaclip_fullcc", 2.3)
     assert (eva.backend, eva.pretrained, eva.revision, eva.sharpness, eva.precision) == (
         "eva_clip", "BAAI/EVA-CLIP-18B", "ac8597aed12b1ecf2eda2130d0458bb1a0b50011", 2.0, "fp16")
+    assert (meta.precision, meta.autocast, eva.autocast) == ("fp32", True, True)  # SPEC 6: under autocast
     assert config.scoring == "joint_softmax_mean" and config.logit_scale == 100
     assert config.ensemble.weights == {"metaclip": 0.5, "eva": 0.5}
 

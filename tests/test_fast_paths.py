@@ -6,6 +6,7 @@ architecture: it must run from its command line and end with one JSON line holdi
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -135,6 +136,20 @@ def _tiny_gflop() -> float:
     return (conv + (v["layers"] - 1) * block + last + proj) / 1e9
 
 
-def test_unknown_benchmark_variant_is_an_error():
-    with pytest.raises(SystemExit, match="'fp8' is not PRECISION or PRECISION\\+compile"):
-        bench.parse_variants("fp32,fp8")
+def test_benchmark_variants_parse_and_bad_ones_are_errors():
+    assert bench.parse_variants("fp32, bf16+compile,fp32+autocast") == [
+        bench.Variant("fp32_eager", "fp32"), bench.Variant("bf16_compiled", "bf16", compile=True),
+        bench.Variant("fp32_eager_autocast", "fp32", autocast=True)]
+    for bad in ("fp8", "fp16+fast"):
+        with pytest.raises(SystemExit, match=f"'{re.escape(bad)}' is not PRECISION\\[\\+compile\\]"):
+            bench.parse_variants(f"fp32,{bad}")
+
+
+def test_autocast_is_the_winners_cuda_autocast_a_no_op_on_the_cpu(tmp_path):
+    arch = arch_file(tmp_path, {})
+    plain, autocast = handle_for(arch), handle_for(arch, autocast=True)
+    assert autocast.identity["autocast"] is True and autocast.text_identity["autocast"] is True
+    assert "autocast" not in plain.identity
+    assert not autocast.encoder.autocast  # on the CPU the winner's torch.cuda.amp.autocast() did nothing
+    torch.testing.assert_close(autocast.encoder.encode_images(PIXELS), plain.encoder.encode_images(PIXELS),
+                               rtol=0, atol=0)
