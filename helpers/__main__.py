@@ -60,19 +60,20 @@ def cmd_download_data(args) -> None:
 
 
 def cmd_estimate_blur(args) -> None:
-    from .devset import list_images, measure_blur
+    from .devset import list_images, measure_blur, summarize_blur
 
     folder = Path(args.folder)
     files = list_images(folder, args.limit)
-    groups = {"all": files}
+    overall = measure_blur(files, progress=not args.quiet)
+    groups = {"all": overall}
     subfolders = sorted({p.parent for p in files})
-    if len(subfolders) > 1:
-        groups.update({str(d.relative_to(folder)): [p for p in files if p.parent == d] for d in subfolders})
+    if len(subfolders) > 1:  # each subfolder's statistics from the same per-image measurements
+        for d in subfolders:
+            rows = [i for i, p in enumerate(files) if p.parent == d]
+            groups[str(d.relative_to(folder))] = summarize_blur([overall["sigmas"][i] for i in rows],
+                                                                [overall["qualities"][i] for i in rows])
     print(f"{'set':<16}{'images':>8}{'median':>8}{'p10':>8}{'p90':>8}{'jpeg_q':>8}")
-    overall = None
-    for name, group in groups.items():
-        stats = measure_blur(group, progress=not args.quiet and name == "all")
-        overall = overall or stats
+    for name, stats in groups.items():
         print(f"{name:<16}{stats['images']:>8}{stats['median']:>8.2f}{stats.get('p10', float('nan')):>8.2f}"
               f"{stats.get('p90', float('nan')):>8.2f}{str(stats['jpeg_quality']):>8}")
     if overall["measured"] < overall["images"]:

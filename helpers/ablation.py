@@ -19,9 +19,7 @@ from .models import ModelHandle
 from .pipeline import RunData, load_run_data, score_views, split_embeddings
 from .prompts import PromptSet
 from .scoring import SCORERS, Scores, average_scores, ensemble_scores, score
-from .stats import accuracy_summary, paired_comparison
-
-ALPHA = 0.05
+from .stats import LEVEL, accuracy_summary, paired_comparison
 
 
 def holm_adjust(p_values: list[float]) -> list[float]:
@@ -52,7 +50,7 @@ def compare_predictions(labels, predictions: dict[str, np.ndarray], reference: s
     table["p_holm"] = 1.0
     if others.any():
         table.loc[others, "p_holm"] = holm_adjust(table.loc[others, "p_value"].tolist())
-    table["differs"] = table["p_holm"] < ALPHA
+    table["differs"] = table["p_holm"] < 1 - LEVEL
     return table
 
 
@@ -65,6 +63,16 @@ class ModelEmbeddings:
     text: np.ndarray  # (prompts, dim)
     prompts: PromptSet
     labels: np.ndarray
+
+    def covers_every_class(self, idx: np.ndarray) -> bool:
+        """Whether the prompts `idx` leave no class without a prompt (else they cannot classify)."""
+        return len(set(self.prompts.class_index[idx].tolist())) == len(self.prompts.classes)
+
+    def predict(self, idx: np.ndarray, mode: str, logit_scale: float) -> np.ndarray:
+        """Labels from the prompts `idx` under a scoring mode, the views' scores averaged."""
+        p = self.prompts
+        views = [score(mode, e, self.text[idx], p.class_index[idx], len(p.classes), logit_scale) for e in self.image]
+        return average_scores(views).labels
 
 
 def load_model_embeddings(config: RunConfig, name: str, split: str = "dev", data: RunData | None = None,
@@ -82,13 +90,6 @@ def load_model_embeddings(config: RunConfig, name: str, split: str = "dev", data
     return ModelEmbeddings(name, image, text, data.prompts, data.splits[split].labels)
 
 
-def _labels(emb: ModelEmbeddings, mode: str, idx: np.ndarray, logit_scale: float) -> np.ndarray:
-    prompts = emb.prompts
-    views = [score(mode, e, emb.text[idx], prompts.class_index[idx], len(prompts.classes), logit_scale)
-             for e in emb.image]
-    return average_scores(views).labels
-
-
 def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_mean",
                           logit_scale: float = 100.0) -> pd.DataFrame:
     """All groups (the reference), each group alone, and each group left out."""
@@ -100,9 +101,9 @@ def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_me
     predictions, extra = {}, {}
     for name, chosen in variants.items():
         idx = emb.prompts.group_indices(chosen)
-        if len(set(emb.prompts.class_index[idx].tolist())) < len(emb.prompts.classes):
+        if not emb.covers_every_class(idx):
             continue  # a group that leaves some class without prompts cannot classify alone
-        predictions[name] = _labels(emb, scoring, idx, logit_scale)
+        predictions[name] = emb.predict(idx, scoring, logit_scale)
         extra[name] = {"prompts": len(idx)}
     return compare_predictions(emb.labels, predictions, "all groups", extra)
 
@@ -110,7 +111,7 @@ def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_me
 def scoring_mode_ablation(emb: ModelEmbeddings, logit_scale: float = 100.0,
                           reference: str = "joint_softmax_mean") -> pd.DataFrame:
     idx = np.arange(len(emb.prompts.prompts))
-    return compare_predictions(emb.labels, {m: _labels(emb, m, idx, logit_scale) for m in SCORERS}, reference)
+    return compare_predictions(emb.labels, {m: emb.predict(idx, m, logit_scale) for m in SCORERS}, reference)
 
 
 def _factor_name(factor) -> str:
@@ -150,7 +151,7 @@ def two_model_weights(first: str, second: str, steps=(0.3, 0.4, 0.45, 0.5, 0.54,
 def ensemble_weight_ablation(scores: dict[str, Scores], labels, prompts: PromptSet, weight_sets: list[dict],
                              reference: dict, drop_below: float | None = None) -> pd.DataFrame:
     def key(w):
-        return ", ".join(f"{n}={v:g}" for n, v in w.items())
+        return ", ".join(f"{n}={v:g}" for n, v in sorted(w.items()))  # the same weights, one row
 
     sets = {key(w): w for w in [reference, *weight_sets]}
     predictions = {k: ensemble_scores(scores, w, prompts.class_index, len(prompts.classes), drop_below).labels

@@ -53,7 +53,7 @@ def _band_fit(profile: np.ndarray) -> float:
     with np.errstate(divide="ignore"):
         log_power = np.log10(profile)
     floor = np.median(log_power[int(0.3 * n):])
-    end = 2
+    end = 1  # the band starts at k=2 only if k=2 itself is above the floor
     while end + 1 < len(profile) and log_power[end + 1] > floor + FLOOR_DECADES:
         end += 1
     k = np.arange(2, end + 1, dtype=np.float64)

@@ -44,7 +44,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _digest(obj) -> str:
+def json_digest(obj) -> str:
+    """A short sha256 of an object's canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,7 +91,7 @@ class EmbeddingStore:
         if not keys:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        name = f"{time.time_ns()}-{os.getpid()}-{_digest(keys)}.npz"
+        name = f"{time.time_ns()}-{os.getpid()}-{json_digest(keys)}.npz"
         buf = _npz_bytes(keys=np.array(keys), vectors=vectors)
         atomic_write_bytes(self.root / name, buf)
         self._rows.update(zip(keys, vectors))
@@ -117,13 +118,13 @@ def _npz_bytes(**arrays) -> bytes:
 
 def image_store(cache_dir: str | Path, handle: ModelHandle, preprocess: Preprocess) -> EmbeddingStore:
     description = {"model": handle.identity, "preprocess": preprocess.key()}
-    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{_digest(description)}"
+    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{json_digest(description)}"
     return EmbeddingStore(Path(cache_dir) / "images" / name, description)
 
 
 def text_store(cache_dir: str | Path, handle: ModelHandle) -> EmbeddingStore:
     description = {"model": handle.text_identity}
-    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{_digest(description)}"
+    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{json_digest(description)}"
     return EmbeddingStore(Path(cache_dir) / "texts" / name, description)
 
 

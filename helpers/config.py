@@ -64,6 +64,11 @@ class ModelEntry:
     mean: list[float] | None = None  # normalisation; default: the model's own
     std: list[float] | None = None
 
+    @property
+    def sharpness_factors(self) -> list[float]:
+        """The sharpening factors: one, or the test-time views of a list."""
+        return self.sharpness if isinstance(self.sharpness, list) else [self.sharpness]
+
 
 @dataclass
 class Ensemble:
@@ -222,7 +227,7 @@ def _check(config: RunConfig) -> None:
         where = f"models.{name}"
         _one_of(m.backend, BACKENDS, f"{where}.backend")
         _one_of(m.precision, PRECISIONS, f"{where}.precision")
-        factors = m.sharpness if isinstance(m.sharpness, list) else [m.sharpness]
+        factors = m.sharpness_factors
         if not factors or any(f < 0 for f in factors) or len(set(factors)) != len(factors):
             raise ConfigError(f"{where}.sharpness must be a factor >= 0 or a list of distinct ones, got {m.sharpness}")
         if m.batch_size < 1:

@@ -39,10 +39,16 @@ def _open(path: Path) -> Image.Image:
 
 
 def measure_blur(files: list[Path], progress: bool = False) -> dict:
-    """Blur statistics of a set of images (sigma in px at each image's own size) and their JPEG qualities."""
+    """Blur statistics of a set of images (sigma in px at each image's own size) and their JPEG qualities, with the
+    per-image `sigmas` and `qualities` (for statistics of subsets without measuring again)."""
     sigmas = [estimate_sigma(_open(p)) for p in tqdm(files, desc="estimate blur", unit="img", disable=not progress)]
-    qualities = Counter(jpeg_quality(p) for p in files)
-    return {**blur_summary(sigmas), "jpeg_quality": qualities.most_common(1)[0][0], "sigmas": sigmas}
+    qualities = [jpeg_quality(p) for p in files]
+    return {**summarize_blur(sigmas, qualities), "sigmas": sigmas, "qualities": qualities}
+
+
+def summarize_blur(sigmas: list[float], qualities: list[int | None]) -> dict:
+    """blur_summary of the sigmas, and the most common JPEG quality."""
+    return {**blur_summary(sigmas), "jpeg_quality": Counter(qualities).most_common(1)[0][0]}
 
 
 def parse_class_map(text: str | None) -> dict[str, str] | None:
@@ -95,7 +101,7 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
         names = set()
         for path, label in tqdm(list(zip(source.files, source.labels)), desc="make dev set", unit="img",
                                 disable=not progress):
-            target = tmp / classes[label] / f"{path.stem}.{'jpg' if quality else 'png'}"
+            target = tmp / classes[label] / f"{path.stem}.{'png' if quality is None else 'jpg'}"
             if target in names:
                 raise DataError(f"{path}: a second image named {path.stem} maps to class {classes[label]}")
             names.add(target)

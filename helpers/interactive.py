@@ -13,7 +13,7 @@ from PIL import Image
 
 from .ablation import ModelEmbeddings
 from .data import Sharpen
-from .scoring import SCORERS, average_scores, score
+from .scoring import SCORERS
 from .stats import accuracy_summary
 
 
@@ -46,12 +46,9 @@ def sharpness_slider(files: list[Path], size: int = 224, start: float = 2.3):
 def group_accuracy(emb: ModelEmbeddings, groups: list[str], mode: str, logit_scale: float = 100.0) -> dict:
     """Accuracy (with its interval) of one prompt-group selection and scoring mode, from cached embeddings."""
     idx = emb.prompts.group_indices(groups)
-    prompts = emb.prompts
-    if len(set(prompts.class_index[idx].tolist())) < len(prompts.classes):
+    if not emb.covers_every_class(idx):
         raise ValueError("every class needs at least one prompt in the chosen groups")
-    labels = average_scores([score(mode, e, emb.text[idx], prompts.class_index[idx], len(prompts.classes),
-                                   logit_scale) for e in emb.image]).labels
-    return {**accuracy_summary(emb.labels, labels), "prompts": len(idx)}
+    return {**accuracy_summary(emb.labels, emb.predict(idx, mode, logit_scale)), "prompts": len(idx)}
 
 
 def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0):

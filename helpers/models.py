@@ -488,8 +488,7 @@ class ModelHandle:
     @property
     def views(self) -> list[Preprocess]:
         """One preprocessing per sharpening factor of the entry (several: test-time views, averaged)."""
-        factors = self.entry.sharpness if isinstance(self.entry.sharpness, list) else [self.entry.sharpness]
-        return [self.backend.preprocess(f) for f in factors]
+        return [self.backend.preprocess(f) for f in self.entry.sharpness_factors]
 
     def preprocess(self, sharpness: float) -> Preprocess:
         """This model's preprocessing at another sharpening factor (for sharpness ablations)."""

@@ -33,6 +33,7 @@ def blur_statistics(data: RunData, limit: int = 2000) -> tuple[pd.DataFrame, dic
     for split, images in data.splits.items():
         stats = measure_blur(images.files[:limit])
         sigmas[split] = stats.pop("sigmas")
+        del stats["qualities"]  # one row per split: the most common quality is in it
         rows.append({"split": split, **stats})
     return pd.DataFrame(rows), sigmas
 

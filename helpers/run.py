@@ -7,13 +7,12 @@ and tables. Everything lands in one run folder; a rerun reuses the inference of 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
+from .cache import json_digest
 from .config import RunConfig, load_config
 from .outputs import PROJECT_ROOT
 from .pipeline import check_models, model_dir
@@ -52,8 +51,7 @@ def ensure_kernel() -> str:
 
 def default_run_dir(config: RunConfig) -> Path:
     """outputs/runs/<name>-<hash of the resolved config>: the same config reruns into the same folder."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    return Path("outputs") / "runs" / f"{config.name}-{digest}"
+    return Path("outputs") / "runs" / f"{config.name}-{json_digest(config.to_dict())[:8]}"
 
 
 def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress: bool = True) -> None:
@@ -67,6 +65,17 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
         first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
         raise RunError(f"{notebook} failed in cell In [{e.exec_count}] (`{first_line}`): {e.ename}: {e.evalue}\n"
                        f"the executed notebook, with the traceback, is {output}") from None
+
+
+def _finished(notebook: Path) -> bool:
+    """Whether papermill ran every cell of this executed notebook (it writes the notebook also when a cell fails
+    or the run is interrupted)."""
+    if not notebook.is_file():
+        return False
+    import nbformat
+
+    cells = nbformat.read(notebook, as_version=4).cells
+    return all(cell.metadata.get("papermill", {}).get("status") == "completed" for cell in cells)
 
 
 def _claim_run_dir(run_dir: Path, config: RunConfig) -> Path:
@@ -94,7 +103,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir:
 
     for name in config.models:
         out = executed / f"04_inference-{name}.ipynb"
-        if (model_dir(run_dir, name) / "model.json").is_file() and out.is_file():
+        if (model_dir(run_dir, name) / "model.json").is_file() and _finished(out):
             log(f"model {name}: reusing the finished inference in {out}")
             continue
         log(f"model {name}: running {INFERENCE}")

@@ -17,12 +17,13 @@ def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float, floa
 
 def bootstrap_ci(correct, n_resamples: int = N_RESAMPLES, seed: int = SEED,
                  level: float = LEVEL) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of a 0/1 vector (seeded: the same data gives the same interval)."""
-    correct = np.asarray(correct, dtype=np.float64)
-    if correct.size == 0:
+    """Percentile bootstrap interval of the mean of a per-image vector: 0/1 correctness, or paired differences
+    (seeded: the same data gives the same interval)."""
+    values = np.asarray(correct, dtype=np.float64)
+    if values.size == 0:
         return (float("nan"), float("nan"))
-    idx = np.random.default_rng(seed).integers(0, correct.size, size=(n_resamples, correct.size))
-    return _percentile_interval(correct[idx].mean(axis=1), level)
+    idx = np.random.default_rng(seed).integers(0, values.size, size=(n_resamples, values.size))
+    return _percentile_interval(values[idx].mean(axis=1), level)
 
 
 def accuracy_summary(labels, predictions, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict:
@@ -61,8 +62,7 @@ def paired_comparison(labels, predictions_a, predictions_b, n_resamples: int = N
     correct_a = (np.asarray(predictions_a) == labels).astype(np.float64)
     correct_b = (np.asarray(predictions_b) == labels).astype(np.float64)
     diff = correct_b - correct_a
-    idx = np.random.default_rng(seed).integers(0, diff.size, size=(n_resamples, diff.size))
-    lo, hi = _percentile_interval(diff[idx].mean(axis=1), 1 - alpha)
+    lo, hi = bootstrap_ci(diff, n_resamples, seed, 1 - alpha)  # resampling images keeps each image's pair together
     p = mcnemar_p(correct_a, correct_b)
     return {"delta": float(diff.mean()), "delta_ci95": [lo, hi], "mcnemar_p": p, "differs": bool(p < alpha)}
 

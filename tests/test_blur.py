@@ -65,7 +65,8 @@ def test_estimate_blur_cli_on_real_challenge_images(scene_dir, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     sigma = float(out[-1].removeprefix("sigma_px="))
     assert out[-1].startswith("sigma_px=") and 5.5 < sigma < 7.2  # the full test set measures 6.3
-    assert "75" in out[1]  # JPEG quality column
+    row = dict(zip(out[0].split(), out[1].split()))
+    assert row["set"] == "all" and row["jpeg_q"] == "75"
 
 
 def test_make_dev_maps_classes_and_is_deterministic(dev_dir, tmp_path):

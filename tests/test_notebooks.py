@@ -118,6 +118,21 @@ def test_a_rerun_reuses_finished_inference(run_dir, run_config):
     assert {n: (run_dir / "notebooks" / n).stat().st_mtime_ns for n in EXECUTED[:2]} == before
 
 
+def test_a_rerun_runs_again_an_inference_notebook_that_failed(run_dir, run_config):
+    """papermill writes the executed notebook also when a cell fails: such a notebook is not a finished model."""
+    import nbformat
+
+    path = run_dir / "notebooks" / "04_inference-b.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells[-1].metadata.papermill["status"] = "failed"
+    nbformat.write(notebook, path)
+    logs = []
+    run_pipeline(run_config, output_dir=run_dir, analyses=False, progress=False, log=logs.append)
+    assert logs[:2] == [f"model a: reusing the finished inference in {run_dir}/notebooks/04_inference-a.ipynb",
+                        "model b: running 04_inference.ipynb"]
+    assert nbformat.read(path, as_version=4).cells[-1].metadata.papermill["status"] == "completed"
+
+
 def test_a_run_folder_of_another_config_is_refused(run_dir, run_config):
     with pytest.raises(RunError, match="holds a run of another config"):
         run_pipeline(run_config, ["ensemble.drop_below=null"], output_dir=run_dir, progress=False, log=print)
