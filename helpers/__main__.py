@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
 from .data import DataError
-from .download import DataUnavailableError
-from .models import WeightsUnavailableError
-from .outputs import SubmissionError
-from .run import RunError
-
-USER_ERRORS = (ConfigError, DataError, DataUnavailableError, WeightsUnavailableError, SubmissionError,
-               FileNotFoundError, RunError)
+from .errors import DEBUG_ENV, is_user_error, one_line
 
 
 def cmd_predict(args) -> None:
@@ -115,9 +110,13 @@ def cmd_make_dev(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (notebooks too)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="execute the notebooks end to end with papermill into a run folder")
+    p = sub.add_parser("run", parents=[common],
+                       help="execute the notebooks end to end with papermill into a run folder")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--output-dir", help="the run folder (default: outputs/runs/<name>-<config hash>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -125,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("install-kernel", help="register this interpreter as the notebooks' Jupyter kernel")
+    p = sub.add_parser("install-kernel", parents=[common],
+                       help="register this interpreter as the notebooks' Jupyter kernel")
     p.set_defaults(func=cmd_install_kernel)
 
-    p = sub.add_parser("predict", help="run every model and the ensemble; write submission.csv and the manifest")
+    p = sub.add_parser("predict", parents=[common],
+                       help="run every model and the ensemble; write submission.csv and the manifest")
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("--output-dir", help="where to write (default: outputs/predict/<name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -136,18 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("download-data", help="download the challenge data (HF dataset sw24/sw24) to DEST/Scene")
+    p = sub.add_parser("download-data", parents=[common],
+                       help="download the challenge data (HF dataset sw24/sw24) to DEST/Scene")
     p.add_argument("--dest", default="data", help="receives Scene/ and data.zip.sha256 (default: data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_download_data)
 
-    p = sub.add_parser("estimate-blur", help="estimated Gaussian blur (sigma, px) of a folder of images")
+    p = sub.add_parser("estimate-blur", parents=[common],
+                       help="estimated Gaussian blur (sigma, px) of a folder of images")
     p.add_argument("folder")
     p.add_argument("--limit", type=int, help="only the first N images in natural order")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_estimate_blur)
 
-    p = sub.add_parser("make-dev", help="degrade a labeled ImageFolder like the challenge's test set")
+    p = sub.add_parser("make-dev", parents=[common],
+                       help="degrade a labeled ImageFolder like the challenge's test set")
     p.add_argument("src", help="labeled ImageFolder: SRC/<class folder>/<image>")
     p.add_argument("--out", required=True, help="where to write the dev set (must not exist)")
     p.add_argument("--class-map", help="folder=Class,... or a YAML file; default: folders are class names")
@@ -159,10 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_dev)
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # the notebooks' kernels inherit it
     try:
         args.func(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted: what was finished is kept (the embedding cache resumes where it stopped)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug or not is_user_error(e):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

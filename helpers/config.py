@@ -15,13 +15,14 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 from .scoring import SCORERS
 
 BACKENDS = ("open_clip", "hf_clip", "eva_clip")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run config that cannot be used; the message names the file and the key."""
 
 
@@ -98,6 +99,8 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when present, else CPU
     cache_dir: str = "outputs/cache"
     num_workers: int | None = None  # image decoding processes; default: none on the CPU, up to 8 beside a GPU
+    on_bad_image: str = "error"  # error: stop before encoding, listing every unreadable image; skip: leave them out
+    fallback_label: str | None = None  # with skip: the class given to skipped test images (default: the majority)
     analysis: Analysis = field(default_factory=Analysis)
 
     def to_dict(self) -> dict:
@@ -207,8 +210,14 @@ def is_hub_id(pretrained: str) -> bool:
     return pretrained.count("/") == 1
 
 
+ON_BAD_IMAGE = ("error", "skip")
+
+
 def _check(config: RunConfig) -> None:
     _one_of(config.scoring, tuple(SCORERS), "scoring")
+    _one_of(config.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
+    if config.fallback_label is not None and config.data.classes and config.fallback_label not in config.data.classes:
+        _one_of(config.fallback_label, config.data.classes, "fallback_label")
     if config.logit_scale <= 0:
         raise ConfigError(f"logit_scale must be positive, got {config.logit_scale}")
     if config.num_workers is not None and config.num_workers < 0:

@@ -14,13 +14,15 @@ import torchvision.transforms.functional as TF
 from natsort import natsorted
 from PIL import Image
 
+from .errors import UserError
+
 # torchvision's ImageFolder extensions, which the winner's loader accepted
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """An image folder that cannot be used; the message names the path."""
 
 

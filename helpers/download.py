@@ -21,6 +21,7 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from tqdm.auto import tqdm
 
 from .data import DataError, ImageSet, load_test_set
+from .errors import UserError
 from .models import hf_cache_dir, host_reachable, hub_host
 
 DATA_REPO = "sw24/sw24"  # a dataset repo (repo_type="dataset")
@@ -32,7 +33,7 @@ N_IMAGES = 8100
 CHECKSUM_FILE = "data.zip.sha256"  # beside Scene: what the zip was verified as, for later offline runs
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
     """The challenge data is neither on disk nor downloadable here; the message says what to do."""
 
 

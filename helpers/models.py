@@ -20,13 +20,14 @@ import torch
 
 from .config import ModelEntry, is_hub_id
 from .data import OPENAI_MEAN, OPENAI_STD, Preprocess
+from .errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
 OPEN_CLIP_TAG_ALIASES = {"metaclip_2_5b": "metaclip_fullcc"}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Weights that are neither on disk nor downloadable here; the message says what to do."""
 
 

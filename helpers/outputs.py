@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from .cache import atomic_write_bytes
+from .errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "pillow", "natsort", "pandas",
             "papermill", "huggingface_hub", "accelerate")
 
 
-class SubmissionError(ValueError):
+class SubmissionError(UserError, ValueError):
     pass
 
 

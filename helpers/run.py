@@ -14,6 +14,7 @@ import yaml
 
 from .cache import json_digest
 from .config import RunConfig, load_config
+from .errors import UserError
 from .outputs import PROJECT_ROOT
 from .pipeline import check_models, model_dir
 
@@ -24,7 +25,7 @@ INSPECT, SHARPNESS, PROMPTS, INFERENCE, ENSEMBLE = (
     "05_ensemble.ipynb")
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run that stopped; the message names the notebook and the cell, or the run folder."""
 
 

@@ -1,0 +1,73 @@
+"""User errors: what a researcher gave that cannot be used, said on one line (what, where, how to fix).
+
+Every error class the workbench raises for bad input derives from `UserError`. The command line prints such an error
+as `error: <message>` and exits with status 2 (`--debug` shows the traceback); the notebooks show the same line in
+the failing cell (`install_notebook_handler`). Operating-system errors on the user's files (a folder where a file
+was expected, no permission, a full disk) are put in the same form by `describe_os_error`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+DEBUG_ENV = "HELPERS_DEBUG"  # set (e.g. by --debug) to see full tracebacks in the notebooks too
+
+
+class UserError(Exception):
+    """Bad input: the message names the file or setting and says how to fix it."""
+
+
+_OS_ADVICE = {
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EACCES: "permission denied: make it readable (and its folder writable where the workbench writes)",
+    errno.EPERM: "operation not permitted: check the file's permissions and owner",
+    errno.EISDIR: "is a folder, but a file is expected here",
+    errno.ENOTDIR: "a file stands where a folder is expected (in this path)",
+    errno.EEXIST: "already exists, and is not what the workbench expected there",
+    errno.ENOSPC: "no space left on the device: free some space and run again; everything finished so far is kept",
+    errno.EROFS: "read-only file system: write somewhere else (--output-dir, cache_dir)",
+    errno.EDQUOT: "disk quota exceeded: free some space and run again; everything finished so far is kept",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """`<path>: <what is wrong and what to do>` for an OSError about a user's file."""
+    where = e.filename if e.filename is not None else None
+    if e.filename2 is not None:
+        where = f"{e.filename} -> {e.filename2}"
+    advice = _OS_ADVICE.get(e.errno, e.strerror or str(e))
+    return f"{where}: {advice}" if where is not None else advice
+
+
+def one_line(e: BaseException) -> str:
+    """The message of a user error, on one line."""
+    text = describe_os_error(e) if isinstance(e, OSError) else str(e)
+    return " ".join(text.split())
+
+
+def is_user_error(e: BaseException) -> bool:
+    return isinstance(e, (UserError, OSError))
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "False")
+
+
+def install_notebook_handler() -> None:
+    """In an IPython kernel, show user errors as the one `error: ...` line the command line prints, not a traceback.
+
+    The cell still fails (papermill stops the run and names the cell); HELPERS_DEBUG=1 restores the traceback.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or debug_enabled():
+        return
+
+    def show(shell, etype, value, tb, tb_offset=None):
+        return [f"error: {one_line(value)}"]
+
+    shell.set_custom_exc((UserError, OSError), show)
