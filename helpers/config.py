@@ -6,8 +6,10 @@ names the key and suggests the nearest valid one. Relative paths are resolved ag
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .scoring import SCORERS
 
 BACKENDS = ("open_clip", "hf_clip", "eva_clip")
@@ -24,6 +26,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 class ConfigError(UserError, ValueError):
     """A run config that cannot be used; the message names the file and the key."""
+
+
+class _BadNumber(ConfigError):
+    """A number that no field takes (NaN, infinity): the value has a fitting type, so no other form is tried."""
 
 
 @dataclass
@@ -110,15 +116,39 @@ class RunConfig:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Load a run config; `overrides` are "dotted.key=value" strings (the value is read as YAML)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    raw = read_yaml(path, "run config")
+    if not isinstance(raw, dict):
+        found = "nothing (the file is empty)" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (name, data, models, ...), got {found}")
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw, source=str(path))
+
+
+def read_yaml(path: Path, what: str):
+    """Parse the YAML file a user named; every way it cannot be read is a one-line ConfigError naming it."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a {what} YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # editors on Windows may start the file with a byte-order mark
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                          f"give a {what} YAML file, saved as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a scalar YAML cannot build, e.g. the date 2024-13-01
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+
+
+def yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: the problem and its place (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    if getattr(e, "problem", None) and mark is not None:
+        return f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return one_line(e)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -132,7 +162,11 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node.setdefault(part, {}), dict):
             raise ConfigError(f"override '{item}': '{part}' is not a mapping")
         node = node[part]
-    node[last] = yaml.safe_load(value)
+    try:
+        node[last] = yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_problem(e)}); "
+                          "quote it if it is text") from None
 
 
 def config_from_dict(raw: object, source: str = "config") -> RunConfig:
@@ -156,6 +190,8 @@ def _build(hint, value, where: str):
         for option in (o for o in options if o is not type(None)):
             try:
                 return _build(option, value, where)
+            except _BadNumber:
+                raise  # the type fits; what the other forms say about it would only hide the real problem
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where or 'config'}: none of the accepted forms fits: "
@@ -189,11 +225,22 @@ def _build(hint, value, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return [_build(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _finite(value, where)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
     return value
+
+
+def _finite(value: int | float, where: str) -> float:
+    """`value` as a float. NaN and infinity (YAML .nan, .inf) stop here: NaN passes every range check after."""
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise _BadNumber(f"{where} must be a finite number, got {value}")
+    return number
 
 
 def _one_of(value, options, where):
@@ -211,6 +258,7 @@ def is_hub_id(pretrained: str) -> bool:
 
 
 ON_BAD_IMAGE = ("error", "skip")
+INT64_MAX = 2**63 - 1  # image counts end up in numpy and torch indices
 
 
 def _check(config: RunConfig) -> None:
@@ -218,38 +266,77 @@ def _check(config: RunConfig) -> None:
     _one_of(config.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
     if config.fallback_label is not None and config.data.classes and config.fallback_label not in config.data.classes:
         _one_of(config.fallback_label, config.data.classes, "fallback_label")
-    if config.logit_scale <= 0:
-        raise ConfigError(f"logit_scale must be positive, got {config.logit_scale}")
-    if config.num_workers is not None and config.num_workers < 0:
-        raise ConfigError(f"num_workers must be >= 0 (or absent: the device's default), got {config.num_workers}")
+    if not 0 < config.logit_scale <= 1000:
+        raise ConfigError(f"logit_scale must be in (0, 1000] (CLIP's own is 100), got {config.logit_scale}")
+    if config.num_workers is not None:
+        _in_range(config.num_workers, "num_workers", 0, 256, " (or absent: the device's default)")
     if not config.models:
         raise ConfigError("models must name at least one model")
-    if config.data.test is None and config.data.dev is None:
-        raise ConfigError("data needs 'test' or 'dev'")
-    if config.data.test is None and not config.data.classes:
-        raise ConfigError("data.classes is required without data.test (whose classes.json names the classes)")
-    dev_limit = config.data.dev.limit if config.data.dev else None
-    for key, limit in (("data.limit", config.data.limit), ("data.dev.limit", dev_limit)):
-        if limit is not None and limit < 1:
-            raise ConfigError(f"{key} must be at least 1, got {limit}")
+    _check_data(config.data)
     for name, m in config.models.items():
-        where = f"models.{name}"
-        _one_of(m.backend, BACKENDS, f"{where}.backend")
-        _one_of(m.precision, PRECISIONS, f"{where}.precision")
-        factors = m.sharpness_factors
-        if not factors or any(f < 0 for f in factors) or len(set(factors)) != len(factors):
-            raise ConfigError(f"{where}.sharpness must be a factor >= 0 or a list of distinct ones, got {m.sharpness}")
-        if m.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size must be at least 1, got {m.batch_size}")
-        if m.backend == "open_clip" and m.arch is None and not m.pretrained.startswith(("local-dir:", "hf-hub:")):
-            raise ConfigError(f"{where}.arch is required for backend open_clip (e.g. ViT-bigG-14-quickgelu)")
-        if m.backend != "open_clip" and m.arch is not None:
-            raise ConfigError(f"{where}.arch is for backend open_clip only; {m.backend} reads it from the model folder")
-        if m.backend == "eva_clip" and is_hub_id(m.pretrained) and not m.revision:
-            raise ConfigError(f"{where}.revision is required: eva_clip runs remote code, so the hub id "
-                              f"'{m.pretrained}' must be pinned to a commit")
-        if (m.mean is None) != (m.std is None) or any(len(v) != 3 for v in (m.mean or [0] * 3, m.std or [0] * 3)):
-            raise ConfigError(f"{where}: mean and std go together, three numbers each")
+        _check_model(m, f"models.{name}")
+    _check_ensemble(config)
+    _check_analysis(config.analysis)
+
+
+def _in_range(value, where: str, low, high, note: str = "") -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{where} must be between {low} and {high}{note}, got {value}")
+
+
+def _check_data(data: Data) -> None:
+    if data.test is None and data.dev is None:
+        raise ConfigError("data needs 'test' or 'dev'")
+    if data.test is None and not data.classes:
+        raise ConfigError("data.classes is required without data.test (whose classes.json names the classes)")
+    if data.classes is not None:
+        _check_classes(data.classes)
+    dev_limit = data.dev.limit if data.dev else None
+    for key, limit in (("data.limit", data.limit), ("data.dev.limit", dev_limit)):
+        if limit is not None:
+            _in_range(limit, key, 1, INT64_MAX)
+
+
+def _check_classes(classes: list[str]) -> None:
+    """Class names label predictions and fill the prompt templates: each must be a distinct, non-empty name."""
+    for i, name in enumerate(classes):
+        if not name.strip():
+            raise ConfigError(f"data.classes[{i}] is an empty name; give every class a name")
+    repeated = [(name, n) for name, n in collections.Counter(classes).items() if n > 1]
+    if repeated:
+        name, n = repeated[0]
+        raise ConfigError(f"data.classes lists '{name}' {n} times; list each class once")
+
+
+def _check_factors(value: float | list[float], where: str) -> None:
+    """A sharpening factor, or a list of distinct ones (test-time views)."""
+    factors = value if isinstance(value, list) else [value]
+    if not factors or len(set(factors)) != len(factors):
+        raise ConfigError(f"{where} must be a factor or a non-empty list of distinct factors, got {value}")
+    for i, f in enumerate(factors):
+        _in_range(f, f"{where}[{i}]" if isinstance(value, list) else where, 0, 100)
+
+
+def _check_model(m: ModelEntry, where: str) -> None:
+    _one_of(m.backend, BACKENDS, f"{where}.backend")
+    _one_of(m.precision, PRECISIONS, f"{where}.precision")
+    _check_factors(m.sharpness, f"{where}.sharpness")
+    _in_range(m.batch_size, f"{where}.batch_size", 1, 65536)
+    _in_range(m.seed, f"{where}.seed", 0, 2**32 - 1)
+    if m.backend == "open_clip" and m.arch is None and not m.pretrained.startswith(("local-dir:", "hf-hub:")):
+        raise ConfigError(f"{where}.arch is required for backend open_clip (e.g. ViT-bigG-14-quickgelu)")
+    if m.backend != "open_clip" and m.arch is not None:
+        raise ConfigError(f"{where}.arch is for backend open_clip only; {m.backend} reads it from the model folder")
+    if m.backend == "eva_clip" and is_hub_id(m.pretrained) and not m.revision:
+        raise ConfigError(f"{where}.revision is required: eva_clip runs remote code, so the hub id "
+                          f"'{m.pretrained}' must be pinned to a commit")
+    if (m.mean is None) != (m.std is None) or any(len(v) != 3 for v in (m.mean or [0] * 3, m.std or [0] * 3)):
+        raise ConfigError(f"{where}: mean and std go together, three numbers each")
+    if m.std is not None and any(s <= 0 for s in m.std):
+        raise ConfigError(f"{where}.std must be three numbers > 0 (pixels are divided by them), got {m.std}")
+
+
+def _check_ensemble(config: RunConfig) -> None:
     weights = config.ensemble.weights
     if weights is not None:
         for name in weights:
@@ -268,6 +355,17 @@ def _check(config: RunConfig) -> None:
         if config.scoring != "joint_softmax_mean":
             raise ConfigError("ensemble.drop_below acts on per-prompt probabilities, so it needs "
                               f"scoring: joint_softmax_mean (got {config.scoring})")
+
+
+def _check_analysis(analysis: Analysis) -> None:
+    _in_range(analysis.inspect_images, "analysis.inspect_images", 0, 10000)
+    for i, factors in enumerate(analysis.sharpness_grid):
+        _check_factors(factors, f"analysis.sharpness_grid[{i}]")
+    for i, w in enumerate(analysis.weight_grid):
+        _in_range(w, f"analysis.weight_grid[{i}]", 0, 1)
+    for i, t in enumerate(analysis.drop_thresholds):
+        if not 0 <= t < 1:
+            raise ConfigError(f"analysis.drop_thresholds[{i}] must be in [0, 1), got {t}")
 
 
 def _resolve(path: str) -> str:

@@ -70,11 +70,11 @@ def test_a_typo_names_the_key_and_suggests_the_right_one(tmp_path):
         ({"ensemble": {"weights": {"a": 0.5, "z": 0.5}}}, "ensemble.weights names 'z'"),
         ({"ensemble": {"weights": {"a": 0.7}}}, "must be >= 0 and sum to 1"),
         ({"scoring": "prototype", "ensemble": {"drop_below": 0.002}}, "drop_below acts on per-prompt probabilities"),
-        ({"data": {"test": "/x", "limit": 0}}, "data.limit must be at least 1"),
+        ({"data": {"test": "/x", "limit": 0}}, "data.limit must be between 1 and 9223372036854775807, got 0"),
         ({"data": {"tset": "/x"}}, "unknown key 'tset' in data; did you mean 'test'?"),
         ({"prompts": {"set": "winner", "gruops": ["blur"]}}, "did you mean 'groups'"),
         ({"name": None}, "name must be str"),
-        ({"num_workers": -1}, "num_workers must be >= 0"),
+        ({"num_workers": -1}, "num_workers must be between 0 and 256 (or absent: the device's default), got -1"),
         ({"models": {"a": {"backend": "open_clip", "arch": "A", "pretrained": "random", "compile": "yes"}}},
          "models.a.compile must be bool"),
     ],
@@ -94,7 +94,7 @@ def test_prompts_accept_a_name_a_spec_or_a_list():
 
 
 def test_missing_or_broken_files_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="no such config file"):
+    with pytest.raises(ConfigError, match="no such run config file"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "name: [unclosed"))
@@ -108,3 +108,108 @@ def test_overrides_from_the_command_line_set_dotted_keys(tmp_path):
         load_config(path, ["data.limit"])
     with pytest.raises(ConfigError, match="unknown key 'limt' in data"):
         load_config(path, ["data.limt=3"])
+
+
+def rejected(path, *overrides) -> str:
+    """The one-line message of the ConfigError that loading `path` with `overrides` raises."""
+    with pytest.raises(ConfigError) as e:
+        load_config(path, list(overrides))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("logit_scale=.inf", "logit_scale must be a finite number, got inf"),
+        ("logit_scale=.nan", "logit_scale must be a finite number, got nan"),
+        ("models.a.sharpness=.nan", "models.a.sharpness must be a finite number, got nan"),
+        ("models.a.sharpness=[2.0, -.inf]", "models.a.sharpness[1] must be a finite number, got -inf"),
+        ("models.a.mean=[.nan, 0.5, 0.5]", "models.a.mean[0] must be a finite number, got nan"),
+        ("models.a.std=[0.5, .inf, 0.5]", "models.a.std[1] must be a finite number, got inf"),
+        ("ensemble.weights={a: .nan, b: .nan}", "ensemble.weights.a must be a finite number, got nan"),
+        ("ensemble.drop_below=.nan", "ensemble.drop_below must be a finite number, got nan"),
+        ("analysis.sharpness_grid=[1.0, [2.0, .nan]]",
+         "analysis.sharpness_grid[1][1] must be a finite number, got nan"),
+        ("analysis.weight_grid=[0.5, .nan]", "analysis.weight_grid[1] must be a finite number, got nan"),
+        ("analysis.drop_thresholds=[-.inf]", "analysis.drop_thresholds[0] must be a finite number, got -inf"),
+        (f"logit_scale={10**400}", f"logit_scale must be a finite number, got {10**400}"),
+    ],
+)
+def test_non_finite_numbers_are_rejected_with_the_key_named(tmp_path, override, message):
+    path = write(tmp_path, EXAMPLE.format(test="x"))
+    assert rejected(path, override) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("models.a.batch_size=1000000000000", "models.a.batch_size must be between 1 and 65536, got 1000000000000"),
+        ("models.a.batch_size=0", "models.a.batch_size must be between 1 and 65536, got 0"),
+        ("num_workers=100000", "num_workers must be between 0 and 256 (or absent: the device's default), got 100000"),
+        ("models.a.seed=-1", "models.a.seed must be between 0 and 4294967295, got -1"),
+        (f"models.a.seed={2**64}", f"models.a.seed must be between 0 and 4294967295, got {2**64}"),
+        ("models.a.sharpness=1000", "models.a.sharpness must be between 0 and 100, got 1000.0"),
+        ("models.a.sharpness=[2.0, -1]", "models.a.sharpness[1] must be between 0 and 100, got -1.0"),
+        ("models.a.sharpness=[2.0, 2.0]",
+         "models.a.sharpness must be a factor or a non-empty list of distinct factors, got [2.0, 2.0]"),
+        ("logit_scale=0", "logit_scale must be in (0, 1000] (CLIP's own is 100), got 0.0"),
+        ("logit_scale=1.0e+5", "logit_scale must be in (0, 1000] (CLIP's own is 100), got 100000.0"),
+        ("analysis.inspect_images=10001", "analysis.inspect_images must be between 0 and 10000, got 10001"),
+        (f"data.limit={2**63}", f"data.limit must be between 1 and 9223372036854775807, got {2**63}"),
+        ("data.dev={path: d, limit: 0}", "data.dev.limit must be between 1 and 9223372036854775807, got 0"),
+        ("models.a.mean=[0.5, 0.5, 0.5]", "models.a: mean and std go together, three numbers each"),
+        ("models.a={backend: open_clip, arch: A, pretrained: random, mean: [0.5, 0.5, 0.5], std: [0.5, 0, 0.5]}",
+         "models.a.std must be three numbers > 0 (pixels are divided by them), got [0.5, 0.0, 0.5]"),
+        ("analysis.weight_grid=[0.5, 1.5]", "analysis.weight_grid[1] must be between 0 and 1, got 1.5"),
+        ("analysis.drop_thresholds=[0.002, 1]", "analysis.drop_thresholds[1] must be in [0, 1), got 1.0"),
+        ("analysis.sharpness_grid=[1.0, [2.0, 200]]",
+         "analysis.sharpness_grid[1][1] must be between 0 and 100, got 200.0"),
+        ("analysis.sharpness_grid=[[]]",
+         "analysis.sharpness_grid[0] must be a factor or a non-empty list of distinct factors, got []"),
+        ("data.classes=[Forests, Sea, Forests]", "data.classes lists 'Forests' 2 times; list each class once"),
+        ("data.classes=[Forests, '  ']", "data.classes[1] is an empty name; give every class a name"),
+    ],
+)
+def test_numbers_out_of_range_and_bad_class_lists_are_rejected(tmp_path, override, message):
+    path = write(tmp_path, EXAMPLE.format(test="x"))
+    assert rejected(path, override) == f"{path}: {message}"
+
+
+def test_the_largest_accepted_numbers_load(tmp_path):
+    path = write(tmp_path, EXAMPLE.format(test="x"))
+    config = load_config(path, ["models.a.batch_size=65536", f"models.a.seed={2**32 - 1}", "logit_scale=1000",
+                                "num_workers=256", f"data.limit={2**63 - 1}", "models.a.sharpness=[0, 100]"])
+    assert config.models["a"].batch_size == 65536 and config.data.limit == 2**63 - 1
+
+
+def test_unreadable_config_files_are_one_line_errors(tmp_path):
+    folder = tmp_path / "configs.yaml"
+    folder.mkdir()
+    assert rejected(folder) == f"{folder}: is a folder, expected a run config YAML file"
+    binary = tmp_path / "run.yaml"
+    binary.write_bytes(b"name: x\n\x89PNG\x00\xff")
+    assert rejected(binary) == (f"{binary}: not UTF-8 text (byte 0x89 at offset 8); give a run config YAML file, "
+                                "saved as UTF-8")
+    broken = write(tmp_path, "name: x\ndata: {test: [x}\n")
+    assert rejected(broken).startswith(f"{broken}: not valid YAML: ") and "at line 2, column" in rejected(broken)
+    bad_date = write(tmp_path, "name: 2024-13-01\n")
+    assert rejected(bad_date) == f"{bad_date}: not valid YAML: month must be in 1..12"
+
+
+@pytest.mark.parametrize(("text", "found"), [("- a\n- b\n", "a list"), ("", "nothing (the file is empty)"),
+                                             ("just text\n", "a str")])
+def test_a_config_whose_top_level_is_not_a_mapping_is_named(tmp_path, text, found):
+    path = write(tmp_path, text)
+    expected = f"{path}: the top level must be a mapping of keys (name, data, models, ...), got {found}"
+    assert rejected(path) == expected
+    assert rejected(path, "data.limit=3") == expected
+
+
+def test_an_override_that_is_not_yaml_names_the_override(tmp_path):
+    path = write(tmp_path, EXAMPLE.format(test="x"))
+    assert rejected(path, "data.limit=[") == ("override 'data.limit=[': the value is not valid YAML (expected the "
+                                              "node content, but found '<stream end>' at line 1, column 2); quote "
+                                              "it if it is text")
+    assert rejected(path, "models.a=3", "models.a.seed=1") == "override 'models.a.seed=1': 'a' is not a mapping"

@@ -60,6 +60,92 @@ def test_bad_prompt_sets_are_named(tmp_path, body, message):
         load_prompts(str(path), ["Forests", "Sea"])
 
 
+def prompt_set_error(path, classes=("Forests", "Sea"), spec=None) -> str:
+    """The one-line message of the ConfigError that loading the prompt set at `path` raises."""
+    with pytest.raises(ConfigError) as e:
+        load_prompts(spec or str(path), list(classes))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("groups:\n  g: ['a photo of a {class}']\n",
+         "template 'a photo of a {class}' in group 'g' has an unknown placeholder {class}; "
+         "the class name is written {c}"),
+        ("groups:\n  g: ['{c} in {place}']\n",
+         "template '{c} in {place}' in group 'g' has an unknown placeholder {place}; the class name is written {c}"),
+        ("groups:\n  g: ['a {c!r}']\n",
+         "template 'a {c!r}' in group 'g' has an unknown placeholder {c!r}; the class name is written {c}"),
+        ("groups:\n  g: ['a {}']\n",
+         "template 'a {}' in group 'g' has an unknown placeholder {}; the class name is written {c}"),
+        ("groups:\n  g: ['a {c']\n",
+         "template 'a {c' in group 'g' has a stray brace (expected '}' before end of string); write {c} for the "
+         "class name and {{ or }} for a literal brace"),
+        ("groups:\n  g: ['a {c} }']\n",
+         "template 'a {c} }' in group 'g' has a stray brace (Single '}' encountered in format string); write {c} "
+         "for the class name and {{ or }} for a literal brace"),
+        ("groups:\n  g: ['a photo']\n",
+         "template 'a photo' in group 'g' has no {c}; literal prompts go in a per-class mapping"),
+        ("groups:\n  1: ['{c}']\n", "group name 1 must be text; quote it"),
+        ("groups:\n  d:\n    Sea: ['a photo of {c}']\n",
+         "literal prompt 'a photo of {c}' for class 'Sea' in group 'd' has a placeholder {c}; literal prompts are "
+         "used as written, so put templates in a list group"),
+        ("groups:\n  d:\n    Sea: ['waves', 'a {place} by the sea']\n",
+         "literal prompt 'a {place} by the sea' for class 'Sea' in group 'd' has a placeholder {place}; literal "
+         "prompts are used as written, so put templates in a list group"),
+    ],
+)
+def test_bad_placeholders_are_named_with_the_file_and_group(tmp_path, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    assert prompt_set_error(path) == f"{path}: {message}"
+
+
+def test_a_doubled_brace_in_a_template_is_a_literal_brace(tmp_path):
+    path = tmp_path / "braces.yaml"
+    path.write_text("groups:\n  g: ['{{{c}}} photo']\n")
+    assert load_prompts(str(path), ["Sea"]).texts == ["{Sea} photo"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("groups:\n  basic: ['a photo of a {c}']\n  extra:\n    Sea: ['a photo of a Sea']\n",
+         "prompts: 'a photo of a Sea' appears twice (class Sea, groups basic and extra); remove one"),
+        ("groups:\n  g: ['{c}', '{c}']\n", "prompts: 'Forests' appears twice (class Forests, group g); remove one"),
+        ("groups:\n  name: ['{c}']\n  d:\n    Forests: [water]\n    Sea: [water]\n",
+         "prompts: 'water' is a prompt of two classes (Forests and Sea, group d), so it cannot tell them apart; "
+         "remove one"),
+    ],
+)
+def test_duplicate_prompts_are_named(tmp_path, body, message):
+    path = tmp_path / "dup.yaml"
+    path.write_text(body)
+    assert prompt_set_error(path) == message
+
+
+def test_composed_sets_that_repeat_a_prompt_are_rejected():
+    spec = [PromptSpec(set="winner", groups=["name"]), PromptSpec(set="winner", groups=["name", "blur"])]
+    assert prompt_set_error(None, CLASSES, spec) == ("prompts: 'Buildings' appears twice (class Buildings, group "
+                                                     "name); remove one")
+
+
+def test_unreadable_prompt_set_files_are_named(tmp_path):
+    folder = tmp_path / "set.yaml"
+    folder.mkdir()
+    assert prompt_set_error(folder) == f"{folder}: is a folder, expected a prompt-set YAML file"
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00g")
+    assert prompt_set_error(binary) == (f"{binary}: not UTF-8 text (byte 0xff at offset 0); give a prompt-set YAML "
+                                        "file, saved as UTF-8")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("groups:\n  g: ['{c}'\n")
+    assert prompt_set_error(broken).startswith(f"{broken}: not valid YAML: ")
+    assert prompt_set_error(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: no such prompt-set file"
+
+
 def test_unknown_sets_and_groups_are_named():
     assert "winner" in list_prompt_sets()
     with pytest.raises(ConfigError, match="no built-in prompt set 'winer'"):
