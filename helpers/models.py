@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import socket
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,7 +21,7 @@ import torch
 
 from .config import ModelEntry, is_hub_id
 from .data import OPENAI_MEAN, OPENAI_STD, Preprocess
-from .errors import UserError
+from .errors import UserError, describe_os_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
@@ -28,7 +29,7 @@ OPEN_CLIP_TAG_ALIASES = {"metaclip_2_5b": "metaclip_fullcc"}
 
 
 class WeightsUnavailableError(UserError, RuntimeError):
-    """Weights that are neither on disk nor downloadable here; the message says what to do."""
+    """Weights, or a model file, that cannot be had or used here; the one-line message says which and what to do."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,10 +74,119 @@ def _offline_error(name: str, what: str, cache: str, local_hint: str) -> Weights
     )
 
 
+def _first_sentence(message: str) -> str:
+    """The gist of a library's error message: torch follows it with lines of generic advice."""
+    lines = message.strip().splitlines()
+    return re.split(r"\. (?=[A-Z])", lines[0], maxsplit=1)[0] if lines else ""
+
+
 def _unpickling_reason(error: Exception) -> str:
-    """The line of torch's weights_only error that names the offending global, without terminal colour codes."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+    """What torch's weights_only unpickler objected to (its message wraps that in a page of advice), without
+    terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return _first_sentence(found.group(1) if found else text)
+
+
+def _read_json(path: Path, key: str):
+    """A JSON file of a model entry, or an error that names the setting, the file and where the JSON breaks."""
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError says line and column; UnicodeDecodeError, which byte
+        raise WeightsUnavailableError(f"{key}: {path} is not valid JSON ({e}): fix or replace the file") from e
+
+
+_ARCH_KEYS = ("embed_dim", "vision_cfg", "text_cfg")  # what open_clip needs of an architecture
+
+
+def _require_architecture(cfg, key: str, where: str) -> dict:
+    """`cfg` if it is an open_clip architecture; open_clip itself skips any other JSON silently, and later says only
+    that it knows no such model."""
+    if not isinstance(cfg, dict):
+        problem = "not a JSON object"
+    elif missing := [k for k in _ARCH_KEYS if k not in cfg]:
+        problem = f"no {', '.join(missing)}"
+    else:
+        return cfg
+    raise WeightsUnavailableError(f"{key}: {where} is not an open_clip architecture ({problem}): give an open_clip "
+                                  f"model config with {', '.join(_ARCH_KEYS)}, like those in open_clip's model_configs")
+
+
+# --- what a checkpoint file is, from its bytes ------------------------------------------------------------------
+
+_NOT_A_CHECKPOINT = "check that the file is complete and is the model's weights"
+_TRUNCATED = "it may be truncated; download or copy it again"
+
+
+def _checkpoint_format(head: bytes) -> str | None:
+    """What a weights file holds, from its first 9 bytes, whatever its name says."""
+    if head.startswith(b"PK\x03\x04"):  # a zip archive: torch.save's format since torch 1.6 (and TorchScript's)
+        return "torch"
+    if head[:1] == b"\x80":  # the PROTO opcode a pickle starts with: torch.save's legacy format
+        return "pickle"
+    if head[8:9] == b"{":  # safetensors: the header's length (8 bytes, little-endian), then the header's JSON
+        return "safetensors"
+    return None
+
+
+def _torch_zip_problem(path: Path) -> str | None:
+    if not zipfile.is_zipfile(path):  # a zip's directory is at its end: a file cut short has none
+        return f"is not a readable checkpoint (a torch checkpoint whose zip archive has no end): {_TRUNCATED}"
+    try:  # opens the archive as torch.load does and reads its pickle without running it
+        torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except ValueError:  # not a torch.save archive but TorchScript (OpenAI's original .pt), which open_clip also reads
+        return None
+    except RuntimeError as e:
+        return f"is not a readable checkpoint ({_first_sentence(str(e))}): {_NOT_A_CHECKPOINT}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):  # parses the header, checks that the tensors fill the file
+            return None
+    except SafetensorError as e:
+        return f"is not a readable checkpoint ({_first_sentence(str(e))}): {_TRUNCATED}"
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """What keeps open_clip from reading a weights file, found from the file itself without loading it (None: nothing
+    found; a legacy pickle can only be checked by unpickling it). Raises OSError if the file cannot be read."""
+    if path.suffix in (".npz", ".npy"):  # big_vision weights: open_clip reads these with numpy
+        return None
+    with open(path, "rb") as f:
+        kind = _checkpoint_format(f.read(9))
+    if kind is None:
+        return ("is not a readable checkpoint (neither a torch checkpoint, a pickle nor safetensors): "
+                + _NOT_A_CHECKPOINT)
+    if kind == "safetensors" and path.suffix != ".safetensors":  # open_clip picks its reader by the file's name
+        return "is a safetensors file, which open_clip reads only under a .safetensors name: rename it"
+    if kind != "safetensors" and path.suffix == ".safetensors":
+        return f"is a {'torch checkpoint' if kind == 'torch' else 'pickle'}, not safetensors: rename it (e.g. .pt)"
+    if kind == "torch":
+        return _torch_zip_problem(path)
+    return _safetensors_problem(path) if kind == "safetensors" else None
+
+
+# torch's errors for a checkpoint it cannot read: a damaged zip record, a legacy file cut short
+_TORCH_READ_ERRORS = ("PytorchStreamReader", "unexpected EOF")
+
+
+def _state_dict_mismatch(message: str) -> str:
+    """torch's load_state_dict error (a line per kind of mismatch, every key listed), counted with an example each."""
+    def keys(label: str) -> list[str]:
+        found = re.search(rf"{label} key\(s\) in state_dict: (.*)", message)
+        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+
+    def counted(items: list, what: str, example) -> str:
+        return f"{len(items)} {what}" + (f" (e.g. {example(items[0])})" if items else "")
+
+    shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((.*?)\) from checkpoint, "
+                        r"the shape in current model is torch\.Size\((.*?)\)", message)
+    return ", ".join([counted(keys("Missing"), "missing keys", str), counted(keys("Unexpected"), "unexpected", str),
+                      counted(shapes, "of other shapes", lambda s: f"{s[0]} {s[1]} in the file, {s[2]} in the model")])
 
 
 class Encoder:
@@ -247,6 +357,12 @@ class Backend:
 @register_backend("open_clip")
 class OpenClipBackend(Backend):
     @property
+    def local_dir(self) -> Path | None:
+        """The folder of `pretrained: local-dir:PATH`, whether it exists or not."""
+        p = self.entry.pretrained
+        return Path(p.removeprefix("local-dir:")) if p.startswith("local-dir:") else None
+
+    @property
     def arch(self) -> str:
         arch = self.entry.arch
         if arch and arch.endswith(".json"):
@@ -254,6 +370,9 @@ class OpenClipBackend(Backend):
 
             if not Path(arch).is_file():
                 raise FileNotFoundError(f"models.{self.name}.arch: no such architecture file {arch}")
+            key = f"models.{self.name}.arch"
+            _require_architecture(_read_json(Path(arch), key), key, arch)
+            # only a valid file: open_clip rereads every file ever added on each add, so a bad one breaks all later
             open_clip.add_model_config(arch)
             return Path(arch).stem
         return arch
@@ -266,13 +385,17 @@ class OpenClipBackend(Backend):
         return {**super().identity(), "pretrained": self.tag}
 
     def _schema_config(self) -> dict | None:
-        p = self.entry.pretrained
-        if p.startswith("local-dir:"):
-            path = Path(p.removeprefix("local-dir:")) / "open_clip_config.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"models.{self.name}.pretrained: {path} is missing")
-            return json.loads(path.read_text())
-        return None
+        if self.local_dir is None:
+            return None
+        path, key = self.local_dir / "open_clip_config.json", f"models.{self.name}.pretrained"
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: {path} is missing")
+        schema = _read_json(path, key)
+        if not isinstance(schema, dict) or "model_cfg" not in schema:
+            raise WeightsUnavailableError(f"{key}: {path} has no model_cfg (the architecture): give the "
+                                          f"open_clip_config.json that open_clip saves with the weights")
+        _require_architecture(schema["model_cfg"], key, f"the model_cfg of {path}")
+        return schema
 
     def _defaults(self):
         import open_clip
@@ -292,26 +415,45 @@ class OpenClipBackend(Backend):
 
     def check_weights(self) -> None:
         self._defaults()
-        self._checkpoint(download=False)
+        self._weights_file(download=False)
 
-    def _checkpoint(self, download: bool = True) -> str | None:
-        """A local file for `pretrained` (None for local-dir: and random), downloading a tag's weights if possible
-        (with download=False, only checks that they are cached or can be downloaded)."""
+    def _weights_file(self, download: bool = True) -> str | None:
+        """The local file of `pretrained`'s weights, checked for what can be found without loading it (None for
+        random; with download=False, None for a tag's weights that are not cached but can be downloaded)."""
+        path = self._find_weights(download)
+        if path is not None:
+            key = f"models.{self.name}.pretrained"
+            try:
+                problem = _checkpoint_problem(Path(path))
+            except OSError as e:
+                raise WeightsUnavailableError(f"{key}: {describe_os_error(e)}") from e
+            if problem:
+                raise WeightsUnavailableError(f"{key}: {path} {problem}")
+        return path
+
+    def _find_weights(self, download: bool) -> str | None:
         import open_clip
         from huggingface_hub import try_to_load_from_cache
+        from open_clip.factory import _find_checkpoint_in_dir
 
         p = self.entry.pretrained
-        if p.startswith("local-dir:"):
-            folder = Path(p.removeprefix("local-dir:"))
-            if folder.is_dir() and not any(f.suffix in (".safetensors", ".bin", ".pth") for f in folder.iterdir()):
-                raise WeightsUnavailableError(f"models.{self.name}.pretrained: {folder} has no weights (e.g. "
+        if self.local_dir is not None:
+            if not self.local_dir.is_dir():
+                return None  # _schema_config has said so, with the path
+            weights = _find_checkpoint_in_dir(self.local_dir)  # the file open_clip will load, by its preferences
+            if weights is None:
+                raise WeightsUnavailableError(f"models.{self.name}.pretrained: {self.local_dir} has no weights (e.g. "
                                               f"open_clip_model.safetensors or open_clip_pytorch_model.bin)")
-            return None
+            return weights
         if self.random_weights:
             return None
         if p.startswith("hf-hub:"):
             raise WeightsUnavailableError(f"models.{self.name}.pretrained: use an open_clip tag, a file or local-dir:, "
                                           f"not '{p}'")
+        if Path(p).is_dir():
+            raise WeightsUnavailableError(f"models.{self.name}.pretrained: {p} is a folder, not a checkpoint file: "
+                                          f"for an open_clip model folder write `pretrained: local-dir:{p}`, else "
+                                          f"give the checkpoint file in it")
         if Path(p).is_file():
             return p
         cfg = open_clip.get_pretrained_cfg(self.arch, self.tag)
@@ -355,20 +497,40 @@ class OpenClipBackend(Backend):
                 model = open_clip.create_model(self.arch, pretrained=None, device=device)
             tokenizer = open_clip.get_tokenizer(self.arch)
         else:
-            checkpoint = self._checkpoint()
-            model_name = self.entry.pretrained if checkpoint is None else self.arch
+            weights = self._weights_file()  # before the model is built: a large one takes minutes
+            # open_clip finds a local-dir:'s file itself (the one _weights_file checked)
+            model_name, pretrained = (self.arch, weights) if self.local_dir is None else (self.entry.pretrained, None)
             try:
-                model = open_clip.create_model(model_name, pretrained=checkpoint, device=device,
+                model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
                                                require_pretrained=True, weights_only=self.entry.weights_only)
-            except pickle.UnpicklingError as e:
-                raise WeightsUnavailableError(
-                    f"models.{self.name}: {checkpoint or self.entry.pretrained} is a pickled checkpoint that torch "
-                    f"will not load with weights_only=True ({_unpickling_reason(e)}). If you trust the file, set "
-                    f"`weights_only: false` in models.{self.name}.") from e
+            except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+                problem = self._loading_problem(e)
+                if problem is None:
+                    raise
+                raise WeightsUnavailableError(f"models.{self.name}.pretrained: {weights} {problem}") from e
             tokenizer = open_clip.get_tokenizer(model_name)
         dtype = DTYPES[self.entry.precision]
         return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer, self.entry.compile,
                                self.entry.autocast)
+
+    def _loading_problem(self, error: Exception) -> str | None:
+        """What open_clip's failure to load the weights file says about the file, on one line (None: not the file)."""
+        text = str(error)
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:
+            return (f"is a pickled checkpoint that torch will not load with weights_only=True "
+                    f"({_unpickling_reason(error)}). If you trust the file, set `weights_only: false` in "
+                    f"models.{self.name}")
+        if text.startswith("Error(s) in loading state_dict"):
+            if self.local_dir is not None:
+                arch, fix = "its model_cfg", f"the model_cfg of {self.local_dir / 'open_clip_config.json'}"
+            else:
+                arch, fix = self.entry.arch, f"models.{self.name}.arch"
+            return f"does not fit architecture {arch}: {_state_dict_mismatch(text)}; check {fix}"
+        if isinstance(error, pickle.UnpicklingError):
+            return f"is not a readable checkpoint ({_unpickling_reason(error)}): {_NOT_A_CHECKPOINT}"
+        if isinstance(error, EOFError) or text.startswith(_TORCH_READ_ERRORS):  # an EOFError may say nothing
+            return f"is not a readable checkpoint ({_first_sentence(text) or type(error).__name__}): {_TRUNCATED}"
+        return None
 
 
 class TransformersBackend(Backend):
@@ -390,11 +552,11 @@ class TransformersBackend(Backend):
             path = self.local_dir / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"models.{self.name}.pretrained: {path} is missing (not a model folder?)")
-            return json.loads(path.read_text())
+            return _read_json(path, f"models.{self.name}.pretrained")
         if self.random_weights or not is_hub_id(self.entry.pretrained):
             raise FileNotFoundError(f"models.{self.name}.pretrained: no such model folder {self.entry.pretrained} "
                                     f"({self.entry.backend} needs a local folder or a hub id org/name)")
-        return json.loads(Path(self._hub_file("config.json")).read_text())
+        return _read_json(Path(self._hub_file("config.json")), f"models.{self.name}.pretrained")
 
     def _hub_file(self, filename: str) -> str:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -413,7 +575,7 @@ class TransformersBackend(Backend):
         size = cfg.get("vision_config", {}).get("image_size", 224)
         mean, std = OPENAI_MEAN, OPENAI_STD
         if self.local_dir is not None and (self.local_dir / "preprocessor_config.json").is_file():
-            pp = json.loads((self.local_dir / "preprocessor_config.json").read_text())
+            pp = _read_json(self.local_dir / "preprocessor_config.json", f"models.{self.name}.pretrained")
             mean, std = tuple(pp.get("image_mean", mean)), tuple(pp.get("image_std", std))
         return size, mean, std
 

@@ -2,7 +2,9 @@
 local files: open_clip (architecture JSON + checkpoint file, local-dir:, random weights, pickled checkpoints),
 hf_clip (a CLIPModel folder) and eva_clip (a folder whose config.json `auto_map` points at remote code, loaded with
 trust_remote_code as EVA-CLIP is). Tags and hub ids are checked offline: they must fail at once, with a message
-that says what is missing, where it was looked for and how to give a local copy.
+that says what is missing, where it was looked for and how to give a local copy. Unusable model files (not a
+checkpoint, cut short, of another architecture, malformed JSON, a folder, unreadable) fail on one line that names the
+setting, the file, what is wrong and what to do; before any work wherever the file itself shows it.
 
 The tests parametrized over `helpers.models.BACKENDS` need a `<backend>_dir` fixture and an `EMBED_DIM` entry for
 each backend, so a backend added without tests fails here.
@@ -11,13 +13,18 @@ each backend, so a backend added without tests fails here.
 from __future__ import annotations
 
 import argparse
+import builtins
+import errno
+import io
 import json
+import random
 import re
 import time
 from pathlib import Path
 
 import open_clip
 import pytest
+import safetensors.torch
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, dynamic_module_utils
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
@@ -55,6 +62,19 @@ def assert_unit_features(x: torch.Tensor, shape: tuple[int, int]) -> None:
     assert tuple(x.shape) == shape
     torch.testing.assert_close(x.norm(dim=-1), torch.ones(shape[0]))
     assert not torch.allclose(x[0], x[1]), "different inputs should give different features"
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(WeightsUnavailableError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def before_and_at_load(handle: ModelHandle) -> list[str]:
+    """The errors of check_weights (what a run does before any work) and of loading the model."""
+    return [one_line_error(handle.check_weights), one_line_error(lambda: load(handle))]
 
 
 # --- tiny models ------------------------------------------------------------------------------------------------
@@ -311,13 +331,205 @@ def test_open_clip_pickled_checkpoint_needs_weights_only_false(extra, layout, ti
         (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_ARCH}))
     torch.save({"state_dict": reference.state_dict(), **PICKLED_EXTRAS[extra]()}, path)
 
-    with pytest.raises(WeightsUnavailableError, match="set `weights_only: false`") as error:
-        load(ModelHandle("m", ModelEntry(backend="open_clip", **fields), device="cpu"))
-    assert str(tmp_path) in str(error.value)
+    handle = ModelHandle("m", ModelEntry(backend="open_clip", **fields), device="cpu")
+    handle.check_weights()  # a zip archive like any other: only unpickling it finds the globals
+    message = one_line_error(lambda: load(handle))
+    assert message.startswith(f"models.m.pretrained: {path} is a pickled checkpoint that torch will not load with "
+                              f"weights_only=True (Unsupported global: GLOBAL ")
+    assert message.endswith("If you trust the file, set `weights_only: false` in models.m")
 
     handle = ModelHandle("m", ModelEntry(backend="open_clip", weights_only=False, **fields), device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(handle.encoder.encode_images(PIXELS), unit(reference.encode_image(PIXELS)))
+
+
+# --- unusable model files: one line that names the setting, the file, what is wrong and what to do ---------------
+
+
+
+NOT_CHECKPOINTS = {
+    "random-bytes": random.Random(0).randbytes(4096),  # seeded: os.urandom may start like a pickle, 1 time in 256
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("content", list(NOT_CHECKPOINTS))
+def test_open_clip_file_that_is_no_checkpoint(content, tiny_arch, tmp_path, no_model_building):
+    path = tmp_path / "x.pt"
+    path.write_bytes(NOT_CHECKPOINTS[content])
+    for message in before_and_at_load(make_handle("open_clip", path, arch=str(tiny_arch))):
+        assert message == (f"models.m.pretrained: {path} is not a readable checkpoint (neither a torch checkpoint, a "
+                           f"pickle nor safetensors): check that the file is complete and is the model's weights")
+
+
+def test_open_clip_checkpoint_cut_short(tiny_arch, tiny_checkpoints, tmp_path, no_model_building):
+    data = tiny_checkpoints[0].read_bytes()
+    path = tmp_path / "a.pt"
+    path.write_bytes(data[:len(data) // 2])
+    for message in before_and_at_load(make_handle("open_clip", path, arch=str(tiny_arch))):
+        assert message.startswith(f"models.m.pretrained: {path} is not a readable checkpoint (")
+        assert message.endswith("): it may be truncated; download or copy it again")
+
+
+def _damaged_zip_record(data: bytes) -> bytes:
+    """The checkpoint with the local header of its first tensor's record broken; its directory and pickle intact."""
+    start = data.rfind(b"PK\x03\x04", 0, data.index(b"/data/0"))
+    return data[:start] + b"XXXX" + data[start + 4:]
+
+
+def _legacy(data: bytes) -> bytes:
+    """The checkpoint in torch.save's pre-zip format: pickles (a short header, then the state dict), then the tensors'
+    bytes."""
+    buffer = io.BytesIO()
+    torch.save(torch.load(io.BytesIO(data)), buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (_damaged_zip_record, "PytorchStreamReader failed reading file data/0"),
+    (lambda data: _legacy(data)[:len(_legacy(data)) // 2], "unexpected EOF"),  # cut in the tensors
+    (lambda data: _legacy(data)[:100], "EOFError"),  # cut in its header
+], ids=["damaged-zip-record", "legacy-cut-in-tensors", "legacy-cut-in-pickle"])
+def test_open_clip_checkpoint_torch_cannot_read(damage, reason, tiny_arch, tiny_checkpoints, tmp_path):
+    """Damage found only by reading the tensors: check_weights passes, loading fails on one line."""
+    path = tmp_path / "a.pt"
+    path.write_bytes(damage(tiny_checkpoints[0].read_bytes()))
+    handle = make_handle("open_clip", path, arch=str(tiny_arch))
+    handle.check_weights()
+    message = one_line_error(lambda: load(handle))
+    assert message.startswith(f"models.m.pretrained: {path} is not a readable checkpoint ({reason}")
+    assert message.endswith("): it may be truncated; download or copy it again")
+
+
+ARCH_CHANGES = {  # the tiny checkpoint (embed_dim 32, 2 layers per tower) under another architecture
+    "deeper-narrower": ({"embed_dim": 16, "vision_layers": 3},
+                        "12 missing keys (e.g. visual.transformer.resblocks.2.ln_1.weight), 0 unexpected, 2 of other "
+                        "shapes (e.g. text_projection [64, 32] in the file, [64, 16] in the model)"),
+    "shallower": ({"vision_layers": 1},
+                  "0 missing keys, 12 unexpected (e.g. visual.transformer.resblocks.1.ln_1.weight), 0 of other shapes"),
+}
+
+
+@pytest.mark.parametrize("layout", ["file", "local-dir"])
+@pytest.mark.parametrize("change", list(ARCH_CHANGES))
+def test_open_clip_checkpoint_of_another_architecture(change, layout, tiny_checkpoints, tmp_path):
+    fields, counts = ARCH_CHANGES[change]
+    arch = {**TINY_ARCH, "embed_dim": fields.get("embed_dim", TINY_ARCH["embed_dim"]),
+            "vision_cfg": {**TINY_ARCH["vision_cfg"], "layers": fields["vision_layers"]}}
+    if layout == "file":
+        arch_file, weights = tmp_path / f"tiny-{change}.json", tiny_checkpoints[0]
+        arch_file.write_text(json.dumps(arch))
+        handle = make_handle("open_clip", weights, arch=str(arch_file))
+        what, fix = str(arch_file), "models.m.arch"
+    else:
+        (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch}))
+        weights = tmp_path / "open_clip_pytorch_model.bin"
+        weights.write_bytes(tiny_checkpoints[0].read_bytes())
+        handle = make_handle("open_clip", f"local-dir:{tmp_path}")
+        what, fix = "its model_cfg", f"the model_cfg of {tmp_path / 'open_clip_config.json'}"
+    handle.check_weights()  # the mismatch shows only when the weights meet the model
+    assert one_line_error(lambda: load(handle)) == (
+        f"models.m.pretrained: {weights} does not fit architecture {what}: {counts}; check {fix}")
+
+
+BAD_ARCH_FILES = {
+    "malformed": ('{"embed_dim": 32,\n  "vision_cfg": {', "is not valid JSON (Expecting property name enclosed in "
+                                                        "double quotes: line 2 column 18 (char 35))"),
+    "no-architecture": ('{"model": "ViT-B-32"}',
+                        "is not an open_clip architecture (no embed_dim, vision_cfg, text_cfg)"),
+    "not-an-object": ("[32]", "is not an open_clip architecture (not a JSON object)"),
+}
+
+
+@pytest.mark.parametrize("content", list(BAD_ARCH_FILES))
+def test_open_clip_arch_file_that_is_no_architecture(content, tiny_arch, tiny_checkpoints, tmp_path,
+                                                     no_model_building):
+    text, problem = BAD_ARCH_FILES[content]
+    arch = tmp_path / f"bad-{content}.json"
+    arch.write_text(text)
+    handle = make_handle("open_clip", tiny_checkpoints[0], arch=str(arch))
+    for step in (lambda: handle.views, handle.check_weights, lambda: load(handle)):
+        assert one_line_error(step).startswith(f"models.m.arch: {arch} {problem}")
+    open_clip.add_model_config(tiny_arch)  # open_clip rereads every added file: the bad one was never added
+    assert make_handle("open_clip", tiny_checkpoints[0], arch=str(tiny_arch)).views[0].size == 224
+
+
+MODEL_CONFIG_FILE = {"open_clip": "open_clip_config.json", "hf_clip": "config.json", "eva_clip": "config.json"}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_malformed_model_config_json_says_where(backend, tmp_path):
+    entry = CONFIG_ONLY[backend](tmp_path)
+    path = tmp_path / MODEL_CONFIG_FILE[backend]
+    path.write_text('{\n  "model_cfg": {"embed_dim": 32}\n  "preprocess_cfg": {}\n}')
+    handle = ModelHandle("m", entry, device="cpu")
+    for step in (lambda: handle.views, handle.check_weights):
+        assert one_line_error(step) == (f"models.m.pretrained: {path} is not valid JSON (Expecting ',' delimiter: "
+                                        f"line 3 column 3 (char 37)): fix or replace the file")
+
+
+@pytest.mark.parametrize("schema,problem", [
+    ({"preprocess_cfg": {}}, "{path} has no model_cfg (the architecture)"),
+    ({"model_cfg": {"embed_dim": 32}}, "the model_cfg of {path} is not an open_clip architecture (no vision_cfg, "
+                                       "text_cfg)"),
+])
+def test_open_clip_local_dir_config_without_architecture(schema, problem, tmp_path):
+    path = tmp_path / "open_clip_config.json"
+    path.write_text(json.dumps(schema))
+    handle = make_handle("open_clip", f"local-dir:{tmp_path}")
+    assert one_line_error(handle.check_weights).startswith(f"models.m.pretrained: {problem.format(path=path)}")
+
+
+def test_open_clip_folder_needs_local_dir(open_clip_dir, tiny_arch, no_model_building):
+    for message in before_and_at_load(make_handle("open_clip", open_clip_dir, arch=str(tiny_arch))):
+        assert message.startswith(f"models.m.pretrained: {open_clip_dir} is a folder, not a checkpoint file")
+        assert f"write `pretrained: local-dir:{open_clip_dir}`" in message
+
+
+def test_open_clip_unreadable_checkpoint(tiny_arch, tiny_checkpoints, monkeypatch, no_model_building):
+    """Tests run as root, whom chmod does not stop: the refusal is simulated."""
+    path = tiny_checkpoints[0]
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    for message in before_and_at_load(make_handle("open_clip", path, arch=str(tiny_arch))):
+        assert message.startswith(f"models.m.pretrained: {path}: permission denied: make it readable")
+
+
+def _safetensors_of(checkpoint: Path) -> bytes:
+    return safetensors.torch.save(torch.load(checkpoint))
+
+
+SAFETENSORS_CASES = {  # file name, its bytes, what the error says (None: it loads)
+    "complete": ("a.safetensors", _safetensors_of, None),
+    "cut-short": ("a.safetensors", lambda c: _safetensors_of(c)[:-1000],
+                  "is not a readable checkpoint (Error while deserializing header: incomplete metadata, file not fully "
+                  "covered): it may be truncated; download or copy it again"),
+    "safetensors-named-bin": ("a.bin", _safetensors_of, "is a safetensors file, which open_clip reads only under a "
+                                                        ".safetensors name: rename it"),
+    "torch-named-safetensors": ("a.safetensors", Path.read_bytes, "is a torch checkpoint, not safetensors: rename "
+                                                                  "it (e.g. .pt)"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_CASES))
+def test_open_clip_safetensors_checkpoint(case, tiny_arch, tiny_checkpoints, tmp_path):
+    name, content, problem = SAFETENSORS_CASES[case]
+    path = tmp_path / name
+    path.write_bytes(content(tiny_checkpoints[0]))
+    handle = make_handle("open_clip", path, arch=str(tiny_arch))
+    if problem is None:
+        handle.check_weights()
+        with torch.no_grad():
+            expected = unit(tiny_open_clip(tiny_arch, seed=1).encode_image(PIXELS))
+        torch.testing.assert_close(handle.encoder.encode_images(PIXELS), expected)
+    else:
+        assert one_line_error(handle.check_weights) == f"models.m.pretrained: {path} {problem}"
 
 
 # --- hf_clip ----------------------------------------------------------------------------------------------------
