@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import sys
 from pathlib import Path
 
 from .config import load_config
 from .data import DataError
-from .errors import DEBUG_ENV, is_user_error, one_line
+from .errors import debug_mode, is_user_error, one_line
 
 
 def cmd_predict(args) -> None:
@@ -55,10 +55,12 @@ def cmd_download_data(args) -> None:
 
 
 def cmd_estimate_blur(args) -> None:
+    from .data import require_usable
     from .devset import list_images, measure_blur, summarize_blur
 
     folder = Path(args.folder)
     files = list_images(folder, args.limit)
+    require_usable(files, progress=not args.quiet)
     overall = measure_blur(files, progress=not args.quiet)
     groups = {"all": overall}
     subfolders = sorted({p.parent for p in files})
@@ -109,6 +111,21 @@ def cmd_make_dev(args) -> None:
     print(f"wrote {info['images']} images to {args.out}; estimated blur of the dev set: sigma_px={dev_blur:.2f}")
 
 
+def bounded(kind, low=None, high=None):
+    """An argparse type: a number of `kind` in [low, high] (finite), with the range in the error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("estimate-blur", parents=[common],
                        help="estimated Gaussian blur (sigma, px) of a folder of images")
     p.add_argument("folder")
-    p.add_argument("--limit", type=int, help="only the first N images in natural order")
+    p.add_argument("--limit", type=bounded(int, 1), help="only the first N images in natural order")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_estimate_blur)
 
@@ -156,17 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where to write the dev set (must not exist)")
     p.add_argument("--class-map", help="folder=Class,... or a YAML file; default: folders are class names")
     p.add_argument("--test", help="the challenge test folder: its classes.json, blur and JPEG quality are matched")
-    p.add_argument("--sigma", type=float, help="Gaussian sigma in px at --size (default: matched to --test)")
-    p.add_argument("--quality", type=int, help="JPEG quality (default: read from the --test files)")
-    p.add_argument("--kernel-size", type=int, help="blur kernel size (default: the full Gaussian, 4 sigma)")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--sigma", type=bounded(float, 0, 100),
+                   help="Gaussian sigma in px at --size (default: matched to --test)")
+    p.add_argument("--quality", type=bounded(int, 0, 100), help="JPEG quality (default: read from the --test files)")
+    p.add_argument("--kernel-size", type=bounded(int, 1, 1001),
+                   help="blur kernel size (default: the full Gaussian, 4 sigma)")
+    p.add_argument("--size", type=bounded(int, 8, 4096), default=224)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_dev)
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"  # the notebooks' kernels inherit it
     try:
-        args.func(args)
+        with debug_mode(args.debug):
+            args.func(args)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -14,34 +14,75 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
-from .data import ImageFiles, Preprocess, file_digest
+from .data import ImageFiles, ImageSet, Preprocess, file_digest, scan_images
 from .models import ModelHandle
 
 log = logging.getLogger(__name__)
+
+
+# A temporary file's name says which process writes it, so that one left by a killed writer can be told apart from
+# one being written now: .<target>~<host>~<pid>~<random>.tmp
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)~(?P<host>[^~]+)~(?P<pid>\d+)~[^~]*\.tmp$")
+STALE_FOREIGN_TEMPORARY_S = 24 * 3600  # a writer on another host (shared filesystem) cannot be asked whether it lives
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~{socket.gethostname()}~{os.getpid()}~",
+                               suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk says so without naming the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left below `folder` (never whole, never read); returns them."""
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        m = _TEMPORARY.match(tmp.name)
+        if m is None:
+            continue
+        if m["host"] == socket.gethostname():
+            stale = not _process_alive(int(m["pid"]))
+        else:
+            try:
+                stale = time.time() - tmp.stat().st_mtime > STALE_FOREIGN_TEMPORARY_S
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
+        if stale:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def json_digest(obj) -> str:
@@ -54,26 +95,36 @@ def _slug(text: str) -> str:
 
 
 class EmbeddingStore:
-    """A folder of .npz shards mapping string keys to float32 vectors."""
+    """A folder of .npz shards mapping string keys to float32 vectors.
+
+    Safe with several processes on one folder: a shard is written whole or not at all (`atomic_write_bytes`), a
+    shard that cannot be read is set aside (renamed `*.corrupt`) and its rows are computed again, and compaction
+    merges, under a lock, exactly the shards it read, so rows another process adds meanwhile are never lost.
+    """
 
     def __init__(self, root: Path, description: dict):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if not (self.root / "key.json").exists():
             atomic_write_bytes(self.root / "key.json", json.dumps(description, indent=2, sort_keys=True).encode())
+        remove_stale_temporaries(self.root)
         self._rows: dict[str, np.ndarray] = {}
-        for shard in sorted(self.root.glob("*.npz")):
-            self._read_shard(shard)
+        self._load()
 
-    def _read_shard(self, shard: Path) -> None:
-        try:
-            with np.load(shard, allow_pickle=False) as z:
-                keys, vectors = z["keys"], z["vectors"]
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("embedding cache: skipping unreadable shard %s (%s); its images will be encoded again",
-                        shard, e)
-            return
-        self._rows.update(zip(keys.tolist(), vectors))
+    def _load(self) -> None:
+        read: set[str] = set()
+        while True:  # a shard merged away by a concurrent compaction is in the merged shard: look again
+            shards = [s for s in sorted(self.root.glob("*.npz")) if s.name not in read]
+            vanished = False
+            for shard in shards:
+                read.add(shard.name)
+                rows = read_shard(shard)
+                if rows is None:
+                    vanished = True
+                else:
+                    self._rows.update(rows)
+            if not vanished:
+                return
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -97,15 +148,78 @@ class EmbeddingStore:
         self._rows.update(zip(keys, vectors))
 
     def compact(self) -> None:
-        """Merge all shards into one (written before the old ones are removed, so nothing is lost on a crash)."""
-        shards = sorted(self.root.glob("*.npz"))
-        if len(shards) < 2:
-            return
-        keys = sorted(self._rows)
-        merged = self.root / f"{time.time_ns()}-{os.getpid()}-merged.npz"
-        atomic_write_bytes(merged, _npz_bytes(keys=np.array(keys), vectors=np.stack([self._rows[k] for k in keys])))
-        for shard in shards:
-            shard.unlink(missing_ok=True)
+        """Merge the shards into one. The merged shard is written before the merged ones are removed, so a crash
+        loses nothing, and only the shards read here are removed, so another process's new shards stay."""
+        with FileLock(self.root / ".compact.lock"):
+            shards = sorted(self.root.glob("*.npz"))
+            if len(shards) < 2:
+                return
+            rows: dict[str, np.ndarray] = {}
+            merged_shards = []
+            for shard in shards:
+                shard_rows = read_shard(shard)
+                if shard_rows is not None:
+                    rows.update(shard_rows)
+                    merged_shards.append(shard)
+            keys = sorted(rows)
+            merged = self.root / f"{time.time_ns()}-{os.getpid()}-merged.npz"
+            atomic_write_bytes(merged, _npz_bytes(keys=np.array(keys), vectors=np.stack([rows[k] for k in keys])))
+            for shard in merged_shards:
+                shard.unlink(missing_ok=True)
+
+
+def read_shard(shard: Path) -> dict[str, np.ndarray] | None:
+    """The rows of one shard; None if it vanished (merged away); a shard that cannot be read is set aside, with a
+    warning that names it, and counts as empty, so its rows are computed again."""
+    try:
+        with np.load(shard, allow_pickle=False) as z:
+            keys, vectors = z["keys"], z["vectors"]
+        if keys.ndim != 1 or vectors.ndim != 2 or len(keys) != len(vectors) or vectors.dtype != np.float32:
+            raise ValueError(f"keys {keys.shape} and vectors {vectors.shape} {vectors.dtype} do not match")
+    except FileNotFoundError:
+        return None
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated or damaged (BadZipFile, EOFError, ValueError, KeyError, ...)
+        aside = shard.with_name(shard.name + ".corrupt")
+        try:
+            shard.replace(aside)
+        except FileNotFoundError:  # another process set it aside first
+            pass
+        log.warning("embedding cache: %s is unreadable (%s: %s); set aside as %s, its rows will be computed again",
+                    shard, type(e).__name__, e, aside.name)
+        return {}
+    return dict(zip(keys.tolist(), vectors))
+
+
+class CheckedImages:
+    """Content digests of the image files that decoded, so that each image is checked once per cache: text shards
+    of one digest a line, written atomically and never rewritten."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.root = Path(cache_dir) / "checked-images"
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.root)
+        self._digests = {d for shard in sorted(self.root.glob("*.txt")) for d in shard.read_text().split()}
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._digests
+
+    def add(self, digests: list[str]) -> None:
+        new = sorted(set(digests) - self._digests)
+        if new:
+            atomic_write_bytes(self.root / f"{time.time_ns()}-{os.getpid()}.txt", "\n".join(new).encode() + b"\n")
+            self._digests.update(new)
+
+
+def check_images(images: ImageSet, cache_dir: str | Path, progress: bool = False) -> dict[int, str]:
+    """Read every file of the set once: its content digest (the cache key) into `images.digests`, and whether it
+    decodes, for the files not checked before in this cache. Returns the positions of the unusable files -> why."""
+    checked = CheckedImages(cache_dir)
+    results = scan_images(images.files, checked, progress, desc=f"check {images.root.name}")
+    images.digests = [digest for digest, _ in results]
+    checked.add([digest for digest, problem in results if digest is not None and problem is None])
+    return {i: problem for i, (_, problem) in enumerate(results) if problem is not None}
 
 
 def _npz_bytes(**arrays) -> bytes:
@@ -150,8 +264,11 @@ def default_num_workers(device: torch.device) -> int:
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
+FLUSH_EVERY = 512  # images an encode keeps in memory before it writes them to the cache as one shard
+
+
 def encode_images(handle: ModelHandle, files: list[Path], preprocess: Preprocess, cache_dir: str | Path,
-                  digests: list[str] | None = None, num_workers: int | None = None, flush_every: int = 512,
+                  digests: list[str] | None = None, num_workers: int | None = None, flush_every: int | None = None,
                   progress: bool = True) -> np.ndarray:
     """Image embeddings of `files` under `preprocess` (L2-normalised float32, one row per file), encoding only
     what the cache lacks.
@@ -180,7 +297,7 @@ def encode_images(handle: ModelHandle, files: list[Path], preprocess: Preprocess
                 pending.append(handle.encoder.encode_images(pixels).numpy())
                 pending_keys += [digests[i] for i in batch]
                 bar.update(len(batch))
-                if len(pending_keys) >= flush_every:
+                if len(pending_keys) >= (flush_every or FLUSH_EVERY):
                     store.add(pending_keys, np.concatenate(pending))
                     pending_keys, pending = [], []
         finally:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Container
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +17,9 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from natsort import natsorted
 from PIL import Image
+from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import UserError, describe_os_error
 
 # torchvision's ImageFolder extensions, which the winner's loader accepted
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -26,6 +31,20 @@ class DataError(UserError, ValueError):
     """An image folder that cannot be used; the message names the path."""
 
 
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image file left out of a run (`on_bad_image: skip`), where it stood in its set, and why."""
+
+    index: int  # position in the set as listed, before anything was left out
+    path: Path
+    reason: str
+    id: int | None = None
+    label: int | None = None
+
+    def record(self, root: Path) -> dict:
+        return {"file": str(self.path.relative_to(root)), "id": self.id, "label": self.label, "reason": self.reason}
+
+
 @dataclass
 class ImageSet:
     root: Path
@@ -33,9 +52,27 @@ class ImageSet:
     classes: list[str]
     ids: list[int] | None = None  # test sets: the integer file stems, as the submission wants them
     labels: np.ndarray | None = None  # dev sets: class indices into `classes`
+    digests: list[str] | None = None  # the files' content keys, once read (`check_images`)
+    skipped: list[SkippedImage] = field(default_factory=list)  # unreadable files left out
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def without(self, problems: dict[int, str]) -> ImageSet:
+        """This set less the files at the positions in `problems` (position -> reason), which it records."""
+        keep = [i for i in range(len(self)) if i not in problems]
+        skipped = [SkippedImage(i, self.files[i], reason, self.ids[i] if self.ids is not None else None,
+                                int(self.labels[i]) if self.labels is not None else None)
+                   for i, reason in sorted(problems.items())]
+        return ImageSet(self.root, [self.files[i] for i in keep], self.classes,
+                        [self.ids[i] for i in keep] if self.ids is not None else None,
+                        self.labels[keep] if self.labels is not None else None,
+                        [self.digests[i] for i in keep] if self.digests is not None else None,
+                        self.skipped + skipped)
+
+    def kept_positions(self) -> np.ndarray:
+        """Where this set's files stand in the set as listed (all of it, skipped files included)."""
+        return np.setdiff1d(np.arange(len(self) + len(self.skipped)), [s.index for s in self.skipped])
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -46,17 +83,31 @@ def read_classes(root: Path) -> list[str]:
     path = Path(root) / "classes.json"
     if not path.is_file():
         raise DataError(f"{path}: missing; the test folder needs classes.json (the class names, label = index)")
-    classes = json.loads(path.read_text())
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise DataError(f"{path}: expected a JSON list of class names")
+    try:
+        classes = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); it must be a list of the class names, e.g. "
+                        '["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]') from e
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+        raise DataError(f"{path}: expected a JSON list of class names (non-empty strings), got {classes!r:.80}")
+    if len(set(classes)) != len(classes):
+        dup = next(c for c in classes if classes.count(c) > 1)
+        raise DataError(f"{path}: class '{dup}' is listed twice; each class name must appear once (label = index)")
     return classes
+
+
+def require_folder(path: Path, what: str, hint: str = "") -> None:
+    """A DataError unless `path` is a folder: it says whether nothing or a file is there."""
+    if path.is_dir():
+        return
+    found = "a file, not a folder" if path.exists() else "no such folder"
+    raise DataError(f"{path}: {found} ({what}){'; ' + hint if hint else ''}")
 
 
 def load_test_set(root: str | Path, limit: int | None = None) -> ImageSet:
     """`root/<sub-folder>/<id>.jpg` + `root/classes.json`, in natural order of the paths (the winner's order)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such test folder (data.test); `make data` downloads the challenge set")
+    require_folder(root, "data.test", "`make data` downloads the challenge set")
     classes = read_classes(root)
     files = natsorted((p for sub in root.iterdir() if sub.is_dir() for p in _images_in(sub)), key=str)
     if not files:
@@ -81,8 +132,7 @@ def load_dev_set(root: str | Path, classes: list[str], class_map: dict[str, str]
     With `limit`, images are taken round-robin over the classes in natural order, so a small dev set stays balanced.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such dev folder (data.dev.path)")
+    require_folder(root, "data.dev.path", "`make dev-data` builds the dev set in data/dev")
     folders = natsorted(p.name for p in root.iterdir() if p.is_dir())
     if not folders:
         raise DataError(f"{root}: no class folders in the dev folder")
@@ -93,10 +143,11 @@ def load_dev_set(root: str | Path, classes: list[str], class_map: dict[str, str]
         if target not in classes:
             raise DataError(f"{root}/{name}: folder maps to '{target}', not one of {', '.join(classes)}; "
                             "add it to data.dev.class_map")
-        images = natsorted(_images_in(root / name), key=str)
-        if not images:
-            raise DataError(f"{root}/{name}: no images in this class folder")
-        per_class.append((classes.index(target), images))
+        per_class.append((classes.index(target), natsorted(_images_in(root / name), key=str)))
+    empty = [folders[i] for i, (_, images) in enumerate(per_class) if not images]
+    if empty:
+        raise DataError(f"{root}: no images in the class folder(s) {', '.join(empty)} (image files: "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
     unused = set(class_map) - set(folders)
     if unused:
         raise DataError(f"{root}: data.dev.class_map names '{sorted(unused)[0]}', which is not a folder there")
@@ -108,9 +159,86 @@ def load_dev_set(root: str | Path, classes: list[str], class_map: dict[str, str]
     return ImageSet(root, [p for p, _ in pairs], classes, labels=np.array([c for _, c in pairs], dtype=np.int64))
 
 
-def file_digest(path: Path) -> str:
+def content_digest(blob: bytes) -> str:
     """The content key of an image file: the embedding cache and the fingerprints use it."""
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha1(blob).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return content_digest(Path(path).read_bytes())
+
+
+def image_problem(blob: bytes) -> str | None:
+    """Why these bytes cannot be used as an image, or None when they decode.
+
+    JPEGs decode at 1/8 scale (libjpeg's DCT scaling): the same entropy decoding as a full decode, so a truncated or
+    broken file fails the same way, for a fraction of the cost on large photos.
+    """
+    if not blob:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except MemoryError:
+        raise
+    except Image.UnidentifiedImageError:
+        return "not an image (Pillow recognises no image format in it)"
+    except Image.DecompressionBombError as e:
+        return f"too many pixels to decode safely: {e}"
+    except Exception as e:  # whatever a decoder raises (OSError, SyntaxError, ValueError, ...), the file is unusable
+        return f"cannot be decoded: {e}"
+    return None
+
+
+def _read_and_check(path: Path, known_good: Container[str]) -> tuple[str | None, str | None]:
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        return None, f"cannot read the file: {describe_os_error(e).removeprefix(f'{e.filename}: ')}"
+    digest = content_digest(blob)
+    return digest, None if digest in known_good else image_problem(blob)
+
+
+def scan_images(files: list[Path], known_good: Container[str] = (), progress: bool = False,
+                desc: str = "check images") -> list[tuple[str | None, str | None]]:
+    """(content digest, problem) of each file: every file is read once, and decoded unless its digest is known to
+    decode. Threads overlap reading, hashing and decoding (Pillow and hashlib release the GIL)."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(tqdm(pool.map(lambda p: _read_and_check(p, known_good), files), total=len(files), unit="img",
+                         desc=desc, disable=not progress))
+
+
+MAX_LISTED_BAD_IMAGES = 20
+
+
+def bad_images_message(bad: list[tuple[Path, str]], total: int, consequence: str, remedy: str) -> str:
+    """One line: how many of `total` images cannot be used, the first 20 with their reasons, and what to do."""
+    listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:MAX_LISTED_BAD_IMAGES])
+    more = f"; and {len(bad) - MAX_LISTED_BAD_IMAGES} more" if len(bad) > MAX_LISTED_BAD_IMAGES else ""
+    return f"{len(bad)} of {total} images cannot be used, {consequence}: {listed}{more}. Replace or remove them{remedy}"
+
+
+def require_usable(files: list[Path], progress: bool = False) -> None:
+    """A DataError listing every file that cannot be used, before any work on them."""
+    problems = scan_images(files, progress=progress)
+    bad = [(p, problem) for p, (_, problem) in zip(files, problems) if problem is not None]
+    if bad:
+        raise DataError(bad_images_message(bad, len(files), "so nothing was done", ""))
+
+
+def open_image(path: Path) -> Image.Image:
+    """A decoded image, or a DataError that names the file and says what is wrong with it."""
+    blob = Path(path).read_bytes()  # an OSError (no permission, a folder) names the path itself
+    try:
+        img = Image.open(io.BytesIO(blob))
+        img.load()
+        return img
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot read this image ({image_problem(blob) or e}); replace or remove it") from e
 
 
 def fingerprint(image_set: ImageSet, digests: list[str] | None = None) -> dict:
@@ -171,8 +299,4 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        try:
-            with Image.open(self.files[i]) as img:
-                return self.transform(img)
-        except OSError as e:
-            raise DataError(f"{self.files[i]}: cannot read this image: {e}") from e
+        return self.transform(open_image(self.files[i]))

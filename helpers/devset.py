@@ -11,37 +11,28 @@ from pathlib import Path
 
 import numpy as np
 from natsort import natsorted
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .blur import blur_summary, calibrate_sigma, degrade_bytes, estimate_sigma, jpeg_quality
-from .data import IMAGE_EXTENSIONS, DataError, load_dev_set
+from .config import read_yaml
+from .data import IMAGE_EXTENSIONS, DataError, load_dev_set, open_image, require_folder, require_usable
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
     """Every image file below `folder`, in natural order of the paths."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder")
+    require_folder(folder, "a folder of images is expected")
     files = natsorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=str)
     if not files:
         raise DataError(f"{folder}: no images below this folder")
     return files[:limit]
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except OSError as e:
-        raise DataError(f"{path}: cannot read this image: {e}") from e
-
-
 def measure_blur(files: list[Path], progress: bool = False) -> dict:
     """Blur statistics of a set of images (sigma in px at each image's own size) and their JPEG qualities, with the
     per-image `sigmas` and `qualities` (for statistics of subsets without measuring again)."""
-    sigmas = [estimate_sigma(_open(p)) for p in tqdm(files, desc="estimate blur", unit="img", disable=not progress)]
+    sigmas = [estimate_sigma(open_image(p))
+              for p in tqdm(files, desc="estimate blur", unit="img", disable=not progress)]
     qualities = [jpeg_quality(p) for p in files]
     return {**summarize_blur(sigmas, qualities), "sigmas": sigmas, "qualities": qualities}
 
@@ -56,9 +47,7 @@ def parse_class_map(text: str | None) -> dict[str, str] | None:
     if not text:
         return None
     if Path(text).is_file():
-        import yaml
-
-        mapping = yaml.safe_load(Path(text).read_text())
+        mapping = read_yaml(Path(text), "class map")
         if not isinstance(mapping, dict):
             raise DataError(f"{text}: a class map file must hold a mapping folder -> class name")
         return {str(k): str(v) for k, v in mapping.items()}
@@ -74,7 +63,7 @@ def match_test_blur(src_files: list[Path], test_dir: Path, sample: int = 96, ker
     files' quantisation tables) and the sigma whose estimated blur matches the test set's median."""
     test = measure_blur(list_images(test_dir, limit=512))
     step = max(1, len(src_files) // sample)
-    images = [_open(p) for p in src_files[::step][:sample]]
+    images = [open_image(p) for p in src_files[::step][:sample]]
     sigma = calibrate_sigma(images, test["median"], test["jpeg_quality"], size, kernel_size)
     return {"sigma": sigma, "quality": test["jpeg_quality"], "test_blur_median": round(test["median"], 3)}
 
@@ -91,7 +80,11 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
     src, out = Path(src), Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; remove it to rebuild the dev set")
+    if out.resolve().is_relative_to(src.resolve()):
+        raise DataError(f"--out {out} is inside the source folder {src}: the dev set would be read as a class "
+                        "folder of its own source; write it outside")
     source = load_dev_set(src, classes, class_map)
+    require_usable(source.files, progress)
     stray = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -105,7 +98,7 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
             if target in names:
                 raise DataError(f"{path}: a second image named {path.stem} maps to class {classes[label]}")
             names.add(target)
-            target.write_bytes(degrade_bytes(_open(path), sigma, quality, size, kernel_size))
+            target.write_bytes(degrade_bytes(open_image(path), sigma, quality, size, kernel_size))
         info = {"source": str(src), "images": len(source), "per_class": dict(zip(classes, np.bincount(
             source.labels, minlength=len(classes)).tolist())), "class_map": class_map,
             "degradation": {"size": size, "resize": "bicubic", "sigma": sigma, "kernel_size": kernel_size,

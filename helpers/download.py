@@ -161,6 +161,8 @@ def find_scene(root: Path) -> Path:
 def download_challenge_data(dest: Path = Path("data"), progress: bool = True) -> Path:
     """`dest/Scene` holding the 8,100 challenge test images, downloaded, verified and unpacked if not there."""
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise DataError(f"--dest {dest} is a file, not a folder: give the folder that is to receive Scene/")
     scene = dest / "Scene"
     if scene.exists():
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 
 DEBUG_ENV = "HELPERS_DEBUG"  # set (e.g. by --debug) to see full tracebacks in the notebooks too
 
@@ -54,6 +55,21 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "False")
 
 
+@contextmanager
+def debug_mode(enabled: bool):
+    """Within: full tracebacks, in this process and in the notebook kernels it starts (they inherit the variable)."""
+    previous = os.environ.get(DEBUG_ENV)
+    if enabled:
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = previous
+
+
 def install_notebook_handler() -> None:
     """In an IPython kernel, show user errors as the one `error: ...` line the command line prints, not a traceback.
 
@@ -68,6 +84,9 @@ def install_notebook_handler() -> None:
         return
 
     def show(shell, etype, value, tb, tb_offset=None):
-        return [f"error: {one_line(value)}"]
+        # IPython discards what a custom handler returns: show it as the error output (papermill reads that)
+        lines = [f"error: {one_line(value)}"]
+        shell._showtraceback(etype, value, lines)
+        return lines
 
     shell.set_custom_exc((UserError, OSError), show)

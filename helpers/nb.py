@@ -6,14 +6,16 @@ import os
 
 import pandas as pd
 
-from .config import RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config
+from .errors import install_notebook_handler
 from .outputs import PROJECT_ROOT
 from .pipeline import RunData, load_run_data
 
 
 def start(config_path: str) -> tuple[RunConfig, RunData]:
     """Work from the project root (where config paths are relative to, as on the command line); load the config
-    and its data."""
+    and its data. From here on, a user error shows as the command line's one `error:` line."""
+    install_notebook_handler()
     os.chdir(PROJECT_ROOT)
     config = load_config(config_path)
     return config, load_run_data(config)
@@ -21,8 +23,8 @@ def start(config_path: str) -> tuple[RunConfig, RunData]:
 
 def require_dev(data: RunData) -> None:
     if "dev" not in data.splits:
-        raise ValueError("this notebook needs a labeled dev set: add data.dev to the config (`make dev-data` "
-                         "builds one in data/dev)")
+        raise ConfigError("this notebook needs a labeled dev set: add data.dev to the config (`make dev-data` "
+                          "builds one in data/dev; then --set data.dev.path=data/dev)")
 
 
 def blur_statistics(data: RunData, limit: int = 2000) -> tuple[pd.DataFrame, dict[str, list[float]]]:

@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -18,41 +18,71 @@ import pandas as pd
 import torch
 import yaml
 
-from .cache import encode_images, encode_texts
-from .config import RunConfig
-from .data import ImageSet, Preprocess, file_digest, fingerprint, load_dev_set, load_test_set
+from .cache import check_images, encode_images, encode_texts, remove_stale_temporaries
+from .config import ConfigError, RunConfig
+from .data import DataError, ImageSet, Preprocess, bad_images_message, fingerprint, load_dev_set, load_test_set
 from .models import ModelHandle, WeightsUnavailableError, resolve_device
 from .outputs import build_manifest, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
 from .scoring import Scores, average_scores, ensemble_scores, joint_softmax_probs, score
 from .stats import evaluate, paired_comparison
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RunData:
-    """The classes, prompts and image sets ("test", "dev") of a run config."""
+    """The classes, prompts and image sets ("test", "dev") of a run config, their files read and checked."""
 
     classes: list[str]
     prompts: PromptSet
     splits: dict[str, ImageSet] = field(default_factory=dict)
 
-    @cached_property
+    @property
     def digests(self) -> dict[str, list[str]]:
-        return {name: [file_digest(p) for p in s.files] for name, s in self.splits.items()}
+        return {name: s.digests for name, s in self.splits.items()}
 
     def fingerprints(self) -> dict:
-        return {name: fingerprint(s, self.digests[name]) for name, s in self.splits.items()}
+        prints = {name: fingerprint(s, s.digests) for name, s in self.splits.items()}
+        for name, s in self.splits.items():
+            if s.skipped:
+                prints[name]["skipped"] = [skip.record(s.root) for skip in s.skipped]
+        return prints
+
+    def skipped(self) -> dict[str, list[dict]]:
+        return {name: [skip.record(s.root) for skip in s.skipped] for name, s in self.splits.items() if s.skipped}
 
 
-def load_run_data(config: RunConfig) -> RunData:
+def load_run_data(config: RunConfig, progress: bool = False) -> RunData:
+    """The run's image sets, every file read once and checked (`check_images`). An unusable image stops the run
+    here, before anything is encoded, with every bad file listed; with `on_bad_image: skip` it is left out."""
     splits = {}
     if config.data.test:
         splits["test"] = load_test_set(config.data.test, config.data.limit)
     classes = config.data.classes or splits["test"].classes  # the config check asks for one of the two
+    if config.fallback_label is not None and config.fallback_label not in classes:
+        raise ConfigError(f"fallback_label is '{config.fallback_label}', not one of the classes {', '.join(classes)}")
     if config.data.dev:
         dev = config.data.dev
         splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
-    return RunData(classes, load_prompts(config.prompts, classes), splits)
+    prompts = load_prompts(config.prompts, classes)
+    problems = {name: check_images(images, config.cache_dir, progress) for name, images in splits.items()}
+    bad = [(splits[name].files[i], reason) for name, found in problems.items() for i, reason in found.items()]
+    if bad and config.on_bad_image == "error":
+        raise DataError(bad_images_message(
+            bad, sum(map(len, splits.values())), "so nothing was encoded",
+            ", or set `on_bad_image: skip` in the config (or --set on_bad_image=skip) to leave them out: skipped test "
+            "images get the `fallback_label` class (default: the run's most predicted class)"))
+    for name, found in problems.items():
+        if not found:
+            continue
+        if len(found) == len(splits[name]):
+            raise DataError(f"every image of the {name} set ({splits[name].root}) is unusable, e.g. "
+                            f"{splits[name].files[0]} ({found[0]})")
+        splits[name] = splits[name].without(found)
+        log.warning("%s set: skipping %d unusable image(s) (on_bad_image: skip), e.g. %s (%s)", name, len(found),
+                    splits[name].skipped[0].path, splits[name].skipped[0].reason)
+    return RunData(classes, prompts, splits)
 
 
 def model_dir(output_dir: Path, name: str) -> Path:
@@ -156,11 +186,17 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
         combined = ensemble_scores(per_model, weights, data.prompts.class_index, n_classes,
                                    config.ensemble.drop_below)
         labels = combined.labels
-        _predictions_frame(images, labels, data.classes).to_csv(output_dir / f"{split}_predictions.csv", index=False)
+        frame = _predictions_frame(images, labels, data.classes)
         summary: dict = {"images": len(images),
                          "predicted_counts": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)}}
+        if split == "test" and images.skipped:
+            fallback = fallback_label(config, data.classes, labels)
+            frame = _with_skipped(frame, images, fallback, data.classes)
+            summary["fallback_label"] = fallback
+        frame.to_csv(output_dir / f"{split}_predictions.csv", index=False)
         if split == "test":
-            write_submission(output_dir / "submission.csv", images.ids, labels, n_classes)
+            write_submission(output_dir / "submission.csv", frame["id_idx"].tolist(), frame["label"].to_numpy(),
+                             n_classes)
         if images.labels is not None:
             summary["models"] = {n: evaluate(images.labels, s.labels, data.classes) for n, s in per_model.items()}
             summary["ensemble"] = evaluate(images.labels, labels, data.classes)
@@ -168,8 +204,31 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
             summary["ensemble_vs_model"] = {n: paired_comparison(images.labels, s.labels, labels)
                                             for n, s in per_model.items()}
         metrics[split] = summary
+    if data.skipped():
+        metrics["skipped_images"] = data.skipped()
     write_json(output_dir / "metrics.json", metrics)
     return metrics
+
+
+def fallback_label(config: RunConfig, classes: list[str], labels: np.ndarray) -> dict:
+    """The class that skipped test images get: the config's `fallback_label`, else the most predicted class."""
+    if config.fallback_label is not None:
+        index, source = classes.index(config.fallback_label), "fallback_label in the config"
+    else:
+        index, source = int(np.bincount(labels, minlength=len(classes)).argmax()), "the run's most predicted class"
+    return {"label": index, "class": classes[index], "source": source}
+
+
+def _with_skipped(frame: pd.DataFrame, images: ImageSet, fallback: dict, classes: list[str]) -> pd.DataFrame:
+    """The predictions with a row for every skipped image too (its fallback label), in the set's order."""
+    skipped = pd.DataFrame({"file": [str(s.path.relative_to(images.root)) for s in images.skipped],
+                            "label": fallback["label"], "class": fallback["class"]})
+    skipped.insert(0, "id_idx", [s.id for s in images.skipped])
+    frame = frame.assign(skipped=False, position=images.kept_positions())
+    skipped = skipped.assign(skipped=True, position=[s.index for s in images.skipped])
+    log.warning("test set: %d skipped image(s) get label %d (%s: %s)", len(skipped), fallback["label"],
+                fallback["source"], fallback["class"])
+    return pd.concat([frame, skipped]).sort_values("position").drop(columns="position").reset_index(drop=True)
 
 
 def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData) -> None:
@@ -191,15 +250,31 @@ def check_models(config: RunConfig) -> None:
         except (WeightsUnavailableError, FileNotFoundError, ValueError) as e:
             problems.append(str(e))
     if problems:
-        raise WeightsUnavailableError("\n".join(problems))
+        raise WeightsUnavailableError(" | ".join(problems))
+
+
+def check_paths(config: RunConfig, output_dir: str | Path) -> None:
+    """Before any work: the run folder and the cache are folders (or can be made), and the run folder is outside
+    the input folders, where its files (figures are PNG images) would be read as input next time."""
+    for what, path in (("the run folder (--output-dir)", Path(output_dir)), ("cache_dir", Path(config.cache_dir))):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{what} {path} is a file, not a folder: give a folder")
+    out = Path(output_dir).resolve()
+    inputs = {"data.test": config.data.test, "data.dev.path": config.data.dev.path if config.data.dev else None}
+    for key, folder in inputs.items():
+        if folder is not None and out.is_relative_to(Path(folder).resolve()):
+            raise ConfigError(f"the run folder {output_dir} is inside the input folder {folder} ({key}): its files "
+                              "would be read as input images next time; give an --output-dir outside it")
 
 
 def predict(config: RunConfig, output_dir: str | Path, progress: bool = True) -> dict:
     """Every model, then the ensemble: the whole run in this process."""
+    check_paths(config, output_dir)
     check_models(config)
     output_dir = Path(output_dir)
+    data = load_run_data(config, progress)
     output_dir.mkdir(parents=True, exist_ok=True)
-    data = load_run_data(config)
+    remove_stale_temporaries(output_dir)  # what a killed run was writing: never whole, never read
     for name in config.models:
         run_model(config, name, output_dir, data, progress)
     metrics = run_ensemble(config, output_dir, data)

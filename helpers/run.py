@@ -16,7 +16,7 @@ from .cache import json_digest
 from .config import RunConfig, load_config
 from .errors import UserError
 from .outputs import PROJECT_ROOT
-from .pipeline import check_models, model_dir
+from .pipeline import check_models, check_paths, load_run_data, model_dir
 
 KERNEL_NAME = "blur-zeroshot"
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -64,8 +64,11 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
                             cwd=str(PROJECT_ROOT), progress_bar=progress)
     except pm.PapermillExecutionError as e:
         first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
-        raise RunError(f"{notebook} failed in cell In [{e.exec_count}] (`{first_line}`): {e.ename}: {e.evalue}\n"
-                       f"the executed notebook, with the traceback, is {output}") from None
+        # a user error is shown in its cell as the one line the command line prints (errors.install_notebook_handler)
+        shown = e.traceback[-1] if e.traceback and e.traceback[-1].startswith("error: ") else None
+        what = shown.removeprefix("error: ") if shown else " ".join(f"{e.ename}: {e.evalue}".split())
+        raise RunError(f"{notebook} failed in cell In [{e.exec_count}] (`{first_line}`): {what} (the executed "
+                       f"notebook, with the cell's output, is {output})") from None
 
 
 def _finished(notebook: Path) -> bool:
@@ -95,8 +98,11 @@ def _claim_run_dir(run_dir: Path, config: RunConfig) -> Path:
 def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
                  analyses: bool = True, progress: bool = True, log=print) -> Path:
     config = load_config(config_path, overrides)
-    check_models(config)  # before any work: a missing model fails now, with the clear message
     run_dir = Path(output_dir) if output_dir else default_run_dir(config)
+    # before any work: bad paths, a missing model or an unusable image fail now, with the clear message
+    check_paths(config, run_dir)
+    check_models(config)
+    load_run_data(config, progress)
     config_file = str(_claim_run_dir(run_dir, config).resolve())
     kernel = ensure_kernel()
     base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}

@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -79,15 +82,22 @@ def test_an_interrupted_encode_resumes_and_ends_with_the_same_result(make_config
     assert result.dtype == np.float32 and np.allclose(np.linalg.norm(result, axis=1), 1, atol=1e-5)
 
 
-def test_store_writes_are_atomic_and_unreadable_shards_are_skipped(tmp_path, caplog):
+def test_store_writes_are_atomic_and_unreadable_shards_are_set_aside(tmp_path, caplog):
     store = EmbeddingStore(tmp_path / "s", {"model": "m"})
     store.add(["k1", "k2"], np.eye(2, dtype=np.float32))
     store.add(["k3"], np.ones((1, 2), dtype=np.float32))
     assert not list((tmp_path / "s").glob("*.tmp"))
-    (tmp_path / "s" / ".half-written.npz.123.tmp").write_bytes(b"partial")  # a crash mid-write leaves only this
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / "s" / f".1-2-x.npz~{host}~{dead.stdout.strip()}~abc.tmp"  # what a killed writer leaves
+    writing = tmp_path / "s" / f".1-3-y.npz~{host}~{os.getpid()}~abc.tmp"  # a live writer's file, not yet renamed
+    for tmp in (killed, writing):
+        tmp.write_bytes(b"partial")
     (tmp_path / "s" / "999-broken.npz").write_bytes(b"not an npz")
     reopened = EmbeddingStore(tmp_path / "s", {"model": "m"})
-    assert "unreadable shard" in caplog.text
+    assert "999-broken.npz is unreadable" in caplog.text and "set aside as 999-broken.npz.corrupt" in caplog.text
+    assert (tmp_path / "s" / "999-broken.npz.corrupt").is_file()
+    assert not killed.exists() and writing.exists()
     assert np.array_equal(reopened.get(["k3", "k1"]), [[1, 1], [1, 0]])
     reopened.compact()
     assert len(list((tmp_path / "s").glob("*.npz"))) == 1

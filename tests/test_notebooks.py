@@ -7,9 +7,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers.data import DataError
 from helpers.outputs import read_submission
 from helpers.pipeline import predict
-from helpers.run import KERNEL_NAME, NOTEBOOKS, RunError, run_pipeline
+from helpers.run import INFERENCE, KERNEL_NAME, NOTEBOOKS, RunError, ensure_kernel, execute, run_pipeline
 
 from .conftest import INTEL_CLASS_MAP, SCENE_IDS
 
@@ -138,16 +139,29 @@ def test_a_run_folder_of_another_config_is_refused(run_dir, run_config):
         run_pipeline(run_config, ["ensemble.drop_below=null"], output_dir=run_dir, progress=False, log=print)
 
 
-def test_a_failing_cell_fails_the_run_naming_notebook_and_cell(run_config, dev_dir, tmp_path):
+def test_an_unusable_image_stops_the_run_before_any_notebook(run_config, dev_dir, tmp_path):
     broken = tmp_path / "dev"
     for folder in INTEL_CLASS_MAP:
         (broken / folder).mkdir(parents=True)
         for p in sorted((dev_dir / folder).iterdir())[:1]:
             (broken / folder / p.name).write_bytes(p.read_bytes())
     (broken / "sea" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(RunError) as e:
+    with pytest.raises(DataError, match=r"1 of 45 images cannot be used, so nothing was encoded: .*broken\.jpg"):
         run_pipeline(run_config, [f"data.dev.path={broken}"], output_dir=tmp_path / "run", progress=False,
                      log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_cell_shows_the_one_line_error_and_the_run_names_notebook_and_cell(run_config, tmp_path):
+    config = tmp_path / "gone.yaml"  # the error a notebook meets at its start-up
+    out = tmp_path / "04_inference-a.ipynb"
+    with pytest.raises(RunError) as e:
+        execute(INFERENCE, out, {"config_path": str(config), "output_dir": str(tmp_path), "model_name": "a"},
+                ensure_kernel(), progress=False)
     message = str(e.value)
-    assert message.startswith("04_inference.ipynb failed in cell In [3] (`import pandas as pd`)")
-    assert "broken.jpg: cannot read this image" in message and "04_inference-a.ipynb" in message
+    assert message.startswith(f"04_inference.ipynb failed in cell In [3] (`import pandas as pd`): {config}: no such "
+                              "run config file (the executed notebook, with the cell's output, is ")
+    assert "\n" not in message and "Traceback" not in message
+    failed = next(c for c in nbformat.read(out, as_version=4).cells if c.get("outputs"))
+    assert [o.get("traceback") for o in failed.outputs if o.output_type == "error"] == [
+        [f"error: {config}: no such run config file"]]

@@ -82,7 +82,7 @@ def test_bad_input_is_a_clear_error_with_the_path_named(make_config, tmp_path, c
     config = make_config(data={"test": str(tmp_path / "no-such-folder")})
     assert main(["predict", write_config(tmp_path, config), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no-such-folder: no such test folder" in err
+    assert err.startswith("error: ") and "no-such-folder: no such folder (data.test)" in err
 
     typo = tmp_path / "typo.yaml"
     typo.write_text("name: x\ndata: {test: /x}\nmodels: {a: {backend: open_clip, arch: A, pretrained: random, "
