@@ -9,14 +9,14 @@ uninterrupted run would, so it ends with the same numbers.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import socket
-import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,65 +24,11 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from .data import ImageFiles, ImageSet, Preprocess, file_digest, scan_images
+from .data import DataError, ImageFiles, ImageSet, Preprocess, UnreadableImage, collate_images, file_digest, scan_images
+from .files import atomic_write_bytes, remove_stale_temporaries
 from .models import ModelHandle
 
 log = logging.getLogger(__name__)
-
-
-# A temporary file's name says which process writes it, so that one left by a killed writer can be told apart from
-# one being written now: .<target>~<host>~<pid>~<random>.tmp
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)~(?P<host>[^~]+)~(?P<pid>\d+)~[^~]*\.tmp$")
-STALE_FOREIGN_TEMPORARY_S = 24 * 3600  # a writer on another host (shared filesystem) cannot be asked whether it lives
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~{socket.gethostname()}~{os.getpid()}~",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # a full disk says so without naming the file
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files that killed writers left below `folder` (never whole, never read); returns them."""
-    removed = []
-    for tmp in Path(folder).rglob(".*.tmp"):
-        m = _TEMPORARY.match(tmp.name)
-        if m is None:
-            continue
-        if m["host"] == socket.gethostname():
-            stale = not _process_alive(int(m["pid"]))
-        else:
-            try:
-                stale = time.time() - tmp.stat().st_mtime > STALE_FOREIGN_TEMPORARY_S
-            except FileNotFoundError:  # renamed into place or removed meanwhile
-                continue
-        if stale:
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
 
 
 def json_digest(obj) -> str:
@@ -171,23 +117,28 @@ class EmbeddingStore:
 def read_shard(shard: Path) -> dict[str, np.ndarray] | None:
     """The rows of one shard; None if it vanished (merged away); a shard that cannot be read is set aside, with a
     warning that names it, and counts as empty, so its rows are computed again."""
+    problem = None
     try:
         with np.load(shard, allow_pickle=False) as z:
             keys, vectors = z["keys"], z["vectors"]
         if keys.ndim != 1 or vectors.ndim != 2 or len(keys) != len(vectors) or vectors.dtype != np.float32:
             raise ValueError(f"keys {keys.shape} and vectors {vectors.shape} {vectors.dtype} do not match")
-    except FileNotFoundError:
-        return None
-    except MemoryError:
-        raise
-    except Exception as e:  # truncated or damaged (BadZipFile, EOFError, ValueError, KeyError, ...)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) or e.errno == errno.ESTALE:  # merged away, maybe on another host
+            return None
+        if e.errno is not None:  # no permission, an I/O error: not the shard's fault, and not to be hidden
+            raise
+        problem = e
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:  # truncated or damaged
+        problem = e
+    if problem is not None:
         aside = shard.with_name(shard.name + ".corrupt")
         try:
             shard.replace(aside)
         except FileNotFoundError:  # another process set it aside first
             pass
         log.warning("embedding cache: %s is unreadable (%s: %s); set aside as %s, its rows will be computed again",
-                    shard, type(e).__name__, e, aside.name)
+                    shard, type(problem).__name__, problem, aside.name)
         return {}
     return dict(zip(keys.tolist(), vectors))
 
@@ -286,7 +237,7 @@ def encode_images(handle: ModelHandle, files: list[Path], preprocess: Preprocess
     if todo:
         loader = torch.utils.data.DataLoader(
             ImageFiles(files, preprocess.transform()), batch_sampler=todo, num_workers=num_workers,
-            pin_memory=handle.device.type == "cuda", persistent_workers=False,
+            collate_fn=collate_images, pin_memory=handle.device.type == "cuda", persistent_workers=False,
         )
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []
@@ -294,6 +245,8 @@ def encode_images(handle: ModelHandle, files: list[Path], preprocess: Preprocess
         bar = tqdm(total=sum(map(len, todo)), unit="img", desc=desc, disable=not progress)
         try:
             for batch, pixels in zip(todo, loader):
+                if isinstance(pixels, UnreadableImage):  # changed or removed since the check
+                    raise DataError(pixels.message)
                 pending.append(handle.encoder.encode_images(pixels).numpy())
                 pending_keys += [digests[i] for i in batch]
                 bar.update(len(batch))

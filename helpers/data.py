@@ -19,7 +19,7 @@ from natsort import natsorted
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import UserError, describe_os_error
+from .errors import UserError, describe_os_error, one_line
 
 # torchvision's ImageFolder extensions, which the winner's loader accepted
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -75,8 +75,13 @@ class ImageSet:
         return np.setdiff1d(np.arange(len(self) + len(self.skipped)), [s.index for s in self.skipped])
 
 
+def is_image_path(path: Path) -> bool:
+    """An image file by its name; a link whose target is missing counts (reading it then fails, with its name)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return [p for p in folder.iterdir() if is_image_path(p)]
 
 
 def read_classes(root: Path) -> list[str]:
@@ -298,5 +303,22 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(open_image(self.files[i]))
+    def __getitem__(self, i: int) -> torch.Tensor | UnreadableImage:
+        try:
+            return self.transform(open_image(self.files[i]))
+        except (DataError, OSError) as e:  # passed on as a value: see UnreadableImage
+            return UnreadableImage(one_line(e))
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """An image that failed to decode in a DataLoader worker. Torch re-raises a worker's exception with the worker's
+    traceback pasted into its message; passed on as a value, the error reaches the user as the one line it is."""
+
+    message: str
+
+
+def collate_images(items: list) -> torch.Tensor | UnreadableImage:
+    """A batch of preprocessed images, or the first failure among them."""
+    failed = next((item for item in items if isinstance(item, UnreadableImage)), None)
+    return failed or torch.utils.data.default_collate(items)

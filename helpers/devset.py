@@ -15,14 +15,14 @@ from tqdm.auto import tqdm
 
 from .blur import blur_summary, calibrate_sigma, degrade_bytes, estimate_sigma, jpeg_quality
 from .config import read_yaml
-from .data import IMAGE_EXTENSIONS, DataError, load_dev_set, open_image, require_folder, require_usable
+from .data import IMAGE_EXTENSIONS, DataError, is_image_path, load_dev_set, open_image, require_folder, require_usable
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
     """Every image file below `folder`, in natural order of the paths."""
     folder = Path(folder)
     require_folder(folder, "a folder of images is expected")
-    files = natsorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=str)
+    files = natsorted((p for p in folder.rglob("*") if is_image_path(p)), key=str)
     if not files:
         raise DataError(f"{folder}: no images below this folder")
     return files[:limit]

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import atomic_write_bytes
 from .errors import UserError
+from .files import atomic_write_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "pillow", "natsort", "pandas",

@@ -18,9 +18,11 @@ import pandas as pd
 import torch
 import yaml
 
-from .cache import check_images, encode_images, encode_texts, remove_stale_temporaries
+from .cache import check_images, encode_images, encode_texts
 from .config import ConfigError, RunConfig
 from .data import DataError, ImageSet, Preprocess, bad_images_message, fingerprint, load_dev_set, load_test_set
+from .errors import UserError
+from .files import atomic_write_csv, atomic_write_text, remove_stale_temporaries
 from .models import ModelHandle, WeightsUnavailableError, resolve_device
 from .outputs import build_manifest, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
@@ -51,6 +53,10 @@ class RunData:
 
     def skipped(self) -> dict[str, list[dict]]:
         return {name: [skip.record(s.root) for skip in s.skipped] for name, s in self.splits.items() if s.skipped}
+
+
+class RunStaleError(UserError, RuntimeError):
+    """Outputs in a run folder that were made from other inputs than the run's."""
 
 
 def load_run_data(config: RunConfig, progress: bool = False) -> RunData:
@@ -118,7 +124,7 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
     try:
         text_emb = encode_texts(handle, data.prompts.texts, config.cache_dir)
         write_npy(out / "text_embeddings.npy", text_emb)
-        data.prompts.to_frame().to_csv(out / "prompts.csv", index_label="prompt")
+        atomic_write_csv(out / "prompts.csv", data.prompts.to_frame(), index_label="prompt")
         seconds = {}
         for split, images in data.splits.items():
             t0 = time.perf_counter()
@@ -133,7 +139,8 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             write_npy(split_dir / "image_embeddings.npy", stacked)
             write_npy(split_dir / "prompt_probs.npy", probs.numpy())
             write_npy(split_dir / "class_scores.npy", scores.class_scores.numpy())
-            _predictions_frame(images, scores.labels, data.classes).to_csv(split_dir / "predictions.csv", index=False)
+            atomic_write_csv(split_dir / "predictions.csv", _predictions_frame(images, scores.labels, data.classes),
+                             index=False)
         info = {
             "name": name,
             "identity": handle.identity,
@@ -144,6 +151,7 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             "model_loaded": handle.loaded,  # False: everything came from the embedding cache
             "encode_seconds": seconds,
             "seconds": round(time.perf_counter() - started, 3),
+            "data": data.fingerprints(),  # which images these outputs are of (the ensemble checks it)
         }
     finally:
         handle.close()
@@ -159,6 +167,13 @@ def _predictions_frame(images: ImageSet, labels: np.ndarray, classes: list[str])
     if images.labels is not None:
         frame["true_label"] = images.labels
     return frame
+
+
+def model_outputs_match(output_dir: str | Path, name: str, data: RunData) -> bool:
+    """Whether model `name`'s outputs in the run folder are of exactly this run's images (a rerun after images were
+    fixed or broke, with `on_bad_image: skip`, has others)."""
+    path = model_dir(output_dir, name) / "model.json"
+    return path.is_file() and json.loads(path.read_text()).get("data") == data.fingerprints()
 
 
 def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: str) -> Scores:
@@ -181,6 +196,10 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
     weights = ensemble_weights(config)
     n_classes = len(data.classes)
     metrics: dict = {"weights": weights, "drop_below": config.ensemble.drop_below, "scoring": config.scoring}
+    for name in config.models:
+        if (model_dir(output_dir, name) / "model.json").is_file() and not model_outputs_match(output_dir, name, data):
+            raise RunStaleError(f"{model_dir(output_dir, name)} holds model {name}'s outputs for other images than "
+                                "this run's (which images are usable changed since): run its inference again")
     for split, images in data.splits.items():
         per_model = {n: load_model_scores(output_dir, n, split, config.scoring) for n in config.models}
         combined = ensemble_scores(per_model, weights, data.prompts.class_index, n_classes,
@@ -193,7 +212,7 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
             fallback = fallback_label(config, data.classes, labels)
             frame = _with_skipped(frame, images, fallback, data.classes)
             summary["fallback_label"] = fallback
-        frame.to_csv(output_dir / f"{split}_predictions.csv", index=False)
+        atomic_write_csv(output_dir / f"{split}_predictions.csv", frame, index=False)
         if split == "test":
             write_submission(output_dir / "submission.csv", frame["id_idx"].tolist(), frame["label"].to_numpy(),
                              n_classes)
@@ -234,7 +253,7 @@ def _with_skipped(frame: pd.DataFrame, images: ImageSet, fallback: dict, classes
 def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData) -> None:
     """The config used (resolved) and the manifest, with what each model's inference recorded."""
     output_dir = Path(output_dir)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     models = {n: json.loads((model_dir(output_dir, n) / "model.json").read_text()) for n in config.models}
     manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
     write_json(output_dir / "manifest.json", manifest)

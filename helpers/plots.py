@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -10,19 +11,20 @@ import pandas as pd
 from PIL import Image
 
 from .data import Sharpen
+from .files import atomic_write_bytes, atomic_write_csv
 
 
 def save_figure(fig, output_dir: str | Path, name: str) -> Path:
     path = Path(output_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 def save_table(table: pd.DataFrame, output_dir: str | Path, name: str) -> Path:
     path = Path(output_dir) / "tables" / f"{name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
+    atomic_write_csv(path, table, index=False)
     return path
 
 

@@ -15,8 +15,9 @@ import yaml
 from .cache import json_digest
 from .config import RunConfig, load_config
 from .errors import UserError
+from .files import atomic_write_text, remove_stale_temporaries
 from .outputs import PROJECT_ROOT
-from .pipeline import check_models, check_paths, load_run_data, model_dir
+from .pipeline import check_models, check_paths, load_run_data, model_outputs_match
 
 KERNEL_NAME = "blur-zeroshot"
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -86,13 +87,19 @@ def _claim_run_dir(run_dir: Path, config: RunConfig) -> Path:
     """Write the resolved config into the run folder, or check that the folder holds a run of this config."""
     path = run_dir / "config.yaml"
     resolved = config.to_dict()
-    if path.is_file():
-        if yaml.safe_load(path.read_text()) != resolved:
-            raise RunError(f"{run_dir} holds a run of another config; give another --output-dir")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if _recorded_config(path) not in (None, resolved):
+        raise RunError(f"{run_dir} holds a run of another config; give another --output-dir")
+    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
     return path
+
+
+def _recorded_config(path: Path) -> dict | None:
+    """The config a run folder records; None when there is none (files are written whole, but one written by hand or
+    by an older version may be damaged: then the folder is taken as unclaimed)."""
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
 
 
 def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
@@ -102,15 +109,16 @@ def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir:
     # before any work: bad paths, a missing model or an unusable image fail now, with the clear message
     check_paths(config, run_dir)
     check_models(config)
-    load_run_data(config, progress)
+    data = load_run_data(config, progress)
     config_file = str(_claim_run_dir(run_dir, config).resolve())
+    remove_stale_temporaries(run_dir)  # what a killed run was writing: never whole, never read
     kernel = ensure_kernel()
     base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}
     executed = run_dir / "notebooks"
 
     for name in config.models:
         out = executed / f"04_inference-{name}.ipynb"
-        if (model_dir(run_dir, name) / "model.json").is_file() and _finished(out):
+        if model_outputs_match(run_dir, name, data) and _finished(out):
             log(f"model {name}: reusing the finished inference in {out}")
             continue
         log(f"model {name}: running {INFERENCE}")

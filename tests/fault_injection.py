@@ -3,7 +3,8 @@
     python tests/fault_injection.py FAULT PREDICT-ARGS...
 
 FAULT is one of
-    none                    no fault (runs that share a cache at once)
+    meet:DIR:N              no fault, but wait before the first image batch until N processes have come to DIR
+                            (runs that share a cache, made to overlap)
     batch:K                 SIGKILL as the K-th image batch (1-based) starts encoding
     write:NAME:K            SIGKILL half-way through writing the K-th file whose name matches NAME (a glob)
     rename:NAME:K           SIGKILL when the K-th such file is complete but not yet renamed into place
@@ -21,6 +22,7 @@ import fnmatch
 import os
 import signal
 import sys
+import time
 
 
 def main() -> int:
@@ -103,7 +105,21 @@ def main() -> int:
             return unlink(path, *args, **kwargs)
 
         os.unlink = faulty_unlink
-    elif kind != "none":
+    elif kind == "meet":
+        original = Encoder.encode_images
+        folder, n = rest[0], int(rest[1])
+
+        def encode_together(self, pixels):
+            if count["n"] == 0:
+                open(os.path.join(folder, str(os.getpid())), "w").close()
+                deadline = time.monotonic() + 60
+                while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            count["n"] += 1
+            return original(self, pixels)
+
+        Encoder.encode_images = encode_together
+    else:
         raise SystemExit(f"unknown fault {fault}")
     return cli(["predict", *argv])
 

@@ -1,10 +1,8 @@
 """The embedding cache: a second run re-encodes nothing it has, writes are atomic, an interrupted encode resumes."""
 
+import fcntl
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -87,14 +85,14 @@ def test_store_writes_are_atomic_and_unreadable_shards_are_set_aside(tmp_path, c
     store.add(["k1", "k2"], np.eye(2, dtype=np.float32))
     store.add(["k3"], np.ones((1, 2), dtype=np.float32))
     assert not list((tmp_path / "s").glob("*.tmp"))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = socket.gethostname()
-    killed = tmp_path / "s" / f".1-2-x.npz~{host}~{dead.stdout.strip()}~abc.tmp"  # what a killed writer leaves
-    writing = tmp_path / "s" / f".1-3-y.npz~{host}~{os.getpid()}~abc.tmp"  # a live writer's file, not yet renamed
+    killed = tmp_path / "s" / ".1-2-x.npz~abc.tmp"  # what a killed writer leaves: nobody holds its lock
+    writing = tmp_path / "s" / ".1-3-y.npz~def.tmp"  # a live writer's file, locked while it is written
     for tmp in (killed, writing):
         tmp.write_bytes(b"partial")
     (tmp_path / "s" / "999-broken.npz").write_bytes(b"not an npz")
-    reopened = EmbeddingStore(tmp_path / "s", {"model": "m"})
+    with open(writing, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        reopened = EmbeddingStore(tmp_path / "s", {"model": "m"})
     assert "999-broken.npz is unreadable" in caplog.text and "set aside as 999-broken.npz.corrupt" in caplog.text
     assert (tmp_path / "s" / "999-broken.npz.corrupt").is_file()
     assert not killed.exists() and writing.exists()

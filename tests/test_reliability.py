@@ -13,17 +13,19 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 import helpers.cache
 import helpers.data
 from helpers.__main__ import main
-from helpers.cache import EmbeddingStore, image_store
+from helpers.cache import EmbeddingStore, encode_images, image_store
 from helpers.config import config_from_dict
 from helpers.data import bad_images_message, file_digest, image_problem, load_test_set
 from helpers.models import ModelHandle
 from helpers.outputs import read_submission
-from helpers.pipeline import load_run_data, predict
+from helpers.pipeline import RunStaleError, load_run_data, predict, run_ensemble
 
 from .conftest import CLASSES, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS
 from .test_predict import write_config
@@ -109,11 +111,55 @@ def test_skipped_images_get_a_row_with_the_fallback_label_and_are_listed(make_co
     predictions = (tmp_path / "skip" / "test_predictions.csv").read_text().splitlines()
     assert predictions[0] == "id_idx,file,label,class,skipped" and len(predictions) == 43
 
-    stated = predict(make_config(data={"test": str(root)}, on_bad_image="skip", fallback_label="Sea"),
+    for name in "ab":  # each readable image has the scores it has without the bad ones: rows are not shifted
+        scores = [np.load(tmp_path / run / "models" / name / "test" / "class_scores.npy") for run in ("clean", "skip")]
+        assert np.array_equal(*scores)
+
+    assert majority != 2
+    stated = predict(make_config(data={"test": str(root)}, on_bad_image="skip", fallback_label="Glacier"),
                      tmp_path / "stated", progress=False)
     by_id = dict(zip(*read_submission(tmp_path / "stated" / "submission.csv")))
-    assert [by_id[i] for i in (100, 101, 102, 103)] == [4] * 4
-    assert stated["test"]["fallback_label"]["source"] == "fallback_label in the config"
+    assert [by_id[i] for i in (100, 101, 102, 103)] == [2] * 4
+    assert stated["test"]["fallback_label"] == {"label": 2, "class": "Glacier",
+                                                "source": "fallback_label in the config"}
+    rows = pd.read_csv(tmp_path / "stated" / "test_predictions.csv")
+    assert rows["id_idx"].tolist() == ids and rows["file"].tolist()[36:40] == [f"0/{n}" for n in expected]
+    assert rows["skipped"].tolist() == [i in (100, 101, 102, 103) for i in ids]
+    assert (rows.loc[rows["skipped"], "class"] == "Glacier").all()
+
+
+def test_outputs_of_other_images_are_not_combined(make_config, scene_with_bad_images, tmp_path):
+    root, _ = scene_with_bad_images
+    config = make_config(data={"test": str(root)}, on_bad_image="skip")
+    predict(config, tmp_path / "out", progress=False)
+    shutil.copy(root / "0" / "5.jpg", root / "0" / "101.jpg")  # one bad image fixed, another broken
+    (root / "0" / "9.jpg").write_bytes(b"")
+    with pytest.raises(RunStaleError, match=r"models/a holds model a's outputs for other images than this run's"):
+        run_ensemble(config, tmp_path / "out")
+    predict(config, tmp_path / "out", progress=False)  # runs the models again
+    ids, labels = read_submission(tmp_path / "out" / "submission.csv")
+    assert len(ids) == 42 and json.loads((tmp_path / "out" / "metrics.json").read_text())["test"]["images"] == 38
+
+
+def test_an_image_that_breaks_after_the_check_is_one_line_from_a_worker_too(make_config, scene_dir, tmp_path):
+    config = make_config()
+    handle = ModelHandle("a", config.models["a"], "cpu")
+    files = load_test_set(scene_dir).files[:4]
+    broken = tmp_path / "gone.jpg"
+    broken.write_bytes(b"")
+    with pytest.raises(helpers.data.DataError) as e:
+        encode_images(handle, [*files, broken], handle.views[0], tmp_path / "cache", num_workers=1, progress=False)
+    assert str(e.value) == f"{broken}: cannot read this image (empty file (0 bytes)); replace or remove it"
+
+
+def test_a_dangling_link_is_an_unusable_image_not_a_missing_row(make_config, scene_dir, tmp_path, capsys):
+    root = tmp_path / "Scene"
+    shutil.copytree(scene_dir, root)
+    (root / "0" / "77.jpg").symlink_to(tmp_path / "not-fetched.jpg")  # e.g. a git-annex file whose content is absent
+    config = make_config(data={"test": str(root)})
+    assert main(["predict", write_config(tmp_path, config), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
+    assert f"1 of 39 images cannot be used, so nothing was encoded: {root}/0/77.jpg (cannot read the file: no such " \
+           "file or folder" in capsys.readouterr().err
 
 
 def test_skipped_dev_images_leave_the_dev_accuracy(make_config, scene_dir, dev_dir, tmp_path):
@@ -169,14 +215,23 @@ def test_a_corrupt_shard_is_reported_set_aside_and_recomputed(make_config, tmp_p
     assert (tmp_path / "one" / "submission.csv").read_bytes() == (tmp_path / "two" / "submission.csv").read_bytes()
 
 
-def test_compaction_keeps_rows_another_process_added_meanwhile(tmp_path):
+def test_compaction_keeps_rows_another_process_added_meanwhile(tmp_path, monkeypatch):
     mine = EmbeddingStore(tmp_path / "s", {})
     mine.add(["a"], np.ones((1, 2), np.float32))
     other = EmbeddingStore(tmp_path / "s", {})  # another process, opened before the next row
     mine.add(["b"], np.full((1, 2), 2, np.float32))
     other.add(["c"], np.full((1, 2), 3, np.float32))
-    mine.compact()  # mine never read c: a compaction of its own rows would have deleted it
-    assert np.array_equal(EmbeddingStore(tmp_path / "s", {}).get(["a", "b", "c"]), [[1, 1], [2, 2], [3, 3]])
+    write = helpers.cache.atomic_write_bytes
+
+    def meanwhile(path, data):  # while the merged shard is written, after the shards to merge were listed
+        if path.name.endswith("-merged.npz"):
+            other.add(["d"], np.full((1, 2), 4, np.float32))
+        write(path, data)
+
+    monkeypatch.setattr(helpers.cache, "atomic_write_bytes", meanwhile)
+    mine.compact()  # mine never read c or d: a compaction of its own rows, or of all it sees, would delete them
+    rows = EmbeddingStore(tmp_path / "s", {}).get(["a", "b", "c", "d"])
+    assert np.array_equal(rows, [[1, 1], [2, 2], [3, 3], [4, 4]])
 
 
 def test_a_store_reads_a_shard_merged_away_while_it_opened(tmp_path, monkeypatch):
@@ -277,18 +332,26 @@ def test_a_run_killed_or_out_of_space_resumes_to_the_same_submission(
     assert_only_whole_entries(tmp_path / "cache")
 
 
-def test_a_kill_after_the_encode_leaves_no_half_written_submission(scene_dir, tiny_arch, tiny_checkpoints,
-                                                                    clean_submission, tmp_path, count_image_batches):
+@pytest.mark.parametrize("fault", ["write:submission.csv:1", "enospc:config.yaml:1", "enospc:test_predictions.csv:1"])
+def test_a_fault_while_writing_the_outputs_leaves_no_half_written_file(fault, scene_dir, tiny_arch, tiny_checkpoints,
+                                                                     clean_submission, tmp_path, count_image_batches):
     config = fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp_path / "cache")
     out = tmp_path / "out"
     predict(config, out, progress=False)
-    (out / "submission.csv").unlink()
-    proc = run_with_fault("write:submission.csv:1", config, tmp_path, out)
-    proc.communicate(timeout=300)
-    assert proc.returncode == -9 and not (out / "submission.csv").exists()
-    assert list(out.glob(".submission.csv~*.tmp"))  # the half-written temporary file, never renamed into place
+    target = out / fault.split(":")[1]
+    target.unlink()
+    proc = run_with_fault(fault, config, tmp_path, out)
+    _, err = proc.communicate(timeout=300)
+    if fault.startswith("enospc"):
+        assert proc.returncode == 2 and err == f"error: {target}: no space left on the device: free some space and " \
+            "run again; everything finished so far is kept\n"
+        assert not list(out.glob("*.tmp"))
+    else:
+        assert proc.returncode == -9 and list(out.glob(f".{target.name}~*.tmp"))  # half-written, never renamed
+    assert not target.exists()
     predict(config, out, progress=False)
     assert (out / "submission.csv").read_bytes() == clean_submission and not list(out.glob("*.tmp"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["name"] == "faults"
 
 
 def test_two_configs_on_one_cache_at_once_lose_nothing(scene_dir, tiny_arch, tiny_checkpoints, clean_submission,
@@ -298,7 +361,9 @@ def test_two_configs_on_one_cache_at_once_lose_nothing(scene_dir, tiny_arch, tin
     # shares model a's image store with the first (same weights and sharpening), not model b's
     second = fault_config(scene_dir, tiny_arch, tiny_checkpoints, cache, sharpness_b=3.0, name="other",
                           scoring="mean_logit", ensemble={"weights": {"a": 0.7, "b": 0.3}})
-    procs = [run_with_fault("none", c, tmp_path, tmp_path / c.name) for c in (first, second)]
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    procs = [run_with_fault(f"meet:{meet}:2", c, tmp_path, tmp_path / c.name) for c in (first, second)]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
