@@ -67,7 +67,12 @@ class ModelEntry:
     autocast: bool = False  # CUDA autocast to fp16 around the forwards, as the winner (a no-op on the CPU, as there)
     seed: int = 0  # initialises the weights when pretrained is "random"
     weights_only: bool = True  # False allows pickled checkpoints (the original G14_fullcc2.5b.pt); trusted files only
-    device_map: str | None = None  # eva_clip: "auto" spreads the model over several GPUs
+    # hf_clip, eva_clip: where the weights are loaded, straight from the files: "auto", "balanced", "balanced_low_0"
+    # or "sequential" spread the model over the GPUs (then cpu, then disk), or one device ("cuda:1", "cpu")
+    device_map: str | None = None
+    # with a spreading device_map: the most each device may take, e.g. {0: 70GiB, 1: 70GiB, cpu: 100GiB}; keys are
+    # GPU indices, cpu or disk (stored as strings), sizes as accelerate writes them (GiB, MiB, KiB, GB, MB, KB)
+    max_memory: dict[str | int, str] | None = None
     mean: list[float] | None = None  # normalisation; default: the model's own
     std: list[float] | None = None
 
@@ -334,6 +339,54 @@ def _check_model(m: ModelEntry, where: str) -> None:
         raise ConfigError(f"{where}: mean and std go together, three numbers each")
     if m.std is not None and any(s <= 0 for s in m.std):
         raise ConfigError(f"{where}.std must be three numbers > 0 (pixels are divided by them), got {m.std}")
+    _check_placement(m, where)
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate spreads the model
+MEMORY_UNITS = ("GiB", "MiB", "KiB", "GB", "MB", "KB")  # the sizes accelerate's max_memory reads
+
+
+def _is_device(name: str) -> bool:
+    kind, _, index = name.partition(":")
+    return name == "cpu" or (kind == "cuda" and (name == "cuda" or (index.isascii() and index.isdigit())))
+
+
+def _is_memory_size(size: str) -> bool:
+    unit = next((u for u in MEMORY_UNITS if size.endswith(u)), None)
+    number = size[:-len(unit)] if unit else ""
+    return number.isascii() and number.replace(".", "", 1).isdigit()
+
+
+def _check_placement(m: ModelEntry, where: str) -> None:
+    """device_map and max_memory: for the transformers backends, whose from_pretrained places the weights."""
+    for key in ("device_map", "max_memory"):
+        if m.backend == "open_clip" and getattr(m, key) is not None:
+            raise ConfigError(f"{where}.{key} is for backends hf_clip and eva_clip only; open_clip loads the whole "
+                              f"model onto the run's device")
+    if m.device_map is not None and m.device_map not in DEVICE_MAP_STRATEGIES and not _is_device(m.device_map):
+        near = difflib.get_close_matches(m.device_map, DEVICE_MAP_STRATEGIES, n=1)
+        raise ConfigError(f"{where}.device_map is '{m.device_map}', expected one of {', '.join(DEVICE_MAP_STRATEGIES)} "
+                          f"or a device (cpu, cuda, cuda:N)" + (f"; did you mean '{near[0]}'?" if near else ""))
+    if m.max_memory is None:
+        return
+    if m.device_map not in DEVICE_MAP_STRATEGIES:
+        found = "no device_map" if m.device_map is None else f"device_map '{m.device_map}' (one device)"
+        raise ConfigError(f"{where}.max_memory caps what each device takes when the model is spread: it needs "
+                          f"device_map {', '.join(DEVICE_MAP_STRATEGIES)}, not {found}")
+    memory = {}
+    for key, size in m.max_memory.items():
+        device = str(int(key)) if str(key).isascii() and str(key).isdigit() else str(key)  # 00 is GPU 0
+        if not ((device.isascii() and device.isdigit()) or device in ("cpu", "disk")):
+            raise ConfigError(f"{where}.max_memory has key '{key}', expected GPU indices (0, 1, ...), cpu or disk")
+        if device in memory:
+            raise ConfigError(f"{where}.max_memory names device {device} twice")
+        if not _is_memory_size(size):
+            raise ConfigError(f"{where}.max_memory.{key} is '{size}', expected a size like 70GiB or 500MB "
+                              f"(units {', '.join(MEMORY_UNITS)})")
+        memory[device] = size
+    if not memory:
+        raise ConfigError(f"{where}.max_memory is empty: give the devices' sizes, or leave it out")
+    m.max_memory = memory
 
 
 def _check_ensemble(config: RunConfig) -> None:

@@ -13,13 +13,14 @@ import os
 import pickle
 import re
 import socket
+import time
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from .config import ModelEntry, is_hub_id
+from .config import DEVICE_MAP_STRATEGIES, ModelEntry, is_hub_id
 from .data import OPENAI_MEAN, OPENAI_STD, Preprocess
 from .errors import UserError, describe_os_error
 
@@ -38,6 +39,25 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device is '{device}' but CUDA is not available here (use device: auto or cpu)")
     return torch.device(device)
+
+
+def with_index(device: torch.device) -> torch.device:
+    """`cuda` as the GPU it means (`cuda:N`): transformers and safetensors place weights by index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def placement_record(device_map: dict) -> dict[str, str]:
+    """accelerate's device map as JSON: module name ("" for the whole model) -> "cuda:N", "cpu" or "disk"."""
+    return {name: f"cuda:{where}" if isinstance(where, int) else str(where) for name, where in device_map.items()}
+
+
+def input_device(placement: dict[str, str]) -> torch.device:
+    """Where a spread model takes its inputs: its first GPU, else the CPU (accelerate's hooks move them on), as
+    accelerate's dispatch_model chooses its main device."""
+    gpus = [where for where in placement.values() if where not in ("cpu", "disk")]
+    return torch.device(gpus[0] if gpus else "cpu")
 
 
 def hf_cache_dir() -> str:
@@ -199,11 +219,22 @@ class Encoder:
     prepacks the GEMM weights and fuses the elementwise work between them). Its shapes are static: a batch smaller
     than the largest so far (the last one) is padded to it, so that it runs the compiled graph instead of compiling
     another.
+
+    How the model was loaded, for the run's records (all JSON-able):
+    - `placement`: where each part of the model is, module name -> device ("cuda:N", "cpu" or "disk"; the name ""
+      is the whole model). A transformers model's `hf_device_map`; `{"": "<device>"}` for a model on one device.
+    - `weights_format`: what the weights were read from: "safetensors", "pytorch" (torch.save files, pickles,
+      TorchScript), "numpy" (big_vision .npz), or None (random weights, or files that were not found afterwards).
+    - `load_seconds`: the wall time of the load, set by `ModelHandle` (None for an Encoder made otherwise).
+    `device` is where the inputs go: the model's device, or the first device of a model spread over several.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tokenizer,
-                 compile: bool = False, autocast: bool = False):
+                 compile: bool = False, autocast: bool = False, placement: dict[str, str] | None = None,
+                 weights_format: str | None = None):
         self.model, self.device, self.dtype, self.tokenizer = model.eval(), device, dtype, tokenizer
+        self.placement = placement if placement is not None else {"": str(with_index(device))}
+        self.weights_format, self.load_seconds = weights_format, None
         self.compiled, self.autocast = compile, autocast and device.type == "cuda"
         self._image_forward = self._compile(self._image_features) if compile else self._image_features
         self._compiled_batch: int | None = None
@@ -491,6 +522,7 @@ class OpenClipBackend(Backend):
     def load(self, device):
         import open_clip
 
+        weights = None
         if self.random_weights:
             with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
                 torch.manual_seed(self.entry.seed)
@@ -511,7 +543,7 @@ class OpenClipBackend(Backend):
             tokenizer = open_clip.get_tokenizer(model_name)
         dtype = DTYPES[self.entry.precision]
         return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer, self.entry.compile,
-                               self.entry.autocast)
+                               self.entry.autocast, weights_format=_open_clip_weights_format(weights))
 
     def _loading_problem(self, error: Exception) -> str | None:
         """What open_clip's failure to load the weights file says about the file, on one line (None: not the file)."""
@@ -533,8 +565,38 @@ class OpenClipBackend(Backend):
         return None
 
 
+def _open_clip_weights_format(path: str | None) -> str | None:
+    """What open_clip read the weights from, by the name it chose its reader by (the file was checked to match)."""
+    if path is None:
+        return None
+    suffix = Path(path).suffix
+    return "safetensors" if suffix == ".safetensors" else "numpy" if suffix in (".npz", ".npy") else "pytorch"
+
+
+def _transformers_weights_format(folder: Path) -> str | None:
+    """What from_pretrained reads in a model folder or hub snapshot: safetensors when there are any (the single file or
+    the shards' index, by transformers' names), else torch.save files."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    for kind, names in (("safetensors", (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)),
+                        ("pytorch", (WEIGHTS_NAME, WEIGHTS_INDEX_NAME))):
+        if any((folder / name).is_file() for name in names):
+            return kind
+    return None
+
+
+# what transformers 4.57 raises when a spread model's every module lands on "disk" (a device map {"": "disk"})
+_ALL_ON_DISK = ("device disk is invalid", "device string: disk")
+
+
 class TransformersBackend(Backend):
-    """Shared by hf_clip and eva_clip: a local model directory or a hub id at a revision."""
+    """Shared by hf_clip and eva_clip: a local model directory or a hub id at a revision.
+
+    The weights go straight from the files to their devices: from_pretrained always gets a device map (the entry's,
+    or the run's device for the whole model), so that each tensor is made on its device instead of the model being
+    built on the CPU and copied; safetensors files are memory-mapped, and a spread model's "disk" part is read from
+    them when needed.
+    """
 
     trust_remote_code = False
 
@@ -595,19 +657,63 @@ class TransformersBackend(Backend):
         except OSError as e:
             raise WeightsUnavailableError(f"models.{self.name}: cannot load {source}: {e}") from e
 
+    def _weights_format(self) -> str | None:
+        """What the weights are in the model folder, or in the hub snapshot as far as it is downloaded."""
+        folder = self.local_dir if self.local_dir is not None else Path(self._hub_file("config.json")).parent
+        return _transformers_weights_format(folder)
+
+    def _placement_kwargs(self, device: torch.device) -> dict:
+        """from_pretrained's arguments that place the weights: always a device map, so that they go straight to
+        their devices; safetensors only, where there are safetensors; max_memory with GPU indices as ints."""
+        e = self.entry
+        if e.device_map in DEVICE_MAP_STRATEGIES:
+            device_map = e.device_map
+        else:
+            if e.device_map is not None and e.device_map.startswith("cuda") and not torch.cuda.is_available():
+                raise ValueError(f"models.{self.name}.device_map is '{e.device_map}' but CUDA is not available here")
+            device_map = {"": str(with_index(torch.device(e.device_map) if e.device_map else device))}
+        kwargs = {"device_map": device_map, "low_cpu_mem_usage": True}
+        if self._weights_format() == "safetensors":
+            kwargs["use_safetensors"] = True  # never falls back to a pytorch_model.bin beside them
+        if e.max_memory:  # a new dict each load: accelerate rewrites the sizes in place
+            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in e.max_memory.items()}
+        return kwargs
+
+    def _load_model(self, cls, device: torch.device) -> dict:
+        """The model on its devices, and the Encoder arguments that say where and from what."""
+        kwargs = self._placement_kwargs(device)
+        try:
+            model = self._from_pretrained(cls, dtype=DTYPES[self.entry.precision], **kwargs)
+        except Exception as e:
+            if not isinstance(kwargs["device_map"], str):
+                raise
+            key, text = f"models.{self.name}.{'max_memory' if self.entry.max_memory else 'device_map'}", str(e)
+            if "offload_folder" in text:
+                raise WeightsUnavailableError(
+                    f"{key}: the model does not fit the memory of the devices, and transformers puts the rest on "
+                    f"disk only from safetensors weights ({self._weights_format() or 'none'} here): give the devices "
+                    f"more memory, or save the weights as safetensors") from e
+            if any(part in text for part in _ALL_ON_DISK):
+                raise WeightsUnavailableError(f"{key}: no part of the model fits the memory of the devices, so all of "
+                                              f"it would be on disk: give the devices more memory") from e
+            raise
+        fallback = kwargs["device_map"] if isinstance(kwargs["device_map"], dict) else {"": str(with_index(device))}
+        placement = placement_record(getattr(model, "hf_device_map", None) or fallback)  # accelerate always sets it
+        return {"model": model, "device": input_device(placement), "dtype": DTYPES[self.entry.precision],
+                "compile": self.entry.compile, "autocast": self.entry.autocast, "placement": placement,
+                "weights_format": self._weights_format()}  # after the load: a hub download is now in the snapshot
+
 
 @register_backend("hf_clip")
 class HfClipBackend(TransformersBackend):
     def load(self, device):
         from transformers import AutoTokenizer, CLIPModel
 
-        dtype = DTYPES[self.entry.precision]
         if self.random_weights:
             raise ValueError(f"models.{self.name}: hf_clip has no architecture to initialise randomly; "
                              "save a CLIPModel with save_pretrained and give its folder")
-        model = self._from_pretrained(CLIPModel, dtype=dtype)
-        tokenizer = self._from_pretrained(AutoTokenizer)
-        return HfClipEncoder(model.to(device), device, dtype, tokenizer, self.entry.compile, self.entry.autocast)
+        loaded = self._load_model(CLIPModel, device)
+        return HfClipEncoder(tokenizer=self._from_pretrained(AutoTokenizer), **loaded)
 
 
 @register_backend("eva_clip")
@@ -617,17 +723,8 @@ class EvaClipBackend(TransformersBackend):
     def load(self, device):
         from transformers import AutoModel, CLIPTokenizer
 
-        dtype = DTYPES[self.entry.precision]
-        kwargs = {"dtype": dtype}
-        if self.entry.device_map:
-            kwargs["device_map"] = self.entry.device_map
-        model = self._from_pretrained(AutoModel, **kwargs)
-        if not self.entry.device_map:
-            model = model.to(device)
-        else:
-            device = next(model.parameters()).device  # inputs go where the first layers are
-        tokenizer = self._from_pretrained(CLIPTokenizer)
-        return EvaClipEncoder(model, device, dtype, tokenizer, self.entry.compile, self.entry.autocast)
+        loaded = self._load_model(AutoModel, device)
+        return EvaClipEncoder(tokenizer=self._from_pretrained(CLIPTokenizer), **loaded)
 
 
 class ModelHandle:
@@ -671,7 +768,10 @@ class ModelHandle:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = self.backend.load(self.device)
+            start = time.perf_counter()
+            encoder = self.backend.load(self.device)
+            encoder.load_seconds = round(time.perf_counter() - start, 3)
+            self._encoder = encoder
         return self._encoder
 
     def close(self) -> None:

@@ -4,7 +4,9 @@ hf_clip (a CLIPModel folder) and eva_clip (a folder whose config.json `auto_map`
 trust_remote_code as EVA-CLIP is). Tags and hub ids are checked offline: they must fail at once, with a message
 that says what is missing, where it was looked for and how to give a local copy. Unusable model files (not a
 checkpoint, cut short, of another architecture, malformed JSON, a folder, unreadable) fail on one line that names the
-setting, the file, what is wrong and what to do; before any work wherever the file itself shows it.
+setting, the file, what is wrong and what to do; before any work wherever the file itself shows it. hf_clip and
+eva_clip load straight onto their devices (a device map always, safetensors only where there are safetensors), and
+every encoder records where each part of the model went, what the weights were read from and how long it took.
 
 The tests parametrized over `helpers.models.BACKENDS` need a `<backend>_dir` fixture and an `EMBED_DIM` entry for
 each backend, so a backend added without tests fails here.
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import copy
 import errno
 import io
 import json
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import open_clip
 import pytest
 import safetensors.torch
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, dynamic_module_utils
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedModel, dynamic_module_utils
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from helpers import config as config_module
@@ -130,6 +134,15 @@ def open_clip_dir(tmp_path_factory, tiny_arch) -> Path:
 def hf_clip_dir(tmp_path_factory, clip_tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("hf_clip_dir")
     tiny_hf_clip(clip_tokenizer).save_pretrained(folder)
+    clip_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_clip_bin_dir(tmp_path_factory, clip_tokenizer) -> Path:
+    """The hf_clip_dir model saved as torch.save files (pytorch_model.bin), as older hub repos are."""
+    folder = tmp_path_factory.mktemp("hf_clip_bin_dir")
+    tiny_hf_clip(clip_tokenizer).save_pretrained(folder, safe_serialization=False)
     clip_tokenizer.save_pretrained(folder)
     return folder
 
@@ -598,3 +611,163 @@ def test_hub_id_fails_fast_offline(backend, repo, revision, offline):
             assert part in message
     assert time.perf_counter() - start < 2
     assert not handle.loaded
+
+
+# --- loading straight to the devices, and the placement record --------------------------------------------------
+
+TRANSFORMERS_BACKENDS = ["hf_clip", "eva_clip"]
+WEIGHTS_FORMAT = {"open_clip": "pytorch", "hf_clip": "safetensors", "eva_clip": "safetensors"}
+
+
+class Stop(Exception):
+    """Raised by the from_pretrained spy to end a load once its arguments are seen."""
+
+
+class FromPretrainedSpy:
+    """The keyword arguments of every model's from_pretrained (CLIPModel's and the remote code's alike), as passed;
+    with `stop`, the load ends there."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.stop = False
+
+
+@pytest.fixture
+def from_pretrained(monkeypatch) -> FromPretrainedSpy:
+    seen = FromPretrainedSpy()
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.calls.append(copy.deepcopy(kwargs))  # before accelerate rewrites max_memory in place
+        if seen.stop:
+            raise Stop
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(spy))
+    return seen
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_encoder_records_how_it_was_loaded(backend, request):
+    encoder = ModelHandle("m", entry_for(backend, request), device="cpu").encoder
+    assert encoder.placement == {"": "cpu"} and encoder.device == torch.device("cpu")
+    assert encoder.weights_format == WEIGHTS_FORMAT[backend]
+    assert isinstance(encoder.load_seconds, float) and 0 <= encoder.load_seconds < 60
+    record = {"placement": encoder.placement, "weights_format": encoder.weights_format,
+              "load_seconds": encoder.load_seconds}
+    assert json.loads(json.dumps(record)) == record
+
+
+@pytest.mark.parametrize("backend", TRANSFORMERS_BACKENDS)
+def test_safetensors_load_straight_to_the_device_and_never_read_a_bin(backend, request, tmp_path,
+                                                                      from_pretrained):
+    """A pytorch_model.bin beside the safetensors (here not even a checkpoint) is never read."""
+    folder = tmp_path / "model"
+    shutil.copytree(request.getfixturevalue(f"{backend}_dir"), folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    handle = make_handle(backend, folder)
+    plain = make_handle(backend, request.getfixturevalue(f"{backend}_dir"))
+    torch.testing.assert_close(handle.encoder.encode_images(PIXELS), plain.encoder.encode_images(PIXELS),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(handle.encoder.encode_texts(TEXTS), plain.encoder.encode_texts(TEXTS), rtol=0, atol=0)
+    kwargs = from_pretrained.calls[0]
+    assert kwargs["device_map"] == {"": "cpu"}  # each tensor made on its device, no CPU copy first
+    assert kwargs["low_cpu_mem_usage"] is True and kwargs["use_safetensors"] is True
+    assert kwargs["dtype"] == torch.float32 and "max_memory" not in kwargs
+    assert handle.encoder.placement == {"": "cpu"} and handle.encoder.weights_format == "safetensors"
+
+
+def test_pytorch_weights_load_without_use_safetensors(hf_clip_bin_dir, hf_clip_dir, from_pretrained):
+    assert not list(hf_clip_bin_dir.glob("*.safetensors"))
+    handle = make_handle("hf_clip", hf_clip_bin_dir)
+    torch.testing.assert_close(handle.encoder.encode_images(PIXELS),
+                               make_handle("hf_clip", hf_clip_dir).encoder.encode_images(PIXELS), rtol=0, atol=0)
+    assert "use_safetensors" not in from_pretrained.calls[0]
+    assert from_pretrained.calls[0]["device_map"] == {"": "cpu"}
+    assert handle.encoder.weights_format == "pytorch" and handle.encoder.placement == {"": "cpu"}
+
+
+@pytest.mark.parametrize("backend", TRANSFORMERS_BACKENDS)
+@pytest.mark.parametrize("device_map", ["auto", "balanced", "balanced_low_0", "sequential"])
+def test_device_map_and_max_memory_reach_from_pretrained(backend, device_map, request, from_pretrained):
+    """What a two-GPU machine would be given (stopped before loading: there are no GPUs here)."""
+    entry = config_from_dict({
+        "name": "t", "data": {"test": "/x"},
+        "models": {"m": {"backend": backend, "pretrained": str(request.getfixturevalue(f"{backend}_dir")),
+                         "device_map": device_map, "max_memory": {0: "70GiB", "1": "70GiB", "cpu": "100GiB"}}},
+    }).models["m"]
+    assert entry.max_memory == {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}
+    from_pretrained.stop = True
+    with pytest.raises(Stop):
+        load(ModelHandle("m", entry, device="cpu"))
+    kwargs = from_pretrained.calls[0]
+    assert kwargs["device_map"] == device_map
+    assert kwargs["max_memory"] == {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}
+    assert kwargs["low_cpu_mem_usage"] is True and kwargs["use_safetensors"] is True
+    assert entry.max_memory == {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}, "the entry itself is left as it was"
+
+
+def cpu_budget(folder: Path, share: float) -> str:
+    """A CPU max_memory that holds `share` of the tiny model's weights."""
+    return f"{int((folder / 'model.safetensors').stat().st_size * share / 1000)}KB"
+
+
+@pytest.mark.filterwarnings("ignore:The following device_map keys do not match any submodules")
+def test_auto_device_map_spreads_the_model_over_cpu_and_disk(hf_clip_dir, from_pretrained):
+    """On the CPU, a max_memory smaller than the model spreads it over "cpu" and "disk" (read back from the
+    safetensors file when needed, no offload folder): the placement record names each module's device, and the
+    features are those of the model loaded whole."""
+    handle = make_handle("hf_clip", hf_clip_dir, device_map="auto", max_memory={"cpu": cpu_budget(hf_clip_dir, 0.8)})
+    images, texts = handle.encoder.encode_images(PIXELS), handle.encoder.encode_texts(TEXTS)
+    placement = handle.encoder.placement
+    assert set(placement.values()) == {"cpu", "disk"}
+    assert "" not in placement and all(isinstance(v, str) for v in placement.values())
+    names = list(handle.encoder.model.state_dict())
+    assert all(any(n == module or n.startswith(f"{module}.") for n in names) for module in placement)
+    assert json.loads(json.dumps(placement)) == placement
+    assert handle.encoder.device == torch.device("cpu") and handle.encoder.weights_format == "safetensors"
+    assert from_pretrained.calls[0]["max_memory"] == {"cpu": cpu_budget(hf_clip_dir, 0.8)}
+    plain = make_handle("hf_clip", hf_clip_dir).encoder
+    torch.testing.assert_close(images, plain.encode_images(PIXELS), rtol=0, atol=0)
+    torch.testing.assert_close(texts, plain.encode_texts(TEXTS), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", TRANSFORMERS_BACKENDS)
+def test_device_map_of_one_device_places_the_whole_model(backend, request, from_pretrained):
+    handle = make_handle(backend, request.getfixturevalue(f"{backend}_dir"), device_map="cpu")
+    assert_unit_features(handle.encoder.encode_images(PIXELS), (2, EMBED_DIM[backend]))
+    assert from_pretrained.calls[0]["device_map"] == {"": "cpu"}
+    assert handle.encoder.placement == {"": "cpu"}
+
+
+def test_spread_model_that_needs_disk_from_pytorch_weights_is_one_line(hf_clip_bin_dir):
+    handle = make_handle("hf_clip", hf_clip_bin_dir, device_map="auto", max_memory={"cpu": "500KB"})
+    message = one_line_error(lambda: load(handle))
+    assert message.startswith("models.m.max_memory: the model does not fit the memory of the devices")
+    assert "(pytorch here)" in message and "save the weights as safetensors" in message
+    assert not handle.loaded
+
+
+def test_max_memory_that_holds_no_part_of_the_model_is_one_line(hf_clip_dir):
+    handle = make_handle("hf_clip", hf_clip_dir, device_map="auto", max_memory={"cpu": cpu_budget(hf_clip_dir, 0.1)})
+    assert one_line_error(lambda: load(handle)) == (
+        "models.m.max_memory: no part of the model fits the memory of the devices, so all of it would be on disk: "
+        "give the devices more memory")
+
+
+def test_cuda_device_map_without_cuda_is_an_error(hf_clip_dir, monkeypatch, from_pretrained):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^models\.m\.device_map is 'cuda:1' but CUDA is not available here$"):
+        load(make_handle("hf_clip", hf_clip_dir, device_map="cuda:1"))
+    assert not from_pretrained.calls
+
+
+def test_placement_record_of_a_model_spread_over_gpus():
+    """accelerate names GPUs by index: the record says cuda:N, and inputs go to the first GPU of the map."""
+    device_map = {"vision_model.embeddings": 1, "vision_model.encoder": 0, "text_model": torch.device("cuda:1"),
+                  "logit_scale": "cpu", "text_projection": "disk"}
+    placement = models.placement_record(device_map)
+    assert placement == {"vision_model.embeddings": "cuda:1", "vision_model.encoder": "cuda:0",
+                         "text_model": "cuda:1", "logit_scale": "cpu", "text_projection": "disk"}
+    assert models.input_device(placement) == torch.device("cuda:1")
+    assert models.input_device({"logit_scale": "cpu", "vision_model": "disk"}) == torch.device("cpu")

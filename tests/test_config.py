@@ -213,3 +213,67 @@ def test_an_override_that_is_not_yaml_names_the_override(tmp_path):
                                               "node content, but found '<stream end>' at line 1, column 2); quote "
                                               "it if it is text")
     assert rejected(path, "models.a=3", "models.a.seed=1") == "override 'models.a.seed=1': 'a' is not a mapping"
+
+
+def hf(**fields):
+    """A config whose one model is an hf_clip entry with `fields`."""
+    return base(models={"h": {"backend": "hf_clip", "pretrained": "/models/clip", **fields}})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"device_map": "autoo"}, "models.h.device_map is 'autoo', expected one of auto, balanced, balanced_low_0, "
+                                  "sequential or a device (cpu, cuda, cuda:N); did you mean 'auto'?"),
+        ({"device_map": "cuda:x"}, "models.h.device_map is 'cuda:x', expected one of"),
+        ({"device_map": "gpu"}, "models.h.device_map is 'gpu', expected one of"),
+        ({"max_memory": {"0": "70GiB"}}, "models.h.max_memory caps what each device takes when the model is spread: "
+                                         "it needs device_map auto, balanced, balanced_low_0, sequential, not no "
+                                         "device_map"),
+        ({"device_map": "cuda:1", "max_memory": {"cpu": "1GiB"}}, "not device_map 'cuda:1' (one device)"),
+        ({"device_map": "auto", "max_memory": {"gpu0": "70GiB"}},
+         "models.h.max_memory has key 'gpu0', expected GPU indices (0, 1, ...), cpu or disk"),
+        ({"device_map": "auto", "max_memory": {0: "70G"}},
+         "models.h.max_memory.0 is '70G', expected a size like 70GiB or 500MB (units GiB, MiB, KiB, GB, MB, KB)"),
+        ({"device_map": "auto", "max_memory": {"cpu": "lots GiB"}}, "models.h.max_memory.cpu is 'lots GiB'"),
+        ({"device_map": "auto", "max_memory": {"cpu": "1.2.3GB"}}, "models.h.max_memory.cpu is '1.2.3GB'"),
+        ({"device_map": "auto", "max_memory": {0: "1GiB", "00": "2GiB"}}, "models.h.max_memory names device 0 twice"),
+        ({"device_map": "auto", "max_memory": {}}, "models.h.max_memory is empty"),
+        ({"device_map": "auto", "max_memory": {"cpu": 100}}, "models.h.max_memory.cpu must be str, got 100"),
+        ({"device_map": "auto", "max_memory": {True: "1GiB"}}, "models.h.max_memory key"),
+        ({"device_map": ["cuda:0"]}, "models.h.device_map must be str"),
+    ],
+)
+def test_device_map_and_max_memory_mistakes_are_named(fields, message):
+    with pytest.raises(ConfigError, match="^run.yaml: ") as e:
+        config_from_dict(hf(**fields), source="run.yaml")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["device_map", "max_memory"])
+def test_device_map_and_max_memory_are_not_for_open_clip(key):
+    fields = {"device_map": "auto", "max_memory": {"cpu": "1GiB"}} if key == "max_memory" else {"device_map": "auto"}
+    model = {"backend": "open_clip", "arch": "A", "pretrained": "random", **fields}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(base(models={"a": model}), source="run.yaml")
+    assert str(e.value) == ("run.yaml: models.a.device_map is for backends hf_clip and eva_clip only; open_clip "
+                            "loads the whole model onto the run's device")
+    if key == "max_memory":
+        del model["device_map"]
+        with pytest.raises(ConfigError, match=r"models\.a\.max_memory is for backends hf_clip and eva_clip only"):
+            config_from_dict(base(models={"a": model}))
+
+
+@pytest.mark.parametrize("device_map", ["auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "cuda:1"])
+def test_device_maps_that_load(device_map):
+    assert config_from_dict(hf(device_map=device_map)).models["h"].device_map == device_map
+
+
+def test_max_memory_keys_are_stored_as_strings(tmp_path):
+    path = write(tmp_path, EXAMPLE.format(test="x"))
+    config = load_config(path, ["models.e={backend: eva_clip, pretrained: /models/eva, device_map: balanced, "
+                                "max_memory: {0: 70GiB, 1: 70.5GiB, cpu: 100GB, disk: 500MB}}",
+                                "ensemble.weights={a: 0.4, b: 0.4, e: 0.2}"])
+    assert config.models["e"].max_memory == {"0": "70GiB", "1": "70.5GiB", "cpu": "100GB", "disk": "500MB"}
+    assert config.models["a"].max_memory is None and config.models["a"].device_map is None
