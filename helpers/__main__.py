@@ -2,6 +2,8 @@
 
     python -m helpers run CONFIG.yaml [--output-dir DIR]       the notebooks end to end (papermill): the main job
     python -m helpers predict CONFIG.yaml --output-dir DIR     the same computation in this process, no notebooks
+    python -m helpers encode CONFIG.yaml                       every model's embeddings into the cache, no outputs
+    torchrun --nproc_per_node N -m helpers predict|encode ...  the same, the encodes shared by N processes
     python -m helpers estimate-blur DIR [--limit N]            blur statistics of a folder of images
     python -m helpers make-dev SRC --out DST --class-map ...   a labeled dev set degraded like the test set
     python -m helpers download-data [--dest data]              the challenge's test images, to data/Scene
@@ -17,28 +19,49 @@ from pathlib import Path
 
 from .config import load_config
 from .data import DataError
+from .distributed import closing_world
 from .errors import debug_mode, is_user_error, one_line
+
+
+def _world(config):
+    """This process's rank under torchrun (one process without it)."""
+    from .distributed import init_world
+    from .models import resolve_device
+
+    return init_world(resolve_device(config.device))
 
 
 def cmd_predict(args) -> None:
     from .pipeline import predict
 
     config = load_config(args.config, args.set)
+    world = _world(config)
     random = [n for n, m in config.models.items() if m.pretrained == "random"]
-    if random:
+    if random and world.is_main:
         print(f"note: model(s) {', '.join(random)} use RANDOM weights (pretrained: random): "
               "their predictions are meaningless", file=sys.stderr)
     output_dir = Path(args.output_dir or Path("outputs") / "predict" / config.name)
-    metrics = predict(config, output_dir, progress=not args.quiet)
-    print(json.dumps(metrics, indent=2))
-    print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}")
+    metrics = predict(config, output_dir, progress=not args.quiet, world=world)
+    if world.is_main:
+        print(json.dumps(metrics, indent=2))
+        print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}")
+
+
+def cmd_encode(args) -> None:
+    from .pipeline import encode_cache
+
+    config = load_config(args.config, args.set)
+    world = _world(config)
+    encode_cache(config, progress=not args.quiet, world=world)
+    if world.is_main:
+        print(f"encoded every model's images and prompts into {config.cache_dir} ({world.size} process(es))")
 
 
 def cmd_run(args) -> None:
     from .run import run_pipeline
 
     run_dir = run_pipeline(args.config, args.set, args.output_dir, analyses=not args.no_analyses,
-                           progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+                           progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), nproc=args.nproc)
     print(f"wrote {run_dir}")
 
 
@@ -138,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", help="the run folder (default: outputs/runs/<name>-<config hash>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--no-analyses", action="store_true", help="only inference and ensemble")
+    p.add_argument("--nproc", type=bounded(int, 1, 1024), default=1,
+                   help="encode with N processes under torchrun first (one per GPU; gloo on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
@@ -153,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set data.limit=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("encode", parents=[common],
+                       help="every model's embeddings into the cache, no outputs (several processes: under torchrun)")
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("download-data", parents=[common],
                        help="download the challenge data (HF dataset sw24/sw24) to DEST/Scene")
@@ -183,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_make_dev)
     args = parser.parse_args(argv)
     try:
-        with debug_mode(args.debug):
+        with debug_mode(args.debug), closing_world():
             args.func(args)
     except KeyboardInterrupt:
         if args.debug:

@@ -18,15 +18,16 @@ import pandas as pd
 import torch
 import yaml
 
-from .cache import check_images, encode_images, encode_texts
+from .cache import EmbeddingStore, check_images, encode_texts, ensure_encoded
 from .config import ConfigError, RunConfig
 from .data import DataError, ImageSet, Preprocess, bad_images_message, fingerprint, load_dev_set, load_test_set
+from .distributed import ONE_PROCESS, World
 from .errors import UserError
-from .files import atomic_write_csv, atomic_write_text, remove_stale_temporaries
+from .files import atomic_write_csv, atomic_write_text, npy_rows, remove_stale_temporaries
 from .models import ModelHandle, WeightsUnavailableError, resolve_device
 from .outputs import build_manifest, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
-from .scoring import Scores, average_scores, ensemble_scores, joint_softmax_probs, score
+from .scoring import SCORE_BLOCK_ROWS, Scores, average_scores, ensemble_scores, joint_softmax_probs, score
 from .stats import evaluate, paired_comparison
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,20 @@ def model_dir(output_dir: Path, name: str) -> Path:
 
 def split_embeddings(handle: ModelHandle, config: RunConfig, data: RunData, split: str,
                      views: list[Preprocess] | None = None, progress: bool = True) -> list[np.ndarray]:
-    """Image embeddings of one split, one (images, dim) array per view, through the cache."""
+    """Image embeddings of one split, one (images, dim) array per view, through the cache (for analyses: a run's
+    scoring reads them from `split_stores` in chunks)."""
+    return [store.get(data.digests[split]) for store in split_stores(handle, config, data, split, views, progress)]
+
+
+def split_stores(handle: ModelHandle, config: RunConfig, data: RunData, split: str,
+                 views: list[Preprocess] | None = None, progress: bool = True,
+                 world: World = ONE_PROCESS) -> list[EmbeddingStore]:
+    """The embedding store of each view of one split, holding every image of it once this returns (on every rank:
+    each encodes its share of what is missing, then they meet)."""
     images = data.splits[split]
-    return [encode_images(handle, images.files, view, config.cache_dir, data.digests[split],
-                          num_workers=config.num_workers, progress=progress) for view in (views or handle.views)]
+    return [ensure_encoded(handle, images.files, view, config.cache_dir, data.digests[split],
+                           num_workers=config.num_workers, progress=progress, world=world)
+            for view in (views or handle.views)]
 
 
 def score_views(config: RunConfig, image_embs: list[np.ndarray], text_emb: np.ndarray, prompts: PromptSet) -> Scores:
@@ -109,16 +120,62 @@ def score_views(config: RunConfig, image_embs: list[np.ndarray], text_emb: np.nd
                                  config.logit_scale) for e in image_embs])
 
 
+SCORE_CHUNK_ROWS = 16384  # images scored at once: the arrays of a set of millions never need to fit in memory
+
+
+def row_chunks(n: int, chunk_rows: int | None = None) -> list[slice]:
+    """Slices of `chunk_rows` rows (rounded up to whole scoring blocks, so that chunks change no number)."""
+    step = -(-(chunk_rows or SCORE_CHUNK_ROWS) // SCORE_BLOCK_ROWS) * SCORE_BLOCK_ROWS
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def score_split(config: RunConfig, stores: list[EmbeddingStore], digests: list[str], text_emb: np.ndarray,
+                prompts: PromptSet, split_dir: Path, chunk_rows: int | None = None) -> np.ndarray:
+    """Score one split in chunks of rows, read from the stores and written into memory-mapped `.npy` files
+    (`image_embeddings`, `prompt_probs`, `class_scores`); returns the labels. Scoring is row by row, so the chunks
+    give what one pass over all rows gives."""
+    n, dim, views = len(digests), text_emb.shape[1], len(stores)
+    emb_shape = (n, dim) if views == 1 else (views, n, dim)
+    labels = np.empty(n, dtype=np.int64)
+    with (npy_rows(split_dir / "image_embeddings.npy", emb_shape) as embeddings,
+          npy_rows(split_dir / "prompt_probs.npy", (n, len(prompts.texts))) as probs,
+          npy_rows(split_dir / "class_scores.npy", (n, len(prompts.classes))) as class_scores):
+        for rows in row_chunks(n, chunk_rows):
+            image_embs = [store.get(digests[rows]) for store in stores]
+            scores = score_views(config, image_embs, text_emb, prompts)
+            chunk_probs = scores.prompt_probs
+            if chunk_probs is None:  # other scoring modes still record the winner's per-prompt probabilities
+                chunk_probs = torch.stack([joint_softmax_probs(e, text_emb, config.logit_scale)
+                                           for e in image_embs]).mean(0)
+            for v, e in enumerate(image_embs):
+                embeddings[(rows,) if views == 1 else (v, rows)] = e
+            probs[rows] = chunk_probs.numpy()
+            class_scores[rows] = scores.class_scores.numpy()
+            labels[rows] = scores.labels
+    return labels
+
+
+def encode_model_images(config: RunConfig, name: str, data: RunData, world: World, progress: bool = False) -> None:
+    """A rank's share of model `name`'s image encodes, every split and view, in the order `run_model` takes them."""
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+    try:
+        for split in data.splits:
+            split_stores(handle, config, data, split, progress=progress, world=world)
+    finally:
+        handle.close()
+
+
 def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunData | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, world: World = ONE_PROCESS, chunk_rows: int | None = None) -> dict:
     """Encode the prompts and every split with model `name`; write its embeddings, probabilities and predictions.
 
-    `image_embeddings.npy` is (images, dim), or (views, images, dim) when `sharpness` lists several factors.
+    `image_embeddings.npy` is (images, dim), or (views, images, dim) when `sharpness` lists several factors. Under
+    torchrun this is rank 0's part, while the other ranks run `encode_model_images`.
     """
     if name not in config.models:
         raise KeyError(f"no model '{name}' in the config (models: {', '.join(config.models)})")
     data = data or load_run_data(config)
-    handle = ModelHandle(name, config.models[name], config.device)
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
     out = model_dir(output_dir, name)
     started = time.perf_counter()
     try:
@@ -128,18 +185,10 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
         seconds = {}
         for split, images in data.splits.items():
             t0 = time.perf_counter()
-            image_embs = split_embeddings(handle, config, data, split, progress=progress)
+            stores = split_stores(handle, config, data, split, progress=progress, world=world)
             seconds[split] = round(time.perf_counter() - t0, 3)
-            scores = score_views(config, image_embs, text_emb, data.prompts)
-            probs = scores.prompt_probs
-            if probs is None:  # other scoring modes still record the winner's per-prompt probabilities
-                probs = torch.stack([joint_softmax_probs(e, text_emb, config.logit_scale) for e in image_embs]).mean(0)
-            split_dir = out / split
-            stacked = image_embs[0] if len(image_embs) == 1 else np.stack(image_embs)
-            write_npy(split_dir / "image_embeddings.npy", stacked)
-            write_npy(split_dir / "prompt_probs.npy", probs.numpy())
-            write_npy(split_dir / "class_scores.npy", scores.class_scores.numpy())
-            atomic_write_csv(split_dir / "predictions.csv", _predictions_frame(images, scores.labels, data.classes),
+            labels = score_split(config, stores, data.digests[split], text_emb, data.prompts, out / split, chunk_rows)
+            atomic_write_csv(out / split / "predictions.csv", _predictions_frame(images, labels, data.classes),
                              index=False)
         info = {
             "name": name,
@@ -149,6 +198,11 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             "precision": handle.entry.precision,
             "device": str(handle.device),
             "model_loaded": handle.loaded,  # False: everything came from the embedding cache
+            # where each part of the model was placed (device_map), how long loading took, from which weights
+            "placement": handle.encoder.placement if handle.loaded else None,
+            "load_seconds": handle.encoder.load_seconds if handle.loaded else None,
+            "weights_format": handle.encoder.weights_format if handle.loaded else None,
+            "world_size": world.size,  # processes that shared the encode (torchrun)
             "encode_seconds": seconds,
             "seconds": round(time.perf_counter() - started, 3),
             "data": data.fingerprints(),  # which images these outputs are of (the ensemble checks it)
@@ -176,20 +230,43 @@ def model_outputs_match(output_dir: str | Path, name: str, data: RunData) -> boo
     return path.is_file() and json.loads(path.read_text()).get("data") == data.fingerprints()
 
 
-def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: str) -> Scores:
+def model_outputs(output_dir: str | Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model `name`'s per-prompt probabilities and class scores of one split, memory-mapped."""
     split_dir = model_dir(output_dir, name) / split
     if not (split_dir / "class_scores.npy").is_file():
         raise FileNotFoundError(f"{split_dir}: no outputs of model '{name}' (run its inference first)")
-    probs = torch.from_numpy(np.load(split_dir / "prompt_probs.npy"))
-    class_scores = torch.from_numpy(np.load(split_dir / "class_scores.npy"))
-    return Scores(class_scores, probs if scoring == "joint_softmax_mean" else None)
+    return (np.load(split_dir / "prompt_probs.npy", mmap_mode="r"),
+            np.load(split_dir / "class_scores.npy", mmap_mode="r"))
+
+
+def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: str,
+                      rows: slice = slice(None)) -> Scores:
+    """Model `name`'s scores of one split (of `rows` of it), in memory."""
+    probs, class_scores = model_outputs(output_dir, name, split)
+    return Scores(torch.from_numpy(np.array(class_scores[rows])),
+                  torch.from_numpy(np.array(probs[rows])) if scoring == "joint_softmax_mean" else None)
+
+
+def ensemble_split(config: RunConfig, output_dir: str | Path, split: str, n: int, prompts: PromptSet,
+                   chunk_rows: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The ensemble's labels of one split and each model's, over chunks of rows of the models' outputs (a set of
+    millions never needs to fit in memory; each row is combined alone, so the chunks change nothing)."""
+    labels, per_model = np.empty(n, dtype=np.int64), {name: np.empty(n, dtype=np.int64) for name in config.models}
+    for rows in row_chunks(n, chunk_rows):
+        scores = {name: load_model_scores(output_dir, name, split, config.scoring, rows) for name in config.models}
+        labels[rows] = ensemble_scores(scores, ensemble_weights(config), prompts.class_index, len(prompts.classes),
+                                       config.ensemble.drop_below).labels
+        for name, s in scores.items():
+            per_model[name][rows] = s.labels
+    return labels, per_model
 
 
 def ensemble_weights(config: RunConfig) -> dict[str, float]:
     return config.ensemble.weights or {n: 1 / len(config.models) for n in config.models}
 
 
-def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None = None) -> dict:
+def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None = None,
+                 chunk_rows: int | None = None) -> dict:
     """Combine the models' outputs; write submission.csv (when there is a test split) and metrics.json."""
     data = data or load_run_data(config)
     output_dir = Path(output_dir)
@@ -201,10 +278,7 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
             raise RunStaleError(f"{model_dir(output_dir, name)} holds model {name}'s outputs for other images than "
                                 "this run's (which images are usable changed since): run its inference again")
     for split, images in data.splits.items():
-        per_model = {n: load_model_scores(output_dir, n, split, config.scoring) for n in config.models}
-        combined = ensemble_scores(per_model, weights, data.prompts.class_index, n_classes,
-                                   config.ensemble.drop_below)
-        labels = combined.labels
+        labels, per_model = ensemble_split(config, output_dir, split, len(images), data.prompts, chunk_rows)
         frame = _predictions_frame(images, labels, data.classes)
         summary: dict = {"images": len(images),
                          "predicted_counts": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)}}
@@ -217,11 +291,11 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
             write_submission(output_dir / "submission.csv", frame["id_idx"].tolist(), frame["label"].to_numpy(),
                              n_classes)
         if images.labels is not None:
-            summary["models"] = {n: evaluate(images.labels, s.labels, data.classes) for n, s in per_model.items()}
+            summary["models"] = {n: evaluate(images.labels, y, data.classes) for n, y in per_model.items()}
             summary["ensemble"] = evaluate(images.labels, labels, data.classes)
             # the ensemble against each model alone, on the same images: is the gain beyond chance?
-            summary["ensemble_vs_model"] = {n: paired_comparison(images.labels, s.labels, labels)
-                                            for n, s in per_model.items()}
+            summary["ensemble_vs_model"] = {n: paired_comparison(images.labels, y, labels)
+                                            for n, y in per_model.items()}
         metrics[split] = summary
     if data.skipped():
         metrics["skipped_images"] = data.skipped()
@@ -250,12 +324,13 @@ def _with_skipped(frame: pd.DataFrame, images: ImageSet, fallback: dict, classes
     return pd.concat([frame, skipped]).sort_values("position").drop(columns="position").reset_index(drop=True)
 
 
-def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData) -> None:
+def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, world: World = ONE_PROCESS) -> None:
     """The config used (resolved) and the manifest, with what each model's inference recorded."""
     output_dir = Path(output_dir)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     models = {n: json.loads((model_dir(output_dir, n) / "model.json").read_text()) for n in config.models}
     manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
+    manifest["world_size"] = world.size  # processes that shared the encodes (torchrun); the results do not depend on it
     write_json(output_dir / "manifest.json", manifest)
 
 
@@ -286,16 +361,49 @@ def check_paths(config: RunConfig, output_dir: str | Path) -> None:
                               "would be read as input images next time; give an --output-dir outside it")
 
 
-def predict(config: RunConfig, output_dir: str | Path, progress: bool = True) -> dict:
-    """Every model, then the ensemble: the whole run in this process."""
+def check_world(config: RunConfig, world: World) -> None:
+    """A model spread over GPUs (`device_map`) takes every GPU it sees: one rank per GPU cannot hold it."""
+    spread = [n for n, m in config.models.items() if m.device_map is not None]
+    if world.size > 1 and spread:
+        raise ConfigError(f"models.{spread[0]}.device_map spreads the model over the GPUs, which the {world.size} "
+                          "torchrun processes each want one of: run it in one process (without torchrun), or drop "
+                          "device_map to give each process a copy on its own GPU")
+
+
+def predict(config: RunConfig, output_dir: str | Path, progress: bool = True,
+            world: World = ONE_PROCESS) -> dict | None:
+    """Every model, then the ensemble: the whole run. Under torchrun every rank calls this: they share the encodes,
+    and rank 0 alone writes the outputs and returns the metrics (the others return None)."""
     check_paths(config, output_dir)
+    check_world(config, world)
     check_models(config)
     output_dir = Path(output_dir)
-    data = load_run_data(config, progress)
+    data = load_run_data(config, progress and world.is_main)
+    if not world.is_main:
+        for name in config.models:
+            encode_model_images(config, name, data, world)
+        return None
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)  # what a killed run was writing: never whole, never read
     for name in config.models:
-        run_model(config, name, output_dir, data, progress)
+        run_model(config, name, output_dir, data, progress, world)
     metrics = run_ensemble(config, output_dir, data)
-    write_run_files(config, output_dir, data)
+    write_run_files(config, output_dir, data, world)
     return metrics
+
+
+def encode_cache(config: RunConfig, progress: bool = True, world: World = ONE_PROCESS) -> None:
+    """Every model's image embeddings of every split and view, and (on rank 0) its prompt embeddings, into the
+    cache, without writing a run: `python -m helpers run --nproc N` does this under torchrun before its notebooks,
+    which then find everything cached."""
+    check_world(config, world)
+    check_models(config)
+    data = load_run_data(config, progress and world.is_main)
+    for name in config.models:
+        encode_model_images(config, name, data, world, progress)
+        if world.is_main:
+            handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+            try:
+                encode_texts(handle, data.prompts.texts, config.cache_dir)
+            finally:
+                handle.close()

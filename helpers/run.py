@@ -7,6 +7,7 @@ and tables. Everything lands in one run folder; a rerun reuses the inference of 
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,8 +103,21 @@ def _recorded_config(path: Path) -> dict | None:
         return None
 
 
+def encode_with_torchrun(config_file: str | Path, nproc: int, progress: bool) -> None:
+    """`python -m helpers encode` of the run folder's resolved config under torchrun, with `nproc` processes on this
+    machine: the notebooks then find every embedding in the cache."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "helpers", "encode", str(config_file)]
+    if not progress:
+        command.append("--quiet")
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise RunError(f"the encode with {nproc} processes (torchrun) failed with status {result.returncode}; its "
+                       "error is printed above, and a rerun resumes from what every process finished")
+
+
 def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
-                 analyses: bool = True, progress: bool = True, log=print) -> Path:
+                 analyses: bool = True, progress: bool = True, log=print, nproc: int = 1) -> Path:
     config = load_config(config_path, overrides)
     run_dir = Path(output_dir) if output_dir else default_run_dir(config)
     # before any work: bad paths, a missing model or an unusable image fail now, with the clear message
@@ -115,6 +129,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir:
     kernel = ensure_kernel()
     base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}
     executed = run_dir / "notebooks"
+    if nproc > 1:
+        log(f"encoding with {nproc} processes (torchrun)")
+        encode_with_torchrun(config_file, nproc, progress)
 
     for name in config.models:
         out = executed / f"04_inference-{name}.ipynb"

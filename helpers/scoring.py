@@ -33,9 +33,22 @@ def pool_by_class(prompt_scores: torch.Tensor, class_index, n_classes: int) -> t
     return torch.stack([prompt_scores[:, class_index == c].mean(dim=-1) for c in range(n_classes)], dim=-1)
 
 
+# Logits are computed this many images at a time, as the winner's loop did (its batches of 32): a matrix product's
+# rounding can depend on how many rows it has, so fixed blocks make an image's numbers the same however many images
+# are scored together (a run scores a large set in chunks of whole blocks).
+SCORE_BLOCK_ROWS = 32
+
+
+def scaled_logits(image_emb, text_emb, logit_scale: float = 100.0) -> torch.Tensor:
+    """scale * cos(image, prompt), in blocks of SCORE_BLOCK_ROWS images."""
+    image, text = _t(image_emb), _t(text_emb)
+    blocks = [logit_scale * image[s:s + SCORE_BLOCK_ROWS] @ text.T for s in range(0, len(image), SCORE_BLOCK_ROWS)]
+    return torch.cat(blocks) if blocks else logit_scale * image @ text.T
+
+
 def joint_softmax_probs(image_emb, text_emb, logit_scale: float = 100.0) -> torch.Tensor:
     """softmax(scale * cos) taken jointly over every prompt of every class, as the winner did."""
-    return (logit_scale * _t(image_emb) @ _t(text_emb).T).softmax(dim=-1)
+    return scaled_logits(image_emb, text_emb, logit_scale).softmax(dim=-1)
 
 
 def joint_softmax_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
@@ -47,12 +60,12 @@ def prototype_scores(image_emb, text_emb, class_index, n_classes, logit_scale=10
     """CLIP's usual practice: one prototype per class, the renormalised mean of its prompt embeddings."""
     prototypes = pool_by_class(_t(text_emb).T, class_index, n_classes).T
     prototypes = prototypes / prototypes.norm(dim=-1, keepdim=True)
-    return Scores((logit_scale * _t(image_emb) @ prototypes.T).softmax(dim=-1))
+    return Scores(scaled_logits(image_emb, prototypes, logit_scale).softmax(dim=-1))
 
 
 def mean_logit_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
     """Mean of each class's logits, then softmax over classes."""
-    logits = logit_scale * _t(image_emb) @ _t(text_emb).T
+    logits = scaled_logits(image_emb, text_emb, logit_scale)
     return Scores(pool_by_class(logits, class_index, n_classes).softmax(dim=-1))
 
 

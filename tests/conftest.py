@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.cache import image_store
 from helpers.config import config_from_dict
-from helpers.models import Encoder
+from helpers.data import file_digest, load_test_set
+from helpers.models import Encoder, ModelHandle
+from helpers.pipeline import predict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("WORKBENCH_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
@@ -134,3 +137,40 @@ def count_image_batches(monkeypatch):
 
     monkeypatch.setattr(Encoder, "encode_images", counted)
     return calls
+
+
+# --- runs with faults injected (tests/fault_injection.py), and what they are compared with
+
+FAULT_SCRIPT = PROJECT_ROOT / "tests" / "fault_injection.py"
+
+
+def fault_config(scene_dir, tiny_arch, tiny_checkpoints, cache: Path, sharpness_b: float = 2.0, **overrides):
+    a, b = tiny_checkpoints
+    entry = {"backend": "open_clip", "arch": str(tiny_arch), "batch_size": 8}
+    raw = {"name": "faults", "data": {"test": str(scene_dir)}, "num_workers": 0, "cache_dir": str(cache),
+           "models": {"a": {**entry, "pretrained": str(a), "sharpness": 2.3},
+                      "b": {**entry, "pretrained": str(b), "sharpness": sharpness_b}},
+           "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": 0.002}, **overrides}
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def clean_submission(tmp_path_factory, scene_dir, tiny_arch, tiny_checkpoints):
+    """What an uninterrupted run writes, from a cache of its own."""
+    tmp = tmp_path_factory.mktemp("clean")
+    predict(fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp / "cache"), tmp / "out", progress=False)
+    return (tmp / "out" / "submission.csv").read_bytes()
+
+
+def missing_batches(config) -> int:
+    """The batches a rerun must encode: those with an image that the cache lacks."""
+    files = load_test_set(config.data.test).files
+    digests = [file_digest(p) for p in files]
+    n = 0
+    for name, entry in config.models.items():
+        handle = ModelHandle(name, entry, "cpu")
+        for view in handle.views:
+            store = image_store(config.cache_dir, handle, view)
+            n += sum(any(d not in store for d in digests[s:s + entry.batch_size])
+                     for s in range(0, len(digests), entry.batch_size))
+    return n

@@ -3,6 +3,7 @@
     python tests/fault_injection.py FAULT PREDICT-ARGS...
 
 FAULT is one of
+    none                    no fault
     meet:DIR:N              no fault, but wait before the first image batch until N processes have come to DIR
                             (runs that share a cache, made to overlap)
     batch:K                 SIGKILL as the K-th image batch (1-based) starts encoding
@@ -11,7 +12,8 @@ FAULT is one of
     unlink:NAME:K           SIGKILL as the K-th such file is deleted (compaction: merged shard written, old ones not
                             yet removed)
     enospc:NAME:K           the K-th such write fails half-way with OSError(ENOSPC), as on a full disk
-Shards are flushed after every batch (helpers.cache.FLUSH_EVERY = 1), so the cache has many points to be hit at.
+Under torchrun, FAULT_RANK=R puts the fault in rank R only. Shards are flushed after every batch
+(helpers.cache.FLUSH_EVERY = 1), so the cache has many points to be hit at.
 Faults act at the operating-system calls (os.fdopen's writes, os.replace, os.unlink), not inside the workbench.
 """
 
@@ -28,6 +30,8 @@ import time
 def main() -> int:
     fault, argv = sys.argv[1], sys.argv[2:]
     kind, *rest = fault.split(":")
+    if os.environ.get("FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        kind = "none"  # under torchrun: the fault hits the rank FAULT_RANK names, the others run as they would
     count = {"n": 0}
 
     def hit(name: str) -> bool:
@@ -105,6 +109,8 @@ def main() -> int:
             return unlink(path, *args, **kwargs)
 
         os.unlink = faulty_unlink
+    elif kind == "none":
+        pass
     elif kind == "meet":
         original = Encoder.encode_images
         folder, n = rest[0], int(rest[1])

@@ -20,14 +20,13 @@ import yaml
 import helpers.cache
 import helpers.data
 from helpers.__main__ import main
-from helpers.cache import EmbeddingStore, encode_images, image_store
-from helpers.config import config_from_dict
-from helpers.data import bad_images_message, file_digest, image_problem, load_test_set
+from helpers.cache import EmbeddingStore, encode_images, open_segment
+from helpers.data import bad_images_message, image_problem, load_test_set
 from helpers.models import ModelHandle
 from helpers.outputs import read_submission
 from helpers.pipeline import RunStaleError, load_run_data, predict, run_ensemble
 
-from .conftest import CLASSES, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS
+from .conftest import CLASSES, FAULT_SCRIPT, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS, fault_config, missing_batches
 from .test_predict import write_config
 
 
@@ -206,10 +205,10 @@ def test_a_corrupt_shard_is_reported_set_aside_and_recomputed(make_config, tmp_p
     config = make_config()
     predict(config, tmp_path / "one", progress=False)
     batches = count_image_batches["n"]
-    shard = next((tmp_path / "cache" / "images").glob("*/*.npz"))
-    shard.write_bytes(shard.read_bytes()[:1000])  # truncated: zipfile.BadZipFile
+    shard = next((tmp_path / "cache" / "images").glob("*/*.seg"))
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated: shorter than its header says
     predict(config, tmp_path / "two", progress=False)
-    assert f"{shard} is unreadable (BadZipFile" in caplog.text and "set aside" in caplog.text
+    assert f"{shard} is unreadable (CorruptSegment: 1000 bytes where" in caplog.text and "set aside" in caplog.text
     assert shard.with_name(shard.name + ".corrupt").is_file() and not shard.exists()
     assert count_image_batches["n"] == batches + 2  # that model's two batches, again
     assert (tmp_path / "one" / "submission.csv").read_bytes() == (tmp_path / "two" / "submission.csv").read_bytes()
@@ -221,15 +220,15 @@ def test_compaction_keeps_rows_another_process_added_meanwhile(tmp_path, monkeyp
     other = EmbeddingStore(tmp_path / "s", {})  # another process, opened before the next row
     mine.add(["b"], np.full((1, 2), 2, np.float32))
     other.add(["c"], np.full((1, 2), 3, np.float32))
-    write = helpers.cache.atomic_write_bytes
+    write = helpers.cache.atomic_write_chunks
 
-    def meanwhile(path, data):  # while the merged shard is written, after the shards to merge were listed
-        if path.name.endswith("-merged.npz"):
+    def meanwhile(path, chunks):  # while the merged segment is written, after the segments to merge were listed
+        if path.name.endswith("-merged.seg"):
             other.add(["d"], np.full((1, 2), 4, np.float32))
-        write(path, data)
+        write(path, chunks)
 
-    monkeypatch.setattr(helpers.cache, "atomic_write_bytes", meanwhile)
-    mine.compact()  # mine never read c or d: a compaction of its own rows, or of all it sees, would delete them
+    monkeypatch.setattr(helpers.cache, "atomic_write_chunks", meanwhile)
+    mine.compact(min_segments=2)  # merges a, b, c; d comes while it writes: removing all it lists then would lose d
     rows = EmbeddingStore(tmp_path / "s", {}).get(["a", "b", "c", "d"])
     assert np.array_equal(rows, [[1, 1], [2, 2], [3, 3], [4, 4]])
 
@@ -238,46 +237,27 @@ def test_a_store_reads_a_shard_merged_away_while_it_opened(tmp_path, monkeypatch
     store = EmbeddingStore(tmp_path / "s", {})
     store.add(["a"], np.ones((1, 2), np.float32))
     store.add(["b"], np.zeros((1, 2), np.float32))
-    read = helpers.cache.read_shard
+    read = helpers.cache.open_segment
     compacted = []
 
-    def compact_first(shard):  # another process compacts between this one's listing and its reading
+    def compact_first(segment):  # another process compacts between this one's listing and its reading
         if not compacted:
-            compacted.append(shard)
-            store.compact()
-        return read(shard)
+            compacted.append(segment)
+            store.compact(min_segments=2)
+        return read(segment)
 
-    monkeypatch.setattr(helpers.cache, "read_shard", compact_first)
+    monkeypatch.setattr(helpers.cache, "open_segment", compact_first)
     assert len(EmbeddingStore(tmp_path / "s", {})) == 2
     assert compacted and not compacted[0].exists()  # the shard it listed first was gone when it came to read it
 
 
 # --- fault injection: kill a run (SIGKILL) at several points, fill its disk, run two configs on one cache at once
 
-FAULT_SCRIPT = PROJECT_ROOT / "tests" / "fault_injection.py"
 _rng = random.Random(20261126)
-# 38 images in batches of 8: 5 batches per model, each flushed as a shard. The .npz writes, in order: model a's
-# prompts, its 5 image shards, its merged shard; then the same for model b (14 in all).
+# 38 images in batches of 8: 5 batches per model, each flushed as a segment. The .seg writes, in order: model a's
+# prompts, its 5 image segments, its merged segment (5 small ones: compacted); then the same for model b (14 in all).
 FAULTS = ([f"batch:{k}" for k in sorted(_rng.sample(range(1, 11), 3))]
-          + [f"write:*.npz:{_rng.randint(1, 14)}", f"rename:*.npz:{_rng.randint(1, 14)}", "unlink:*.npz:1"])
-
-
-def fault_config(scene_dir, tiny_arch, tiny_checkpoints, cache: Path, sharpness_b: float = 2.0, **overrides):
-    a, b = tiny_checkpoints
-    entry = {"backend": "open_clip", "arch": str(tiny_arch), "batch_size": 8}
-    raw = {"name": "faults", "data": {"test": str(scene_dir)}, "num_workers": 0, "cache_dir": str(cache),
-           "models": {"a": {**entry, "pretrained": str(a), "sharpness": 2.3},
-                      "b": {**entry, "pretrained": str(b), "sharpness": sharpness_b}},
-           "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": 0.002}, **overrides}
-    return config_from_dict(raw)
-
-
-@pytest.fixture(scope="module")
-def clean_submission(tmp_path_factory, scene_dir, tiny_arch, tiny_checkpoints):
-    """What an uninterrupted run writes, from a cache of its own."""
-    tmp = tmp_path_factory.mktemp("clean")
-    predict(fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp / "cache"), tmp / "out", progress=False)
-    return (tmp / "out" / "submission.csv").read_bytes()
+          + [f"write:*.seg:{_rng.randint(1, 14)}", f"rename:*.seg:{_rng.randint(1, 14)}", "unlink:*.seg:1"])
 
 
 def run_with_fault(fault: str, config, tmp_path: Path, out: Path) -> subprocess.Popen:
@@ -288,27 +268,12 @@ def run_with_fault(fault: str, config, tmp_path: Path, out: Path) -> subprocess.
 
 
 def assert_only_whole_entries(cache: Path) -> None:
-    for shard in cache.rglob("*.npz"):
-        with np.load(shard) as z:  # a half-written shard would not load
-            assert z["keys"].ndim == 1 and len(z["keys"]) == len(z["vectors"]), shard
-    assert not list(cache.rglob("*.corrupt"))
+    for segment in cache.rglob("*.seg"):
+        open_segment(segment).close()  # a half-written segment: CorruptSegment
+    assert not list(cache.rglob("*.corrupt")) and not list(cache.rglob("*.npz"))
 
 
-def missing_batches(config) -> int:
-    """The batches a rerun must encode: those with an image that the cache lacks."""
-    files = load_test_set(config.data.test).files
-    digests = [file_digest(p) for p in files]
-    n = 0
-    for name, entry in config.models.items():
-        handle = ModelHandle(name, entry, "cpu")
-        for view in handle.views:
-            store = image_store(config.cache_dir, handle, view)
-            n += sum(any(d not in store for d in digests[s:s + entry.batch_size])
-                     for s in range(0, len(digests), entry.batch_size))
-    return n
-
-
-@pytest.mark.parametrize("fault", FAULTS + ["enospc:*.npz:4"])
+@pytest.mark.parametrize("fault", FAULTS + ["enospc:*.seg:4"])
 def test_a_run_killed_or_out_of_space_resumes_to_the_same_submission(
         fault, scene_dir, tiny_arch, tiny_checkpoints, clean_submission, tmp_path, count_image_batches):
     config = fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp_path / "cache")
@@ -317,7 +282,7 @@ def test_a_run_killed_or_out_of_space_resumes_to_the_same_submission(
     _, err = proc.communicate(timeout=300)
     if fault.startswith("enospc"):
         assert proc.returncode == 2 and err.count("\n") == 1, err
-        assert err.startswith("error: ") and ".npz: no space left on the device" in err
+        assert err.startswith("error: ") and ".seg: no space left on the device" in err
     else:
         assert proc.returncode == -9, err  # killed
     assert not (out / "submission.csv").exists()  # never half-written, and not written before the encode ends
