@@ -20,7 +20,7 @@ from pathlib import Path
 from .config import load_config
 from .data import DataError
 from .distributed import closing_world
-from .errors import debug_mode, is_user_error, one_line
+from .errors import UserError, check_agreement, debug_mode, is_user_error, one_line
 
 
 def _world(config):
@@ -35,6 +35,8 @@ def cmd_predict(args) -> None:
     from .pipeline import predict
 
     config = load_config(args.config, args.set)
+    if args.min_agreement is not None and config.reference is None:
+        check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
     world = _world(config)
     random = [n for n, m in config.models.items() if m.pretrained == "random"]
     if random and world.is_main:
@@ -45,6 +47,7 @@ def cmd_predict(args) -> None:
     if world.is_main:
         print(json.dumps(metrics, indent=2))
         print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}")
+        check_agreement(metrics, args.min_agreement, output_dir)
 
 
 def cmd_encode(args) -> None:
@@ -60,9 +63,12 @@ def cmd_encode(args) -> None:
 def cmd_run(args) -> None:
     from .run import run_pipeline
 
+    if args.min_agreement is not None and load_config(args.config, args.set).reference is None:
+        check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
     run_dir = run_pipeline(args.config, args.set, args.output_dir, analyses=not args.no_analyses,
                            progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), nproc=args.nproc)
     print(f"wrote {run_dir}")
+    check_agreement(json.loads((run_dir / "metrics.json").read_text()), args.min_agreement, run_dir)
 
 
 def cmd_install_kernel(args) -> None:
@@ -134,6 +140,10 @@ def cmd_make_dev(args) -> None:
     print(f"wrote {info['images']} images to {args.out}; estimated blur of the dev set: sigma_px={dev_blur:.2f}")
 
 
+MIN_AGREEMENT_HELP = ("for scheduled runs: exit with status 3, after writing everything, when the test set's "
+                      "agreement with the config's reference is below X (0..1)")
+
+
 def bounded(kind, low=None, high=None):
     """An argparse type: a number of `kind` in [low, high] (finite), with the range in the error."""
     def parse(text: str):
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", help="the run folder (default: outputs/runs/<name>-<config hash>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--no-analyses", action="store_true", help="only inference and ensemble")
+    p.add_argument("--min-agreement", type=bounded(float, 0, 1), metavar="X", help=MIN_AGREEMENT_HELP)
     p.add_argument("--nproc", type=bounded(int, 1, 1024), default=1,
                    help="encode with N processes under torchrun first (one per GPU; gloo on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -177,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.limit=64 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--min-agreement", type=bounded(float, 0, 1), metavar="X", help=MIN_AGREEMENT_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("encode", parents=[common],
@@ -227,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not is_user_error(e):
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return e.exit_status if isinstance(e, UserError) else 2
     return 0
 
 

@@ -112,6 +112,7 @@ class RunConfig:
     num_workers: int | None = None  # image decoding processes; default: none on the CPU, up to 8 beside a GPU
     on_bad_image: str = "error"  # error: stop before encoding, listing every unreadable image; skip: leave them out
     fallback_label: str | None = None  # with skip: the class given to skipped test images (default: the majority)
+    reference: str | None = None  # a submission to agree with: a built-in name (winner-116) or the path of a CSV
     analysis: Analysis = field(default_factory=Analysis)
 
     def to_dict(self) -> dict:
@@ -431,6 +432,8 @@ def _resolve_paths(config: RunConfig) -> None:
     if config.data.dev is not None:
         config.data.dev.path = _resolve(config.data.dev.path)
     config.cache_dir = _resolve(config.cache_dir)
+    if config.reference is not None and config.reference.endswith(".csv"):
+        config.reference = _resolve(config.reference)
     specs = config.prompts if isinstance(config.prompts, list) else [config.prompts]
     for spec in specs:
         if isinstance(spec, PromptSpec) and spec.set.endswith((".yaml", ".yml")):

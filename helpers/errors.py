@@ -18,6 +18,29 @@ DEBUG_ENV = "HELPERS_DEBUG"  # set (e.g. by --debug) to see full tracebacks in t
 class UserError(Exception):
     """Bad input: the message names the file or setting and says how to fix it."""
 
+    exit_status = 2  # of the command line
+
+
+class BelowMinimumAgreement(UserError):
+    """A run that finished and wrote everything, but agrees with its reference less than asked (`--min-agreement`):
+    for scheduled runs, a status of its own."""
+
+    exit_status = 3
+
+
+def check_agreement(metrics: dict, minimum: float | None, where) -> None:
+    """Raise BelowMinimumAgreement when the test set's agreement with the reference in `metrics` is below `minimum`."""
+    if minimum is None:
+        return
+    found = metrics.get("test", {}).get("reference")
+    if found is None:
+        raise UserError("--min-agreement needs a test set and a reference in the config (reference: winner-116, or "
+                        "--set reference=PATH.csv)")
+    if found["agreement"] < minimum:
+        raise BelowMinimumAgreement(
+            f"agreement {found['agreement']:.4f} with {found['reference']} ({found['differing']} of {found['images']} "
+            f"images differ) is below --min-agreement {minimum}; everything was written to {where}")
+
 
 _OS_ADVICE = {
     errno.ENOENT: "no such file or folder: check the path",

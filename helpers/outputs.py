@@ -52,6 +52,44 @@ def read_submission(path: Path) -> tuple[list[int], list[int]]:
     return df["id_idx"].tolist(), df["label"].tolist()
 
 
+REFERENCE_DIR = Path(__file__).parent / "references"
+
+
+def list_references() -> list[str]:
+    return sorted(p.stem for p in REFERENCE_DIR.glob("*.csv"))
+
+
+def reference_path(reference: str) -> Path:
+    """The submission a config's `reference` names: a built-in one (helpers/references/) or a CSV file."""
+    if reference.endswith(".csv"):
+        path = Path(reference)
+        if not path.is_file():
+            raise SubmissionError(f"reference: no such submission file {path}")
+        return path
+    path = REFERENCE_DIR / f"{reference}.csv"
+    if not path.is_file():
+        raise SubmissionError(f"reference: no built-in reference '{reference}' (built-in: "
+                              f"{', '.join(list_references())}; or give the path of a submission .csv)")
+    return path
+
+
+def reference_agreement(reference: str, ids: list[int], labels) -> dict:
+    """How far a submission agrees with the reference, on the images both have, with a 95% bootstrap interval."""
+    from .stats import bootstrap_ci
+
+    path = reference_path(reference)
+    ref_ids, ref_labels = read_submission(path)
+    by_id = dict(zip(ref_ids, ref_labels))
+    common = [(i, y) for i, y in zip(ids, np.asarray(labels).tolist()) if i in by_id]
+    if not common:
+        raise SubmissionError(f"reference {path} has none of the run's test ids (e.g. {ids[0]}): is it a submission "
+                              "for this test set?")
+    same = np.array([by_id[i] == y for i, y in common])
+    lo, hi = bootstrap_ci(same)
+    return {"reference": reference, "path": str(path), "agreement": float(same.mean()), "ci95": [lo, hi],
+            "differing": int((~same).sum()), "images": len(common), "not_in_reference": len(ids) - len(common)}
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 

@@ -25,7 +25,7 @@ from .distributed import ONE_PROCESS, World
 from .errors import UserError
 from .files import atomic_write_csv, atomic_write_text, npy_rows, remove_stale_temporaries
 from .models import ModelHandle, WeightsUnavailableError, resolve_device
-from .outputs import build_manifest, write_json, write_npy, write_submission
+from .outputs import build_manifest, reference_agreement, reference_path, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
 from .scoring import SCORE_BLOCK_ROWS, Scores, average_scores, ensemble_scores, joint_softmax_probs, score
 from .stats import evaluate, paired_comparison
@@ -290,6 +290,9 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
         if split == "test":
             write_submission(output_dir / "submission.csv", frame["id_idx"].tolist(), frame["label"].to_numpy(),
                              n_classes)
+            if config.reference is not None:
+                summary["reference"] = reference_agreement(config.reference, frame["id_idx"].tolist(),
+                                                           frame["label"].to_numpy())
         if images.labels is not None:
             summary["models"] = {n: evaluate(images.labels, y, data.classes) for n, y in per_model.items()}
             summary["ensemble"] = evaluate(images.labels, labels, data.classes)
@@ -350,6 +353,8 @@ def check_models(config: RunConfig) -> None:
 def check_paths(config: RunConfig, output_dir: str | Path) -> None:
     """Before any work: the run folder and the cache are folders (or can be made), and the run folder is outside
     the input folders, where its files (figures are PNG images) would be read as input next time."""
+    if config.reference is not None:
+        reference_path(config.reference)
     for what, path in (("the run folder (--output-dir)", Path(output_dir)), ("cache_dir", Path(config.cache_dir))):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{what} {path} is a file, not a folder: give a folder")
