@@ -506,6 +506,11 @@ def store_main(argv: list[str]) -> None:
     parser.add_argument("--probe-small", help=argparse.SUPPRESS)
     parser.add_argument("--probe-seed", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("rows", "dim", "segment_rows", "lookups", "append", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lookups > args.rows:
+        parser.error(f"--lookups {args.lookups} asks for more keys than --rows {args.rows} holds")
     if args.probe:
         store_probe(args)
         return

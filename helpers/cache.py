@@ -564,6 +564,8 @@ def encode_texts(handle: ModelHandle, texts: list[str], cache_dir: str | Path, c
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
         store.add([text_key(t) for t in part], handle.encoder.encode_texts(part).numpy())
+    if todo:
+        store.compact()  # each new prompt set adds a small segment: merged, they stay few (each one open costs files)
     return store.get(keys)
 
 
@@ -591,11 +593,13 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
     store = image_store(cache_dir, handle, preprocess)
     digests = digests if digests is not None else [file_digest(p) for p in files]
     bs = handle.entry.batch_size
-    present = store.contains(digests)
     batches = [list(range(s, min(s + bs, len(files)))) for s in range(0, len(files), bs)]
-    todo = [b for b in batches if not present[b].all()]
-    world.barrier()  # every rank has seen the cache as it was before any writes to it: they share the same todo
+    present = store.contains(digests)
+    todo = world.agree([b for b in batches if not present[b].all()])
     mine = world.share(todo)
+    # an image that appears twice (the same bytes) is stored from the batch of its first place only, so its row
+    # never depends on which rank or run wrote first
+    first = {d: i for i, d in reversed(list(enumerate(digests)))}
     if mine:
         loader = torch.utils.data.DataLoader(
             ImageFiles(files, preprocess.transform()), batch_sampler=mine, num_workers=num_workers,
@@ -609,8 +613,10 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
             for batch, pixels in zip(mine, loader):
                 if isinstance(pixels, UnreadableImage):  # changed or removed since the check
                     raise DataError(pixels.message)
-                pending.append(handle.encoder.encode_images(pixels).numpy())
-                pending_keys += [digests[i] for i in batch]
+                rows = handle.encoder.encode_images(pixels).numpy()
+                own = [k for k, i in enumerate(batch) if first[digests[i]] == i]
+                pending.append(rows[own])
+                pending_keys += [digests[batch[k]] for k in own]
                 bar.update(len(batch))
                 if len(pending_keys) >= (flush_every or FLUSH_EVERY):
                     store.add(pending_keys, np.concatenate(pending))
@@ -622,6 +628,10 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
     world.barrier()
     if world.size > 1:
         store.refresh()  # the other ranks' rows
+        lost = int((~store.contains(digests)).sum()) if world.is_main else 0
+        if lost:
+            raise DataError(f"{lost} image embeddings that the other processes wrote are not in {store.root}: "
+                            "under torchrun, cache_dir must be a folder that every process (and machine) sees")
     if todo and world.is_main:
         store.compact()
     return store

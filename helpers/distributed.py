@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 # a rank waits at a barrier while the others finish their share of an encode: hours, for a large set
 BARRIER_TIMEOUT = timedelta(hours=24)
 
@@ -43,6 +45,15 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def agree(self, value):
+        """Rank 0's `value` on every rank (what each rank would compute alone can differ: another run may write
+        into a shared cache between two ranks' looks)."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def device(self, device: torch.device) -> torch.device:
         """The device of this rank: its own GPU when the run is on CUDA."""
         if self.size > 1 and device.type == "cuda":
@@ -62,6 +73,9 @@ def init_world(device: torch.device) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"torchrun started a process for GPU {local_rank}, but this machine has "
+                                  f"{torch.cuda.device_count()}: give --nproc_per_node (or --nproc) at most that")
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=BARRIER_TIMEOUT)
     return World(dist.get_rank(), dist.get_world_size(), local_rank)

@@ -70,8 +70,11 @@ def atomic_write_chunks(path: Path, chunks: Callable[[], Iterable]) -> None:
 def npy_rows(path: Path, shape: tuple[int, ...], dtype=np.float32):
     """A memory-mapped `.npy` array to fill a chunk of rows at a time, put in place whole when the block ends: an
     output larger than memory, written atomically."""
-    with atomic_file(path) as (_, tmp):
+    with atomic_file(path) as (fd, tmp):
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        # the mapped file is sparse: reserve its blocks now, so that a full disk is an OSError here and not a SIGBUS
+        # when a page is first written
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
         yield array
         array.flush()
         del array

@@ -155,12 +155,16 @@ def score_split(config: RunConfig, stores: list[EmbeddingStore], digests: list[s
     return labels
 
 
-def encode_model_images(config: RunConfig, name: str, data: RunData, world: World, progress: bool = False) -> None:
-    """A rank's share of model `name`'s image encodes, every split and view, in the order `run_model` takes them."""
+def encode_model_images(config: RunConfig, name: str, data: RunData, world: World, progress: bool = False,
+                        prompts: bool = False) -> None:
+    """A rank's share of model `name`'s image encodes, every split and view, in the order `run_model` takes them
+    (and with `prompts`, the prompts too, with the same loaded model)."""
     handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
     try:
         for split in data.splits:
             split_stores(handle, config, data, split, progress=progress, world=world)
+        if prompts:
+            encode_texts(handle, data.prompts.texts, config.cache_dir)
     finally:
         handle.close()
 
@@ -405,10 +409,4 @@ def encode_cache(config: RunConfig, progress: bool = True, world: World = ONE_PR
     check_models(config)
     data = load_run_data(config, progress and world.is_main)
     for name in config.models:
-        encode_model_images(config, name, data, world, progress)
-        if world.is_main:
-            handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
-            try:
-                encode_texts(handle, data.prompts.texts, config.cache_dir)
-            finally:
-                handle.close()
+        encode_model_images(config, name, data, world, progress, prompts=world.is_main)

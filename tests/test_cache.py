@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import helpers.cache
-from helpers.cache import EmbeddingStore, _npz_bytes, default_num_workers, encode_images, image_store
+from helpers.cache import EmbeddingStore, _npz_bytes, default_num_workers, encode_images, image_store, open_segment
 from helpers.data import load_test_set
 from helpers.models import ModelHandle
 from helpers.pipeline import predict
@@ -366,3 +366,17 @@ def test_the_store_benchmark_runs_and_ends_with_its_json(tmp_path, capsys):
         assert report[key] >= 0, key
     assert set(report["targets_met"]) == {"open_s", "lookup_s", "append_s", "peak_rss_mb"}
     assert list(tmp_path.iterdir()) == [out]  # the store was removed
+
+
+def test_an_image_listed_twice_is_stored_from_its_first_place_only(make_config, scene_dir, tmp_path):
+    entry = vars(make_config().models["a"])
+    config = make_config(models={"a": {**entry, "batch_size": 4}}, ensemble={})
+    handle = ModelHandle("a", config.models["a"], "cpu")
+    files = load_test_set(scene_dir).files[:8]
+    twice = [*files, files[0]]  # the same bytes in batches 1 and 3 (e.g. duplicates in the challenge set)
+    rows = encode_images(handle, twice, handle.views[0], tmp_path / "cache", num_workers=0, flush_every=1,
+                         progress=False)
+    store = image_store(tmp_path / "cache", handle, handle.views[0])
+    stored = [key for name in store.segments for key in open_segment(store.root / name).keys]
+    assert len(stored) == len(set(stored)) == 8  # written once, from batch 1, whichever batch finished first
+    assert np.array_equal(rows[0], rows[8])
