@@ -4,6 +4,7 @@ Public surface: load a run config, then `predict` it, or call its steps (`run_mo
 pieces (prompt sets, scoring modes, backends, the embedding cache) are importable from their modules.
 """
 
+from . import progress  # noqa: F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.progress)
 from .config import RunConfig, config_from_dict, load_config
 from .pipeline import load_run_data, predict, run_ensemble, run_model
 from .prompts import list_prompt_sets, load_prompts

@@ -3,6 +3,8 @@
     python -m helpers run CONFIG.yaml [--output-dir DIR]       the notebooks end to end (papermill): the main job
     python -m helpers predict CONFIG.yaml --output-dir DIR     the same computation in this process, no notebooks
     python -m helpers encode CONFIG.yaml                       every model's embeddings into the cache, no outputs
+    python -m helpers compare RUN_A RUN_B                      how two runs (or submission.csv files) differ
+    python -m helpers runs                                     the run history, latest first
     torchrun --nproc_per_node N -m helpers predict|encode ...  the same, the encodes shared by N processes
     python -m helpers estimate-blur DIR [--limit N]            blur statistics of a folder of images
     python -m helpers make-dev SRC --out DST --class-map ...   a labeled dev set degraded like the test set
@@ -14,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 from .config import load_config
 from .data import DataError
 from .distributed import closing_world
 from .errors import UserError, check_agreement, debug_mode, is_user_error, one_line
+from .history import record_run
 
 
 def _world(config):
@@ -43,8 +48,10 @@ def cmd_predict(args) -> None:
         print(f"note: model(s) {', '.join(random)} use RANDOM weights (pretrained: random): "
               "their predictions are meaningless", file=sys.stderr)
     output_dir = Path(args.output_dir or Path("outputs") / "predict" / config.name)
+    started = time.perf_counter()
     metrics = predict(config, output_dir, progress=not args.quiet, world=world)
     if world.is_main:
+        record_run(config, output_dir, metrics, time.perf_counter() - started, "predict", world.size)
         print(json.dumps(metrics, indent=2))
         print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}")
         check_agreement(metrics, args.min_agreement, output_dir)
@@ -61,14 +68,21 @@ def cmd_encode(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .run import run_pipeline
+    from .run import run_pipeline, run_summary
 
-    if args.min_agreement is not None and load_config(args.config, args.set).reference is None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("`run` under torchrun would run the whole pipeline once per process: run it alone, with "
+                        "--nproc N for the encodes")
+    config = load_config(args.config, args.set)
+    if args.min_agreement is not None and config.reference is None:
         check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
+    started = time.perf_counter()
     run_dir = run_pipeline(args.config, args.set, args.output_dir, analyses=not args.no_analyses,
                            progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), nproc=args.nproc)
-    print(f"wrote {run_dir}")
-    check_agreement(json.loads((run_dir / "metrics.json").read_text()), args.min_agreement, run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    record_run(config, run_dir, metrics, time.perf_counter() - started, "run", args.nproc)
+    print(run_summary(run_dir))  # where the run is, what it wrote, how to compare it or open it
+    check_agreement(metrics, args.min_agreement, run_dir)
 
 
 def cmd_install_kernel(args) -> None:
@@ -131,7 +145,7 @@ def cmd_make_dev(args) -> None:
         quality = matched["quality"] if quality is None else quality
         provenance["matched_to"] = {"test": str(args.test), **matched}
     info = build_dev_set(args.src, args.out, classes, class_map, sigma, quality, args.kernel_size, args.size,
-                         provenance, progress=not args.quiet)
+                         provenance, progress=not args.quiet, limit_per_class=args.limit_per_class)
     dev_blur = measure_blur(list_images(args.out))["median"]
     print(json.dumps({k: v for k, v in info.items() if k != "ignored_non_images"}, indent=2))
     if info["ignored_non_images"]:
@@ -142,6 +156,26 @@ def cmd_make_dev(args) -> None:
 
 MIN_AGREEMENT_HELP = ("for scheduled runs: exit with status 3, after writing everything, when the test set's "
                       "agreement with the config's reference is below X (0..1)")
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare_runs, parse_names, summary_lines
+
+    result = compare_runs(args.a, args.b, args.output_dir, parse_names(args.names))
+    for line in summary_lines(result):
+        print(line)
+    print(json.dumps(result))  # the last line: one JSON object
+
+
+def cmd_runs(args) -> None:
+    from .history import default_index_path, format_history, read_history
+
+    index = Path(args.index) if args.index else default_index_path()
+    history = read_history(index)
+    if history.empty:
+        print(f"no runs recorded yet in {index} (every run and predict adds one)")
+        return
+    print(format_history(history, args.limit))
 
 
 def bounded(kind, low=None, high=None):
@@ -223,8 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel-size", type=bounded(int, 1, 1001),
                    help="blur kernel size (default: the full Gaussian, 4 sigma)")
     p.add_argument("--size", type=bounded(int, 8, 4096), default=224)
+    p.add_argument("--limit-per-class", type=bounded(int, 1),
+                   help="only the first N images of each class, in natural order (a small dev set, e.g. the demo's)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_dev)
+
+    p = sub.add_parser("compare", parents=[common],
+                       help="label agreement of two runs (or submission.csv files) on the test set, image by image")
+    p.add_argument("a", help="run folder (of run or predict) or submission.csv: A")
+    p.add_argument("b", help="run folder or submission.csv: B")
+    p.add_argument("--output-dir", help="where to write tables/ and figures/ (default: outputs/compare/<A>-vs-<B>)")
+    p.add_argument("--names", metavar="NAME_A,NAME_B", help="what to call A and B (default: their folder names)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("runs", parents=[common], help="the run history (outputs/runs/index.csv), latest first")
+    p.add_argument("--index", help="the history file (default: outputs/runs/index.csv, or $HELPERS_RUN_INDEX)")
+    p.add_argument("--limit", type=bounded(int, 1), help="only the latest N runs")
+    p.set_defaults(func=cmd_runs)
     args = parser.parse_args(argv)
     try:
         with debug_mode(args.debug), closing_world():

@@ -137,7 +137,8 @@ def load_dev_set(root: str | Path, classes: list[str], class_map: dict[str, str]
     With `limit`, images are taken round-robin over the classes in natural order, so a small dev set stays balanced.
     """
     root = Path(root)
-    require_folder(root, "data.dev.path", "`make dev-data` builds the dev set in data/dev")
+    require_folder(root, "data.dev.path", "`make dev-demo` builds the demo's small dev set in data/dev-demo, "
+                   "`make dev-data` the full one in data/dev")
     folders = natsorted(p.name for p in root.iterdir() if p.is_dir())
     if not folders:
         raise DataError(f"{root}: no class folders in the dev folder")

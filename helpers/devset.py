@@ -7,6 +7,7 @@ import json
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +69,25 @@ def match_test_blur(src_files: list[Path], test_dir: Path, sample: int = 96, ker
     return {"sigma": sigma, "quality": test["jpeg_quality"], "test_blur_median": round(test["median"], 3)}
 
 
+def first_per_class(images, limit: int | None):
+    """The first `limit` images of each class, in the set's (natural) order; all of them without a limit."""
+    if limit is None:
+        return images
+    seen = Counter()
+    keep = []
+    for i, label in enumerate(images.labels.tolist()):
+        seen[label] += 1
+        if seen[label] <= limit:
+            keep.append(i)
+    return replace(images, files=[images.files[i] for i in keep], labels=images.labels[keep])
+
+
 def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_map: dict[str, str] | None,
                   sigma: float, quality: int | None, kernel_size: int | None = None, size: int = 224,
-                  provenance: dict | None = None, progress: bool = True) -> dict:
-    """Degrade every image of the labeled folder `src` into `out/<class name>/<stem>.jpg`; returns what was done
-    (also written to `out/degradation.json`).
+                  provenance: dict | None = None, progress: bool = True, limit_per_class: int | None = None) -> dict:
+    """Degrade every image of the labeled folder `src` (with `limit_per_class`, the first N of each class in
+    natural order) into `out/<class name>/<stem>.jpg`; returns what was done (also written to
+    `out/degradation.json`).
 
     Deterministic (no randomness; JPEG encoding is a pure function of the pixels). The set is written into a
     temporary folder beside `out` and moved into place when complete, so `out` is never half-built.
@@ -83,7 +98,7 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
     if out.resolve().is_relative_to(src.resolve()):
         raise DataError(f"--out {out} is inside the source folder {src}: the dev set would be read as a class "
                         "folder of its own source; write it outside")
-    source = load_dev_set(src, classes, class_map)
+    source = first_per_class(load_dev_set(src, classes, class_map), limit_per_class)
     require_usable(source.files, progress)
     stray = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +115,8 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
             names.add(target)
             target.write_bytes(degrade_bytes(open_image(path), sigma, quality, size, kernel_size))
         info = {"source": str(src), "images": len(source), "per_class": dict(zip(classes, np.bincount(
-            source.labels, minlength=len(classes)).tolist())), "class_map": class_map,
+            source.labels, minlength=len(classes)).tolist())), "limit_per_class": limit_per_class,
+            "class_map": class_map,
             "degradation": {"size": size, "resize": "bicubic", "sigma": sigma, "kernel_size": kernel_size,
                             "jpeg_quality": quality}, "ignored_non_images": [str(p) for p in stray],
             **(provenance or {})}

@@ -22,9 +22,13 @@ def start(config_path: str) -> tuple[RunConfig, RunData]:
 
 
 def require_dev(data: RunData) -> None:
+    """A one-line error (nb.start installed the handler) whose advice works as written: build a dev set, then name
+    it in the config."""
     if "dev" not in data.splits:
-        raise ConfigError("this notebook needs a labeled dev set: add data.dev to the config (`make dev-data` "
-                          "builds one in data/dev; then --set data.dev.path=data/dev)")
+        raise ConfigError("this notebook needs a labeled dev set, and the config has no data.dev: build one (`make "
+                          "dev-demo`: 120 images in data/dev-demo, which configs/demo.yaml names; `make dev-data`: "
+                          "1,500 in data/dev), then add it under data in the config (`dev: {path: data/dev}`) or run "
+                          "with --set data.dev.path=data/dev")
 
 
 def blur_statistics(data: RunData, limit: int = 2000) -> tuple[pd.DataFrame, dict[str, list[float]]]:

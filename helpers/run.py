@@ -15,10 +15,12 @@ import yaml
 
 from .cache import json_digest
 from .config import RunConfig, load_config
+from .distributed import World
 from .errors import UserError
 from .files import atomic_write_text, remove_stale_temporaries
 from .outputs import PROJECT_ROOT
-from .pipeline import check_models, check_paths, load_run_data, model_outputs_match
+from .pipeline import check_models, check_paths, check_world, load_run_data, model_outputs_match
+from .progress import saved_run_kernels
 
 KERNEL_NAME = "blur-zeroshot"
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -31,12 +33,35 @@ class RunError(UserError, RuntimeError):
     """A run that stopped; the message names the notebook and the cell, or the run folder."""
 
 
+# JupyterLab settings of this environment (share/jupyter/lab/settings/overrides.json under sys.prefix): no "Jupyter
+# news" pop-up asking a new user whether to fetch news from the internet (offline it could not anyway)
+LAB_SETTINGS = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
+
+
 def install_kernel() -> str:
-    """Register this interpreter as the Jupyter kernel the notebooks name (for JupyterLab and papermill)."""
+    """Register this interpreter as the Jupyter kernel the notebooks name (for JupyterLab and papermill), and write
+    the project's JupyterLab settings into this environment (`install_lab_settings`)."""
     from ipykernel.kernelspec import install
 
     install(user=True, kernel_name=KERNEL_NAME, display_name="Python (blur-zeroshot workbench)")
+    install_lab_settings()
     return KERNEL_NAME
+
+
+def install_lab_settings(prefix: str | Path = sys.prefix) -> Path:
+    """Merge LAB_SETTINGS into `<prefix>/share/jupyter/lab/settings/overrides.json` (the defaults JupyterLab starts
+    from in this environment; a user's own settings still win), keeping whatever else the file sets."""
+    import json
+
+    path = Path(prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    try:
+        settings = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        settings = {}  # a damaged file: JupyterLab could not read it either
+    for plugin, values in LAB_SETTINGS.items():
+        settings[plugin] = {**settings.get(plugin, {}), **values}
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+    return path
 
 
 def ensure_kernel() -> str:
@@ -62,8 +87,9 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
 
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        pm.execute_notebook(NOTEBOOKS / notebook, output, parameters=parameters, kernel_name=kernel,
-                            cwd=str(PROJECT_ROOT), progress_bar=progress)
+        with saved_run_kernels():  # no live frontend: text progress, widgets as pictures (helpers.progress)
+            pm.execute_notebook(NOTEBOOKS / notebook, output, parameters=parameters, kernel_name=kernel,
+                                cwd=str(PROJECT_ROOT), progress_bar=progress)
     except pm.PapermillExecutionError as e:
         first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
         # a user error is shown in its cell as the one line the command line prints (errors.install_notebook_handler)
@@ -71,6 +97,41 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
         what = shown.removeprefix("error: ") if shown else " ".join(f"{e.ename}: {e.evalue}".split())
         raise RunError(f"{notebook} failed in cell In [{e.exec_count}] (`{first_line}`): {what} (the executed "
                        f"notebook, with the cell's output, is {output})") from None
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """What `python -m helpers run` prints at the end: where the run is, what it wrote, and how to look at it (compare
+    it with another run, or open its executed notebooks in JupyterLab)."""
+    import json
+    import textwrap
+
+    run_dir = Path(run_dir)
+    outputs = [n for n in ("submission.csv", "metrics.json", "manifest.json", "config.yaml") if (run_dir / n).is_file()]
+    notebooks = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
+    lines = [f"wrote {run_dir}: {', '.join(outputs)}"]
+
+    def listing(what: str, names: list[str]) -> None:
+        if names:
+            lines.extend(textwrap.wrap(", ".join(names), 116, initial_indent=f"  {what} ({len(names)}): ",
+                                       subsequent_indent="    ", break_on_hyphens=False))
+
+    listing("executed notebooks, notebooks/", notebooks)
+    listing("figures, figures/", sorted(p.name for p in (run_dir / "figures").glob("*.png")))
+    listing("tables, tables/", sorted(p.name for p in (run_dir / "tables").glob("*.csv")))
+    try:
+        models = json.loads((run_dir / "manifest.json").read_text()).get("models", {})
+    except (OSError, ValueError):
+        models = {}
+    random = [n for n, m in models.items() if isinstance(m, dict) and m.get("random_weights")]
+    if random:
+        lines.append(f"  note: RANDOM weights ({', '.join(random)}): the labels and accuracies are meaningless")
+    # `make lab RUN=...` runs in the project root: name the folder from there
+    lab_dir = run_dir.resolve()
+    lab_dir = lab_dir.relative_to(PROJECT_ROOT) if lab_dir.is_relative_to(PROJECT_ROOT) else lab_dir
+    lines += ["next:",
+              f"  compare it with another run:  python -m helpers compare {run_dir} OTHER_RUN",
+              f"  open it in JupyterLab:        make lab RUN={lab_dir}   (the notebooks under notebooks/)"]
+    return "\n".join(lines)
 
 
 def _finished(notebook: Path) -> bool:
@@ -122,6 +183,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir:
     run_dir = Path(output_dir) if output_dir else default_run_dir(config)
     # before any work: bad paths, a missing model or an unusable image fail now, with the clear message
     check_paths(config, run_dir)
+    check_world(config, World(size=nproc))
     check_models(config)
     data = load_run_data(config, progress)
     config_file = str(_claim_run_dir(run_dir, config).resolve())

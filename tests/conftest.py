@@ -35,6 +35,14 @@ TINY_ARCH = {
 }
 
 
+@pytest.fixture(autouse=True)
+def run_index(tmp_path, monkeypatch) -> Path:
+    """Runs in tests record their history in the test's own folder, not in the project's outputs/runs/index.csv."""
+    path = tmp_path / "runs-index.csv"
+    monkeypatch.setenv("HELPERS_RUN_INDEX", str(path))
+    return path
+
+
 def require_shared(path: Path) -> Path:
     """Real data is required in CI (a missing folder fails there); elsewhere its absence skips the test."""
     if not path.exists():

@@ -1,18 +1,37 @@
 """The notebooks, executed end to end by papermill on tiny models and real images: what each writes."""
 
 import json
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 
 import nbformat
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from helpers.data import DataError
+from helpers.config import load_config
+from helpers.data import DataError, load_dev_set, read_classes
 from helpers.outputs import read_submission
 from helpers.pipeline import predict
-from helpers.run import INFERENCE, KERNEL_NAME, NOTEBOOKS, RunError, ensure_kernel, execute, run_pipeline
+from helpers.run import (
+    INFERENCE,
+    KERNEL_NAME,
+    NOTEBOOKS,
+    SHARPNESS,
+    RunError,
+    ensure_kernel,
+    execute,
+    install_lab_settings,
+    run_pipeline,
+    run_summary,
+)
 
-from .conftest import INTEL_CLASS_MAP, SCENE_IDS
+from .conftest import INTEL, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS, require_shared
 
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
 
@@ -165,3 +184,119 @@ def test_a_failing_cell_shows_the_one_line_error_and_the_run_names_notebook_and_
     failed = next(c for c in nbformat.read(out, as_version=4).cells if c.get("outputs"))
     assert [o.get("traceback") for o in failed.outputs if o.output_type == "error"] == [
         [f"error: {config}: no such run config file"]]
+
+
+def _outputs_text(book) -> list[str]:
+    """Every text a saved notebook shows: streams, and the text/plain of displays and results."""
+    texts = []
+    for cell in book.cells:
+        for o in cell.get("outputs", []):
+            texts.append(o.get("text", "") if o.output_type == "stream" else o.get("data", {}).get("text/plain", ""))
+    return texts
+
+
+def test_a_saved_run_shows_pictures_for_widgets_and_finished_progress(run_dir):
+    """JupyterLab draws no widget of a notebook it did not save: a saved run shows a picture or text in each widget's
+    place, and progress as finished text bars (a saved widget bar reads `0%| | 0/64` forever)."""
+    inspect = nbformat.read(run_dir / "notebooks" / "01_inspect.ipynb", as_version=4)
+    slider = next(c for c in inspect.cells if "sharpness_slider(" in c.source)
+    assert [o for o in slider.outputs if "image/png" in o.get("data", {})]
+    assert "Run the notebook live" in "".join(_outputs_text(inspect))
+    prompts = nbformat.read(run_dir / "notebooks" / "03_prompt_ablation-a.ipynb", as_version=4)
+    boxes = next(c for c in prompts.cells if "prompt_group_checkboxes(" in c.source)
+    assert "every prompt group" in "".join(o.get("text", "") for o in boxes.outputs)
+    for name in EXECUTED:
+        book = nbformat.read(run_dir / "notebooks" / name, as_version=4)
+        outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], name
+        text = "\n".join(_outputs_text(book))
+        assert not re.search(r"(?<!\d)0%\|", text) and "VBox(" not in text, name
+    encodes = "\n".join(_outputs_text(nbformat.read(run_dir / "notebooks" / "04_inference-a.ipynb", as_version=4)))
+    assert re.search(r"encode a \(sharpness 2\.3\): 100%\|\S+\| 38/38 ", encodes)  # the test images' encode, done
+
+
+def test_the_end_of_run_summary_says_where_what_and_how_to_look(run_dir):
+    summary = run_summary(run_dir)
+    lines = summary.splitlines()
+    assert lines[0].startswith(f"wrote {run_dir}: submission.csv, metrics.json, manifest.json")
+    flat = " ".join(summary.split())
+    for name in FIGURES:
+        assert f"{name}.png" in flat, name
+    assert "executed notebooks, notebooks/ (7): 01_inspect.ipynb" in flat
+    assert f"python -m helpers compare {run_dir} OTHER_RUN" in summary
+    assert f"make lab RUN={run_dir.resolve()}" in summary  # outside the project: the absolute path
+
+
+# what JupyterLab 4.6 writes into a notebook's metadata when it opens one with the project's kernel (the kernel's
+# language_info; the kernelspec was there): without it, a source notebook opens marked as changed before anything ran
+LANGUAGE_INFO = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
+                 "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
+                 "pygments_lexer": "ipython3"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=lambda p: p.name)
+def test_source_notebooks_carry_the_metadata_jupyterlab_fills_in(path):
+    book = nbformat.read(path, as_version=4)
+    info = dict(book.metadata.language_info)
+    # the patch release is the development machine's (3.11.7): another one marks the notebook changed, nothing more
+    assert info.pop("version").split(".")[:2] == platform.python_version().split(".")[:2]
+    assert book.metadata == {"kernelspec": {"display_name": "Python (blur-zeroshot workbench)", "language": "python",
+                                            "name": KERNEL_NAME}, "language_info": book.metadata.language_info}
+    assert info == LANGUAGE_INFO
+    assert (book.nbformat, book.nbformat_minor) == (4, 5) and all(c.get("id") for c in book.cells)
+    assert path.read_text() == nbformat.writes(book) + "\n"  # as Jupyter writes it: no reformatting on save
+
+
+def test_the_demo_config_names_the_dev_set_that_make_builds(tmp_path, scene_dir):
+    """`make demo` builds its dev set first (configs/demo.yaml names it); its make-dev command, run as the Makefile
+    has it (into tmp), gives a dev set that the demo config loads."""
+    require_shared(INTEL)
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+
+    def make_dev_command(*variables: str) -> str:
+        # -n: print the recipes, run none; -B: all of them, as on a first run (data/dev-demo may exist here)
+        printed = subprocess.run(["make", "-n", "-B", "-s", "dev-demo", *variables], cwd=PROJECT_ROOT, check=True,
+                                 capture_output=True, text=True).stdout.replace("\\\n", " ")
+        return next(line for line in printed.splitlines() if " -m helpers make-dev " in line)
+
+    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text())
+    assert f" --out {raw['data']['dev']['path']} " in make_dev_command()
+    out = tmp_path / "dev-demo"
+    command = shlex.split(make_dev_command(f"DEMO_DEV={out}", f"INTEL={INTEL}"))
+    assert command[0].endswith("python") and "--sigma" in command and "--limit-per-class" in command
+    subprocess.run([sys.executable, *command[1:]], cwd=PROJECT_ROOT, check=True, capture_output=True)
+    config = load_config(PROJECT_ROOT / "configs" / "demo.yaml", [f"data.dev.path={out}", f"data.test={scene_dir}"])
+    dev = load_dev_set(config.data.dev.path, read_classes(scene_dir))
+    assert len(dev) == 120 and np.bincount(dev.labels).tolist() == [20] * 6
+    degradation = json.loads((out / "degradation.json").read_text())["degradation"]
+    assert (degradation["sigma"], degradation["jpeg_quality"]) == (6.26, 75)
+
+
+def test_the_dev_set_advice_works_when_followed(run_config, tmp_path):
+    """Without data.dev, a dev-set notebook says in one line what to build and how to name it in the config."""
+    config = yaml.safe_load(run_config.read_text())
+    dev = config["data"].pop("dev")
+    no_dev = tmp_path / "no-dev.yaml"
+    no_dev.write_text(yaml.safe_dump(config))
+    with pytest.raises(RunError) as e:
+        execute(SHARPNESS, tmp_path / "02.ipynb", {"config_path": str(no_dev), "output_dir": str(tmp_path)},
+                ensure_kernel(), progress=False)
+    message = str(e.value)
+    assert "needs a labeled dev set, and the config has no data.dev" in message and "\n" not in message
+    assert "--set data.dev.path=data/dev" in message and "`dev: {path: data/dev}`" in message
+    config["data"]["dev"] = {"path": dev["path"], "class_map": dev["class_map"]}  # the advice: name it, then rerun
+    no_dev.write_text(yaml.safe_dump(config))
+    execute(SHARPNESS, tmp_path / "02.ipynb", {"config_path": str(no_dev), "output_dir": str(tmp_path)},
+            ensure_kernel(), progress=False)
+
+
+def test_install_lab_settings_turns_the_news_off_and_keeps_other_settings(tmp_path):
+    path = tmp_path / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
+                                "@jupyterlab/apputils-extension:notification": {"checkForUpdates": False}}))
+    assert install_lab_settings(tmp_path) == path
+    assert json.loads(path.read_text()) == {
+        "@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
+        "@jupyterlab/apputils-extension:notification": {"checkForUpdates": False, "fetchNews": "false"}}

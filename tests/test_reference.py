@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from helpers.__main__ import main
+from helpers.history import read_history
 from helpers.outputs import SubmissionError, list_references, read_submission, reference_agreement
 from helpers.pipeline import predict
 
@@ -46,6 +47,18 @@ def test_min_agreement_exits_with_status_3_after_writing_everything(make_config,
                                                    f"written to {tmp_path / 'low'}")
     assert (tmp_path / "low" / "submission.csv").is_file() and (tmp_path / "low" / "manifest.json").is_file()
     assert main(["predict", config, "--output-dir", str(tmp_path / "ok"), "--quiet", "--min-agreement", "0.85"]) == 0
+
+
+def test_every_predict_appends_its_row_to_the_history(make_config, synthetic_reference, tmp_path, run_index, capsys):
+    config = write_config(tmp_path, make_config(reference=str(synthetic_reference)))
+    for out in ("first", "second"):
+        assert main(["predict", config, "--output-dir", str(tmp_path / out), "--quiet"]) == 0
+    history = read_history(run_index)
+    assert history["run_folder"].tolist() == [str(tmp_path / "second"), str(tmp_path / "first")]  # latest first
+    assert (history["command"] == "predict").all() and (history["config_name"] == "test").all()
+    assert history["reference_agreement"].tolist() == pytest.approx([33 / 38] * 2)
+    capsys.readouterr()
+    assert main(["runs"]) == 0 and str(tmp_path / "second") in capsys.readouterr().out
 
 
 def test_min_agreement_without_a_reference_fails_before_any_work(make_config, tmp_path, capsys):
