@@ -79,18 +79,24 @@ def debug_enabled() -> bool:
 
 
 @contextmanager
-def debug_mode(enabled: bool):
-    """Within: full tracebacks, in this process and in the notebook kernels it starts (they inherit the variable)."""
-    previous = os.environ.get(DEBUG_ENV)
+def environment_flag(name: str, enabled: bool = True):
+    """Within: the environment variable `name` set to 1 (when `enabled`), for this process and the kernels and
+    processes it starts (they inherit it); as it was afterwards."""
+    previous = os.environ.get(name)
     if enabled:
-        os.environ[DEBUG_ENV] = "1"
+        os.environ[name] = "1"
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(DEBUG_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[DEBUG_ENV] = previous
+            os.environ[name] = previous
+
+
+def debug_mode(enabled: bool):
+    """Within: full tracebacks, in this process and in the notebook kernels it starts."""
+    return environment_flag(DEBUG_ENV, enabled)
 
 
 def install_notebook_handler() -> None:

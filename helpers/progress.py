@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 
 import tqdm.auto
 import tqdm.std
+
+from .errors import environment_flag
 
 SAVED_RUN_ENV = "HELPERS_SAVED_RUN"
 
@@ -27,18 +28,9 @@ def saved_run() -> bool:
     return os.environ.get(SAVED_RUN_ENV, "") not in ("", "0", "false", "False")
 
 
-@contextmanager
 def saved_run_kernels():
     """Within: the kernels this process starts (they inherit the environment) run as saved runs."""
-    previous = os.environ.get(SAVED_RUN_ENV)
-    os.environ[SAVED_RUN_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(SAVED_RUN_ENV, None)
-        else:
-            os.environ[SAVED_RUN_ENV] = previous
+    return environment_flag(SAVED_RUN_ENV)
 
 
 class FinalLineTqdm(tqdm.std.tqdm):

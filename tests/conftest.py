@@ -43,6 +43,22 @@ def run_index(tmp_path, monkeypatch) -> Path:
     return path
 
 
+@pytest.fixture
+def deny_reading(monkeypatch):
+    """Makes Path.read_bytes of the paths given fail with PermissionError. The tests run as root, whom chmod does
+    not stop, so this is how they meet a file its user cannot read."""
+    denied: set[Path] = set()
+    read_bytes = Path.read_bytes
+
+    def read(path):
+        if path in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read)
+    return denied.add
+
+
 def require_shared(path: Path) -> Path:
     """Real data is required in CI (a missing folder fails there); elsewhere its absence skips the test."""
     if not path.exists():

@@ -104,16 +104,9 @@ def test_prompt_and_number_mistakes(case, tmp_path, capsys):
         ["predict", case(fallback_label="Lake"), "--output-dir", str(tmp_path / "o")], capsys)
 
 
-def test_unreadable_files_are_named(case, monkeypatch, capsys):
+def test_unreadable_files_are_named(case, deny_reading, capsys):
     config = Path(case())
-    read_bytes = Path.read_bytes
-
-    def denied(path):  # the tests run as root, whom chmod does not stop: simulate what a user would meet
-        if path == config:
-            raise PermissionError(13, "Permission denied", str(path))
-        return read_bytes(path)
-
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    deny_reading(config)
     assert f"{config}: permission denied: make it readable" in run_cli(["predict", str(config)], capsys)
 
 

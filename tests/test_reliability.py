@@ -174,16 +174,8 @@ def test_skipped_dev_images_leave_the_dev_accuracy(make_config, scene_dir, dev_d
     assert "skipped_images" not in metrics["test"]
 
 
-def test_an_unreadable_file_is_a_bad_image_too(make_config, scene_dir, monkeypatch):
-    locked = scene_dir / "0" / "7.jpg"
-    read_bytes = Path.read_bytes
-
-    def denied(path):  # the tests run as root, whom chmod does not stop: simulate what a user would meet
-        if path == locked:
-            raise PermissionError(13, "Permission denied", str(path))
-        return read_bytes(path)
-
-    monkeypatch.setattr(Path, "read_bytes", denied)
+def test_an_unreadable_file_is_a_bad_image_too(make_config, scene_dir, deny_reading):
+    deny_reading(scene_dir / "0" / "7.jpg")
     with pytest.raises(helpers.data.DataError, match=r"1 of 38 images .*7\.jpg \(cannot read the file: permission"):
         load_run_data(make_config())
 
