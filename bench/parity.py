@@ -21,10 +21,10 @@ import torch
 from natsort import natsorted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from helpers import oracle  # noqa: E402
 from helpers.config import config_from_dict  # noqa: E402
 from helpers.outputs import read_submission  # noqa: E402
 from helpers.pipeline import predict  # noqa: E402
-from tests import oracle  # noqa: E402
 
 ARCH = "ViT-B-32-quickgelu"
 

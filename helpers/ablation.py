@@ -18,7 +18,7 @@ from .config import RunConfig
 from .models import ModelHandle
 from .pipeline import RunData, load_run_data, score_views, split_embeddings
 from .prompts import PromptSet
-from .scoring import SCORERS, Scores, average_scores, ensemble_scores, score
+from .scoring import FLOAT32, SCORERS, LogitArithmetic, Scores, average_scores, ensemble_scores, score
 from .stats import LEVEL, accuracy_summary, paired_comparison
 
 
@@ -63,6 +63,7 @@ class ModelEmbeddings:
     text: np.ndarray  # (prompts, dim)
     prompts: PromptSet
     labels: np.ndarray
+    arithmetic: LogitArithmetic = FLOAT32  # the model's `logit_arithmetic`: the run's own numbers
 
     def covers_every_class(self, idx: np.ndarray) -> bool:
         """Whether the prompts `idx` leave no class without a prompt (else they cannot classify)."""
@@ -71,7 +72,8 @@ class ModelEmbeddings:
     def predict(self, idx: np.ndarray, mode: str, logit_scale: float) -> np.ndarray:
         """Labels from the prompts `idx` under a scoring mode, the views' scores averaged."""
         p = self.prompts
-        views = [score(mode, e, self.text[idx], p.class_index[idx], len(p.classes), logit_scale) for e in self.image]
+        views = [score(mode, e, self.text[idx], p.class_index[idx], len(p.classes), logit_scale, self.arithmetic)
+                 for e in self.image]
         return average_scores(views).labels
 
 
@@ -87,7 +89,7 @@ def load_model_embeddings(config: RunConfig, name: str, split: str = "dev", data
         image = split_embeddings(handle, config, data, split, progress=progress)
     finally:
         handle.close()
-    return ModelEmbeddings(name, image, text, data.prompts, data.splits[split].labels)
+    return ModelEmbeddings(name, image, text, data.prompts, data.splits[split].labels, handle.logit_arithmetic)
 
 
 def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_mean",
@@ -135,7 +137,8 @@ def sharpness_ablation(config: RunConfig, name: str, factors: list, split: str =
         for factor in factors:
             views = [handle.preprocess(f) for f in (factor if isinstance(factor, list) else [factor])]
             embs = split_embeddings(handle, config, data, split, views, progress)
-            predictions[_factor_name(factor)] = score_views(config, embs, text, data.prompts).labels
+            predictions[_factor_name(factor)] = score_views(config, embs, text, data.prompts,
+                                                            handle.logit_arithmetic).labels
     finally:
         handle.close()
     table = compare_predictions(labels, predictions, reference)

@@ -23,6 +23,7 @@ import torch
 from .config import DEVICE_MAP_STRATEGIES, ModelEntry, is_hub_id
 from .data import OPENAI_MEAN, OPENAI_STD, Preprocess
 from .errors import UserError, describe_os_error
+from .scoring import FLOAT32, LogitArithmetic
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
@@ -209,11 +210,20 @@ def _state_dict_mismatch(message: str) -> str:
                       counted(shapes, "of other shapes", lambda s: f"{s[0]} {s[1]} in the file, {s[2]} in the model")])
 
 
+# Where `autocast: true` autocasts: the winner's `torch.cuda.amp.autocast()` did nothing elsewhere. (The tests add
+# "cpu", with CUDA's float32 policy for the loop's norm and softmax, to check the fp16 arithmetic on the CPU.)
+AUTOCAST_DEVICE_TYPES = ("cuda",)
+
+
 class Encoder:
     """A loaded model. Subclasses implement `_image_features` and `_text_features`.
 
     With `autocast`, both forwards run under CUDA autocast to fp16, as the winner's `torch.cuda.amp.autocast()`
-    (on the CPU that context did nothing, and neither does this).
+    (on the CPU that context did nothing, and neither does this), and the features are normalised as the winner's
+    `f /= f.norm(dim=-1, keepdim=True)` did there: the norm in float32 (autocast's), the quotient rounded back to
+    the features' fp16. They are returned as float32, which holds fp16 values exactly; scoring rounds its logits as
+    the winner's fp16 matmul did (`ModelHandle.logit_arithmetic`). Without autocast, features are normalised in
+    float32 whatever the precision of the weights.
 
     With `compile`, the image forward goes through torch.compile (on the CPU with inductor's weight freezing, which
     prepacks the GEMM weights and fuses the elementwise work between them). Its shapes are static: a batch smaller
@@ -235,7 +245,7 @@ class Encoder:
         self.model, self.device, self.dtype, self.tokenizer = model.eval(), device, dtype, tokenizer
         self.placement = placement if placement is not None else {"": str(with_index(device))}
         self.weights_format, self.load_seconds = weights_format, None
-        self.compiled, self.autocast = compile, autocast and device.type == "cuda"
+        self.compiled, self.autocast = compile, autocast and device.type in AUTOCAST_DEVICE_TYPES
         self._image_forward = self._compile(self._image_features) if compile else self._image_features
         self._compiled_batch: int | None = None
 
@@ -252,15 +262,23 @@ class Encoder:
             padded = pixels.new_zeros(self._compiled_batch, *pixels.shape[1:])
             padded[:n] = pixels
             pixels = padded
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
-            x = self._image_forward(pixels)[:n].float()
-        return (x / x.norm(dim=-1, keepdim=True)).cpu()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+            x = self._image_forward(pixels)[:n]
+        return self._normalised(x).cpu()
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast):
-            x = self._text_features(texts).float()
-        return (x / x.norm(dim=-1, keepdim=True)).cpu()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+            x = self._text_features(texts)
+        return self._normalised(x).cpu()
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """x / |x| as float32. Under autocast, as the winner's in-place `x /= x.norm(...)`: autocast computes that
+        norm by `linalg_vector_norm(x, dtype=float32)`, and the float32 quotient is written back into x's dtype."""
+        if not self.autocast:
+            x = x.float()
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        return (x / norm).to(x.dtype).float()
 
 
 def pools_class_token(visual: torch.nn.Module) -> bool:
@@ -294,8 +312,10 @@ def class_token_features(visual: torch.nn.Module, pixels: torch.Tensor) -> torch
 
 class OpenClipEncoder(Encoder):
     def __init__(self, model, *args, **kwargs):
-        self.class_token_only = pools_class_token(model.visual)
         super().__init__(model, *args, **kwargs)
+        # Not under the winner's autocast, whose numbers come first: on a GPU, how an fp16 GEMM rounds can depend on
+        # its number of rows (the kernel chosen), and the class-token-only last block multiplies fewer.
+        self.class_token_only = pools_class_token(model.visual) and not self.autocast
 
     def _image_features(self, pixels):
         if self.class_token_only:
@@ -361,8 +381,8 @@ class Backend:
                  "precision": e.precision}
         if e.compile:  # compiled kernels round differently (fused elementwise ops): their own cache entries
             ident["compile"] = True
-        if e.autocast:
-            ident["autocast"] = True
+        if e.autocast:  # the features of the winner's autocast, normalised in its fp16 (see Encoder)
+            ident["autocast"] = "fp16-normalised"
         if self.random_weights:
             ident["seed"] = e.seed
         elif Path(e.pretrained.removeprefix("local-dir:")).exists():
@@ -744,6 +764,14 @@ class ModelHandle:
     def text_identity(self) -> dict:
         """What determines the text features: `identity` less `compile` (only the image forward is compiled)."""
         return {k: v for k, v in self.identity.items() if k != "compile"}
+
+    @property
+    def logit_arithmetic(self) -> LogitArithmetic:
+        """How this model's logits are computed: as the winner's loop did under autocast (fp16, on this GPU) where
+        its features are that loop's, else in float32 on the CPU."""
+        if self.entry.autocast and self.device.type in AUTOCAST_DEVICE_TYPES:
+            return LogitArithmetic.fp16_on(with_index(self.device))
+        return FLOAT32
 
     @property
     def views(self) -> list[Preprocess]:

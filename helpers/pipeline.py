@@ -27,7 +27,16 @@ from .files import atomic_write_csv, atomic_write_text, npy_rows, remove_stale_t
 from .models import ModelHandle, WeightsUnavailableError, resolve_device
 from .outputs import build_manifest, reference_agreement, reference_path, write_json, write_npy, write_submission
 from .prompts import PromptSet, load_prompts
-from .scoring import SCORE_BLOCK_ROWS, Scores, average_scores, ensemble_scores, joint_softmax_probs, score
+from .scoring import (
+    FLOAT32,
+    SCORE_BLOCK_ROWS,
+    LogitArithmetic,
+    Scores,
+    average_scores,
+    ensemble_scores,
+    joint_softmax_probs,
+    score,
+)
 from .stats import evaluate, paired_comparison
 
 log = logging.getLogger(__name__)
@@ -114,10 +123,11 @@ def split_stores(handle: ModelHandle, config: RunConfig, data: RunData, split: s
             for view in (views or handle.views)]
 
 
-def score_views(config: RunConfig, image_embs: list[np.ndarray], text_emb: np.ndarray, prompts: PromptSet) -> Scores:
-    """Scores of every view, averaged (one view: its scores)."""
+def score_views(config: RunConfig, image_embs: list[np.ndarray], text_emb: np.ndarray, prompts: PromptSet,
+                arithmetic: LogitArithmetic = FLOAT32) -> Scores:
+    """Scores of every view, averaged (one view: its scores); `arithmetic` is the model's `logit_arithmetic`."""
     return average_scores([score(config.scoring, e, text_emb, prompts.class_index, len(prompts.classes),
-                                 config.logit_scale) for e in image_embs])
+                                 config.logit_scale, arithmetic) for e in image_embs])
 
 
 SCORE_CHUNK_ROWS = 16384  # images scored at once: the arrays of a set of millions never need to fit in memory
@@ -130,7 +140,8 @@ def row_chunks(n: int, chunk_rows: int | None = None) -> list[slice]:
 
 
 def score_split(config: RunConfig, stores: list[EmbeddingStore], digests: list[str], text_emb: np.ndarray,
-                prompts: PromptSet, split_dir: Path, chunk_rows: int | None = None) -> np.ndarray:
+                prompts: PromptSet, split_dir: Path, chunk_rows: int | None = None,
+                arithmetic: LogitArithmetic = FLOAT32) -> np.ndarray:
     """Score one split in chunks of rows, read from the stores and written into memory-mapped `.npy` files
     (`image_embeddings`, `prompt_probs`, `class_scores`); returns the labels. Scoring is row by row, so the chunks
     give what one pass over all rows gives."""
@@ -142,10 +153,10 @@ def score_split(config: RunConfig, stores: list[EmbeddingStore], digests: list[s
           npy_rows(split_dir / "class_scores.npy", (n, len(prompts.classes))) as class_scores):
         for rows in row_chunks(n, chunk_rows):
             image_embs = [store.get(digests[rows]) for store in stores]
-            scores = score_views(config, image_embs, text_emb, prompts)
+            scores = score_views(config, image_embs, text_emb, prompts, arithmetic)
             chunk_probs = scores.prompt_probs
             if chunk_probs is None:  # other scoring modes still record the winner's per-prompt probabilities
-                chunk_probs = torch.stack([joint_softmax_probs(e, text_emb, config.logit_scale)
+                chunk_probs = torch.stack([joint_softmax_probs(e, text_emb, config.logit_scale, arithmetic)
                                            for e in image_embs]).mean(0)
             for v, e in enumerate(image_embs):
                 embeddings[(rows,) if views == 1 else (v, rows)] = e
@@ -191,7 +202,8 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             t0 = time.perf_counter()
             stores = split_stores(handle, config, data, split, progress=progress, world=world)
             seconds[split] = round(time.perf_counter() - t0, 3)
-            labels = score_split(config, stores, data.digests[split], text_emb, data.prompts, out / split, chunk_rows)
+            labels = score_split(config, stores, data.digests[split], text_emb, data.prompts, out / split, chunk_rows,
+                                 handle.logit_arithmetic)
             atomic_write_csv(out / split / "predictions.csv", _predictions_frame(images, labels, data.classes),
                              index=False)
         info = {
@@ -200,6 +212,7 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             "random_weights": handle.random_weights,
             "views": [view.key() for view in handle.views],
             "precision": handle.entry.precision,
+            "logit_arithmetic": handle.logit_arithmetic.record(),  # fp16 on the GPU: the winner's under autocast
             "device": str(handle.device),
             "model_loaded": handle.loaded,  # False: everything came from the embedding cache
             # where each part of the model was placed (device_map), how long loading took, from which weights

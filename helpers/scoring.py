@@ -2,7 +2,8 @@
 
 Everything here takes L2-normalised float32 embeddings and is a few small matrix products. The arithmetic follows
 the winner's notebook operation by operation (scale, then matmul, then softmax over all prompts) so that labels
-match it exactly; pooling is over each class's own prompts, never a reshape that assumes equal counts.
+match it exactly, in float32 or, for features computed under the winner's CUDA autocast, in its fp16
+(`LogitArithmetic`); pooling is over each class's own prompts, never a reshape that assumes equal counts.
 """
 
 from __future__ import annotations
@@ -39,33 +40,67 @@ def pool_by_class(prompt_scores: torch.Tensor, class_index, n_classes: int) -> t
 SCORE_BLOCK_ROWS = 32
 
 
-def scaled_logits(image_emb, text_emb, logit_scale: float = 100.0) -> torch.Tensor:
-    """scale * cos(image, prompt), in blocks of SCORE_BLOCK_ROWS images."""
-    image, text = _t(image_emb), _t(text_emb)
-    blocks = [logit_scale * image[s:s + SCORE_BLOCK_ROWS] @ text.T for s in range(0, len(image), SCORE_BLOCK_ROWS)]
-    return torch.cat(blocks) if blocks else logit_scale * image @ text.T
+@dataclass(frozen=True)
+class LogitArithmetic:
+    """The dtype and device `scale * image @ text.T` is computed in; the result is float32 on the CPU either way.
+
+    `FLOAT32` (the default) is the winner's loop where its autocast did nothing (the CPU). `fp16_on(device)` is that
+    loop under CUDA autocast: the features are fp16 (exact in the float32 the cache keeps), `100.0 * features` is
+    rounded to fp16, the matmul is an fp16 matmul whose result is rounded to fp16, and the softmax is autocast's
+    float32 one. How an fp16 matmul rounds depends on the kernel that computes it, which depends on the GPU and on
+    the shapes, so it runs on the model's device in the winner's blocks of 32 images.
+    """
+
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    @classmethod
+    def fp16_on(cls, device) -> LogitArithmetic:
+        return cls(torch.float16, str(device))
+
+    def record(self) -> dict:
+        """For model.json."""
+        return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device}
 
 
-def joint_softmax_probs(image_emb, text_emb, logit_scale: float = 100.0) -> torch.Tensor:
-    """softmax(scale * cos) taken jointly over every prompt of every class, as the winner did."""
-    return scaled_logits(image_emb, text_emb, logit_scale).softmax(dim=-1)
+FLOAT32 = LogitArithmetic()
 
 
-def joint_softmax_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
-    probs = joint_softmax_probs(image_emb, text_emb, logit_scale)
+def scaled_logits(image_emb, text_emb, logit_scale: float = 100.0,
+                  arithmetic: LogitArithmetic = FLOAT32) -> torch.Tensor:
+    """scale * cos(image, prompt), in blocks of SCORE_BLOCK_ROWS images, as float32 on the arithmetic's device."""
+    image = _t(image_emb)
+    text = _t(text_emb).to(arithmetic.device, arithmetic.dtype)
+    blocks = [logit_scale * image[s:s + SCORE_BLOCK_ROWS].to(arithmetic.device, arithmetic.dtype) @ text.T
+              for s in range(0, len(image), SCORE_BLOCK_ROWS)]
+    logits = torch.cat(blocks) if blocks else text.new_zeros(0, len(text))
+    return logits.to(device=arithmetic.device, dtype=torch.float32)
+
+
+def joint_softmax_probs(image_emb, text_emb, logit_scale: float = 100.0,
+                        arithmetic: LogitArithmetic = FLOAT32) -> torch.Tensor:
+    """softmax(scale * cos) taken jointly over every prompt of every class, as the winner did (on the CPU)."""
+    return scaled_logits(image_emb, text_emb, logit_scale, arithmetic).softmax(dim=-1).cpu()
+
+
+def joint_softmax_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
+                         arithmetic: LogitArithmetic = FLOAT32) -> Scores:
+    probs = joint_softmax_probs(image_emb, text_emb, logit_scale, arithmetic)
     return Scores(pool_by_class(probs, class_index, n_classes), probs)
 
 
-def prototype_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
+def prototype_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
+                     arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     """CLIP's usual practice: one prototype per class, the renormalised mean of its prompt embeddings."""
     prototypes = pool_by_class(_t(text_emb).T, class_index, n_classes).T
     prototypes = prototypes / prototypes.norm(dim=-1, keepdim=True)
-    return Scores(scaled_logits(image_emb, prototypes, logit_scale).softmax(dim=-1))
+    return Scores(scaled_logits(image_emb, prototypes, logit_scale, arithmetic).softmax(dim=-1).cpu())
 
 
-def mean_logit_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0) -> Scores:
+def mean_logit_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
+                      arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     """Mean of each class's logits, then softmax over classes."""
-    logits = scaled_logits(image_emb, text_emb, logit_scale)
+    logits = scaled_logits(image_emb, text_emb, logit_scale, arithmetic).cpu()
     return Scores(pool_by_class(logits, class_index, n_classes).softmax(dim=-1))
 
 
@@ -76,10 +111,11 @@ SCORERS = {
 }
 
 
-def score(mode: str, image_emb, text_emb, class_index, n_classes: int, logit_scale: float = 100.0) -> Scores:
+def score(mode: str, image_emb, text_emb, class_index, n_classes: int, logit_scale: float = 100.0,
+          arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     if mode not in SCORERS:
         raise ValueError(f"unknown scoring mode '{mode}' (modes: {', '.join(SCORERS)})")
-    return SCORERS[mode](image_emb, text_emb, class_index, n_classes, logit_scale)
+    return SCORERS[mode](image_emb, text_emb, class_index, n_classes, logit_scale, arithmetic)
 
 
 def average_scores(views: list[Scores]) -> Scores:

@@ -1,7 +1,7 @@
 """Exact reproduction: `predict` gives the winner's labels on real challenge images (SPEC 1; issue: core, item 3).
 
 Two randomly initialised open_clip checkpoints stand in for MetaCLIP and EVA-CLIP; the oracle is the winner's
-notebook code, transcribed literally in tests/oracle.py.
+notebook code, transcribed literally in helpers/oracle.py.
 """
 
 import numpy as np
@@ -9,10 +9,10 @@ import open_clip
 import pytest
 import torch
 
+from helpers import oracle
 from helpers.outputs import read_submission
 from helpers.pipeline import predict
 
-from . import oracle
 from .conftest import CLASSES, SCENE_IDS
 
 
