@@ -9,7 +9,6 @@ images; the script prints how many labels differ (the target is none), with and 
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -18,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from natsort import natsorted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers import oracle  # noqa: E402
+from helpers.bench import scene_subset  # noqa: E402
 from helpers.config import config_from_dict  # noqa: E402
 from helpers.outputs import read_submission  # noqa: E402
 from helpers.pipeline import predict  # noqa: E402
@@ -39,11 +38,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subset = tmp / "Scene"  # the oracle's ImageFolder reads a whole folder: give it exactly these images
-        (subset / "0").mkdir(parents=True)
-        for p in natsorted((scene / "0").glob("*.jpg"), key=str)[:args.images]:
-            shutil.copy(p, subset / "0" / p.name)
-        shutil.copy(scene / "classes.json", subset / "classes.json")
+        subset = tmp / "Scene"
+        scene_subset(scene, args.images, subset)
 
         checkpoints, oracle_probs = [], []
         t0 = time.perf_counter()

@@ -563,7 +563,7 @@ def encode_texts(handle: ModelHandle, texts: list[str], cache_dir: str | Path, c
     todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in store))
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
-        store.add([text_key(t) for t in part], handle.encoder.encode_texts(part).numpy())
+        store.add([text_key(t) for t in part], handle.encoder.encode_texts(part).cpu().numpy())
     if todo:
         store.compact()  # each new prompt set adds a small segment: merged, they stay few (each one open costs files)
     return store.get(keys)
@@ -606,25 +606,25 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
             collate_fn=collate_images, pin_memory=handle.device.type == "cuda", persistent_workers=False,
         )
         pending_keys: list[str] = []
-        pending: list[np.ndarray] = []
+        pending: list[torch.Tensor] = []  # on the model's device until the flush: no wait for the host per batch
         desc = f"encode {handle.name} (sharpness {preprocess.sharpness:g})"
         bar = tqdm(total=sum(map(len, mine)), unit="img", desc=desc, disable=not (progress and world.is_main))
         try:
             for batch, pixels in zip(mine, loader):
                 if isinstance(pixels, UnreadableImage):  # changed or removed since the check
                     raise DataError(pixels.message)
-                rows = handle.encoder.encode_images(pixels).numpy()
+                rows = handle.encoder.encode_images(pixels)
                 own = [k for k, i in enumerate(batch) if first[digests[i]] == i]
-                pending.append(rows[own])
+                pending.append(rows if len(own) == len(batch) else rows[own])
                 pending_keys += [digests[batch[k]] for k in own]
                 bar.update(len(batch))
                 if len(pending_keys) >= (flush_every or FLUSH_EVERY):
-                    store.add(pending_keys, np.concatenate(pending))
+                    store.add(pending_keys, torch.cat(pending).cpu().numpy())
                     pending_keys, pending = [], []
         finally:
             bar.close()
             if pending_keys:  # keep what was computed, even when interrupted
-                store.add(pending_keys, np.concatenate(pending))
+                store.add(pending_keys, torch.cat(pending).cpu().numpy())
     world.barrier()
     if world.size > 1:
         store.refresh()  # the other ranks' rows

@@ -21,7 +21,8 @@ from .errors import UserError, one_line
 from .scoring import SCORERS
 
 BACKENDS = ("open_clip", "hf_clip", "eva_clip")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 class ConfigError(UserError, ValueError):
@@ -61,9 +62,12 @@ class ModelEntry:
     arch: str | None = None  # open_clip architecture name or the path of an architecture JSON file
     revision: str | None = None  # hub revision; required for eva_clip hub ids
     sharpness: float | list[float] = 1.0  # adjust_sharpness factor (1.0: unchanged); a list averages the views
-    precision: str = "fp32"
+    # the weights' dtype; auto: fp16 on a GPU, on a CPU bf16 where it computes bf16 natively, else fp32
+    precision: str = "auto"
     batch_size: int = 32
-    compile: bool = False  # torch.compile the image forward: faster after a one-time compile (CPU: ~15-30 s)
+    # torch.compile the image forward: faster after a one-time compile (CPU: ~15-30 s). true, or one of torch.compile's
+    # modes: reduce-overhead and max-autotune also replay the forward as a CUDA graph on a GPU
+    compile: bool | str = False
     autocast: bool = False  # CUDA autocast to fp16 around the forwards, as the winner (a no-op on the CPU, as there)
     seed: int = 0  # initialises the weights when pretrained is "random"
     weights_only: bool = True  # False allows pickled checkpoints (the original G14_fullcc2.5b.pt); trusted files only
@@ -326,6 +330,8 @@ def _check_factors(value: float | list[float], where: str) -> None:
 def _check_model(m: ModelEntry, where: str) -> None:
     _one_of(m.backend, BACKENDS, f"{where}.backend")
     _one_of(m.precision, PRECISIONS, f"{where}.precision")
+    if isinstance(m.compile, str):
+        _one_of(m.compile, COMPILE_MODES, f"{where}.compile")
     _check_factors(m.sharpness, f"{where}.sharpness")
     _in_range(m.batch_size, f"{where}.batch_size", 1, 65536)
     _in_range(m.seed, f"{where}.seed", 0, 2**32 - 1)

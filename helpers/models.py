@@ -7,6 +7,7 @@ weights (for the cache keys and the manifest) and how images are preprocessed, a
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -40,6 +41,22 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device is '{device}' but CUDA is not available here (use device: auto or cpu)")
     return torch.device(device)
+
+
+def cpu_computes_bf16_natively() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as torch reports them. Elsewhere torch emulates
+    bf16, slower than fp32: 7.0 images/s against 27.2 on a 2-core Xeon with AVX-512 but neither (BENCHMARKS.md)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A model entry's precision on `device`: `auto` is fp16 on a GPU, and on the CPU bf16 where the CPU computes
+    bf16 natively, else fp32; the others are themselves."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and cpu_computes_bf16_natively() else "fp32"
 
 
 def with_index(device: torch.device) -> torch.device:
@@ -223,12 +240,14 @@ class Encoder:
     `f /= f.norm(dim=-1, keepdim=True)` did there: the norm in float32 (autocast's), the quotient rounded back to
     the features' fp16. They are returned as float32, which holds fp16 values exactly; scoring rounds its logits as
     the winner's fp16 matmul did (`ModelHandle.logit_arithmetic`). Without autocast, features are normalised in
-    float32 whatever the precision of the weights.
+    float32 whatever the precision of the weights. Both encodes return their features on the model's device: a
+    caller copies them to the host when it needs them (an encode once per flush, so that the GPU never waits for
+    the host between batches).
 
-    With `compile`, the image forward goes through torch.compile (on the CPU with inductor's weight freezing, which
-    prepacks the GEMM weights and fuses the elementwise work between them). Its shapes are static: a batch smaller
-    than the largest so far (the last one) is padded to it, so that it runs the compiled graph instead of compiling
-    another.
+    With `compile`, the image forward goes through torch.compile (`true`: on the CPU with inductor's weight freezing,
+    which prepacks the GEMM weights and fuses the elementwise work between them; a mode name: that mode). Its shapes
+    are static: a batch smaller than the largest so far (the last one) is padded to it, so that it runs the compiled
+    graph instead of compiling another.
 
     How the model was loaded, for the run's records (all JSON-able):
     - `placement`: where each part of the model is, module name -> device ("cuda:N", "cpu" or "disk"; the name ""
@@ -240,16 +259,18 @@ class Encoder:
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tokenizer,
-                 compile: bool = False, autocast: bool = False, placement: dict[str, str] | None = None,
+                 compile: bool | str = False, autocast: bool = False, placement: dict[str, str] | None = None,
                  weights_format: str | None = None):
         self.model, self.device, self.dtype, self.tokenizer = model.eval(), device, dtype, tokenizer
         self.placement = placement if placement is not None else {"": str(with_index(device))}
         self.weights_format, self.load_seconds = weights_format, None
-        self.compiled, self.autocast = compile, autocast and device.type in AUTOCAST_DEVICE_TYPES
-        self._image_forward = self._compile(self._image_features) if compile else self._image_features
+        self.compiled, self.autocast = bool(compile), autocast and device.type in AUTOCAST_DEVICE_TYPES
+        self._image_forward = self._compile(self._image_features, compile) if compile else self._image_features
         self._compiled_batch: int | None = None
 
-    def _compile(self, forward):
+    def _compile(self, forward, mode: bool | str):
+        if isinstance(mode, str):
+            return torch.compile(forward, dynamic=False, mode=mode)
         options = {"freezing": True} if self.device.type == "cpu" else {}
         return torch.compile(forward, dynamic=False, options=options)
 
@@ -264,13 +285,13 @@ class Encoder:
             pixels = padded
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
             x = self._image_forward(pixels)[:n]
-        return self._normalised(x).cpu()
+        return self._normalised(x)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
             x = self._text_features(texts)
-        return self._normalised(x).cpu()
+        return self._normalised(x)
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         """x / |x| as float32. Under autocast, as the winner's in-place `x /= x.norm(...)`: autocast computes that
@@ -380,7 +401,7 @@ class Backend:
         ident = {"backend": e.backend, "arch": e.arch, "pretrained": e.pretrained, "revision": e.revision,
                  "precision": e.precision}
         if e.compile:  # compiled kernels round differently (fused elementwise ops): their own cache entries
-            ident["compile"] = True
+            ident["compile"] = e.compile
         if e.autocast:  # the features of the winner's autocast, normalised in its fp16 (see Encoder)
             ident["autocast"] = "fp16-normalised"
         if self.random_weights:
@@ -751,9 +772,11 @@ class ModelHandle:
     """One model entry of a run: identity and preprocessing at once, the model itself only when first needed."""
 
     def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto"):
-        self.backend = BACKENDS[entry.backend](name, entry)
-        self.name, self.entry = name, entry
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.precision_setting = entry.precision  # `entry.precision` is what it means here (`auto` resolved)
+        self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(entry.precision,
+                                                                                               self.device))
+        self.backend = BACKENDS[entry.backend](name, self.entry)
         self._encoder: Encoder | None = None
 
     @property

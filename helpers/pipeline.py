@@ -212,6 +212,7 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             "random_weights": handle.random_weights,
             "views": [view.key() for view in handle.views],
             "precision": handle.entry.precision,
+            "precision_setting": handle.precision_setting,  # `auto` chose `precision` on this machine
             "logit_arithmetic": handle.logit_arithmetic.record(),  # fp16 on the GPU: the winner's under autocast
             "device": str(handle.device),
             "model_loaded": handle.loaded,  # False: everything came from the embedding cache

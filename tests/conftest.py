@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import models
 from helpers.cache import image_store
 from helpers.config import config_from_dict
 from helpers.data import file_digest, load_test_set
@@ -33,6 +34,13 @@ TINY_ARCH = {
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+
+
+@pytest.fixture(autouse=True)
+def precision_auto_is_fp32(monkeypatch):
+    """`precision: auto` is fp32 in the tests on every machine, as on a CPU without native bf16: their expected
+    numbers are fp32's, and the machines tests run on differ (tests of `auto` itself set what the CPU can do)."""
+    monkeypatch.setattr(models, "cpu_computes_bf16_natively", lambda: False)
 
 
 @pytest.fixture(autouse=True)
@@ -130,8 +138,12 @@ def make_config(tmp_path, scene_dir, tiny_arch, tiny_checkpoints):
             "prompts": "winner",
             "scoring": "joint_softmax_mean",
             "models": {
-                "a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3},
-                "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0},
+                # fp32 on every machine (precision auto is bf16 on some CPUs): the parity tests compare with the
+                # winner's fp32 numbers
+                "a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3,
+                      "precision": "fp32"},
+                "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0,
+                      "precision": "fp32"},
             },
             "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": None},
             "cache_dir": str(tmp_path / "cache"),
@@ -170,7 +182,9 @@ FAULT_SCRIPT = PROJECT_ROOT / "tests" / "fault_injection.py"
 
 def fault_config(scene_dir, tiny_arch, tiny_checkpoints, cache: Path, sharpness_b: float = 2.0, **overrides):
     a, b = tiny_checkpoints
-    entry = {"backend": "open_clip", "arch": str(tiny_arch), "batch_size": 8}
+    # fp32 named: the subprocesses these configs run in resolve `auto` for their machine (no conftest there), and
+    # the test compares their cache with its own
+    entry = {"backend": "open_clip", "arch": str(tiny_arch), "batch_size": 8, "precision": "fp32"}
     raw = {"name": "faults", "data": {"test": str(scene_dir)}, "num_workers": 0, "cache_dir": str(cache),
            "models": {"a": {**entry, "pretrained": str(a), "sharpness": 2.3},
                       "b": {**entry, "pretrained": str(b), "sharpness": sharpness_b}},

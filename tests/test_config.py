@@ -76,7 +76,11 @@ def test_a_typo_names_the_key_and_suggests_the_right_one(tmp_path):
         ({"name": None}, "name must be str"),
         ({"num_workers": -1}, "num_workers must be between 0 and 256 (or absent: the device's default), got -1"),
         ({"models": {"a": {"backend": "open_clip", "arch": "A", "pretrained": "random", "compile": "yes"}}},
+         "models.a.compile is 'yes', expected one of default, reduce-overhead, max-autotune"),
+        ({"models": {"a": {"backend": "open_clip", "arch": "A", "pretrained": "random", "compile": 1}}},
          "models.a.compile must be bool"),
+        ({"models": {"a": {"backend": "open_clip", "arch": "A", "pretrained": "random", "precision": "fp8"}}},
+         "models.a.precision is 'fp8', expected one of auto, fp32, fp16, bf16"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_key_named(change, message):

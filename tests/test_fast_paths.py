@@ -5,16 +5,19 @@ architecture: it must run from its command line and end with one JSON line holdi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import bench
-from helpers.config import ModelEntry
-from helpers.models import ModelHandle
+from helpers import bench, models
+from helpers.config import ConfigError, ModelEntry
+from helpers.models import ModelHandle, resolve_precision
+from helpers.pipeline import predict
 
 from .conftest import TINY_ARCH
 
@@ -101,15 +104,24 @@ def test_compile_has_its_own_image_cache_but_shares_the_prompts(tmp_path):
 def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--images", "12", "--arch", str(tiny_arch), "--batch-size", "8", "--scene", str(scene_dir),
-                "--variants", "fp32,bf16,bf16+compile", "--out", str(out)])
+                "--variants", "fp32,bf16,bf16+compile,auto", "--profile", "--out", str(out)])
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads(last_line)
     assert report == json.loads(out.read_text())
-    assert report["images"] == 12 and report["variants"] == ["fp32_eager", "bf16_eager", "bf16_compiled"]
+    assert report["images"] == 12
+    assert report["variants"] == ["fp32_eager", "bf16_eager", "bf16_compiled", "auto_eager"]
+    assert report["auto_precision"] == report["auto_eager_precision"] == resolve_precision("auto", torch.device("cpu"))
     for key in ("original_images_per_s", "fp32_eager_images_per_s", "bf16_eager_images_per_s",
-                "bf16_compiled_images_per_s", "encode_ratio_fp32", "encode_ratio_bf16", "compile_s_bf16_compiled",
-                "ablation_ratio", "text_cache_ratio", "peak_rss_mb", "ceiling_images_per_s_bf16"):
+                "bf16_compiled_images_per_s", "auto_eager_images_per_s", "encode_ratio_fp32", "encode_ratio_bf16",
+                "compile_s_bf16_compiled", "ablation_ratio", "text_cache_ratio", "peak_rss_mb",
+                "ceiling_images_per_s_bf16", "bf16_ceiling_fraction", "fp32_eager_model_images_per_s"):
         assert report[key] > 0, key
+    # the loop ran on the 312 prompts: fp32 eager is the winner's arithmetic on the CPU, so its labels are the loop's
+    assert report["fp32_eager_loop_agreement"] == 1 and 0 <= report["bf16_eager_loop_agreement"] <= 1
+    assert report["gemm_size_fp32"] == 2048
+    profile = report["bf16_compiled_profile"]
+    assert Path(profile["table"]).is_file() and profile["busy_ms_per_batch"] > 0 and len(profile["top_ops"]) > 3
+    assert 0 < sum(op["share"] for op in profile["top_ops"]) <= 1 + 1e-6
     best = report["encode_best_bf16"]  # the headline figures of a precision are its faster variant's
     assert best in ("bf16_eager", "bf16_compiled")
     assert report["bf16_images_per_s"] == report[f"{best}_images_per_s"] == max(
@@ -121,7 +133,7 @@ def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, 
     assert report["ablation_variants"] == 10 and report["ablation_labels_equal"]
     assert report["gflop_per_image"] == pytest.approx(_tiny_gflop(), rel=1e-6)
     assert report["embedding_bytes_per_image"] == 4 * TINY_ARCH["embed_dim"]
-    assert set(report["targets_met"]) == set(bench.TARGETS)
+    assert set(report["targets_met"]) == set(bench.TARGETS["cpu"])
 
 
 def _tiny_gflop() -> float:
@@ -137,19 +149,79 @@ def _tiny_gflop() -> float:
 
 
 def test_benchmark_variants_parse_and_bad_ones_are_errors():
-    assert bench.parse_variants("fp32, bf16+compile,fp32+autocast") == [
+    assert bench.parse_variants("fp32, bf16+compile,fp32+autocast,auto,fp16+compile=reduce-overhead") == [
         bench.Variant("fp32_eager", "fp32"), bench.Variant("bf16_compiled", "bf16", compile=True),
-        bench.Variant("fp32_eager_autocast", "fp32", autocast=True)]
-    for bad in ("fp8", "fp16+fast"):
-        with pytest.raises(SystemExit, match=f"'{re.escape(bad)}' is not PRECISION\\[\\+compile\\]"):
+        bench.Variant("fp32_eager_autocast", "fp32", autocast=True), bench.Variant("auto_eager", "auto"),
+        bench.Variant("fp16_compiled_reduce-overhead", "fp16", compile="reduce-overhead")]
+    for bad in ("fp8", "fp16+fast", "fp16+compile=fastest", "fp16+compile+compile=max-autotune"):
+        with pytest.raises(SystemExit, match=f"'{re.escape(bad)}' is not PRECISION\\[\\+compile\\[=MODE\\]\\]"):
             bench.parse_variants(f"fp32,{bad}")
 
 
 def test_autocast_is_the_winners_cuda_autocast_a_no_op_on_the_cpu(tmp_path):
     arch = arch_file(tmp_path, {})
     plain, autocast = handle_for(arch), handle_for(arch, autocast=True)
-    assert autocast.identity["autocast"] is True and autocast.text_identity["autocast"] is True
+    assert autocast.identity["autocast"] == autocast.text_identity["autocast"] == "fp16-normalised"
     assert "autocast" not in plain.identity
     assert not autocast.encoder.autocast  # on the CPU the winner's torch.cuda.amp.autocast() did nothing
     torch.testing.assert_close(autocast.encoder.encode_images(PIXELS), plain.encoder.encode_images(PIXELS),
                                rtol=0, atol=0)
+
+
+# --- precision auto (issue 11, item 4) and torch.compile's modes
+
+NATIVE_BF16 = models.cpu_computes_bf16_natively  # the real one: conftest makes every test's CPU one without
+
+@pytest.mark.parametrize("native, on_the_cpu", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_is_fp16_on_a_gpu_and_bf16_only_on_a_cpu_that_computes_it(monkeypatch, native, on_the_cpu):
+    monkeypatch.setattr(models, "cpu_computes_bf16_natively", lambda: native)
+    assert resolve_precision("auto", torch.device("cpu")) == on_the_cpu
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"
+    for explicit in ("fp32", "fp16", "bf16"):
+        assert resolve_precision(explicit, torch.device("cpu")) == resolve_precision(explicit, torch.device("cuda")) \
+            == explicit
+
+
+def test_native_bf16_is_what_the_cpu_flags_say():
+    """torch's report agrees with the kernel's: AVX512-BF16 or AMX (the 2-core Xeon of the issue has AVX-512 but
+    neither, and there bf16 encoded at 0.29x fp32)."""
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    assert NATIVE_BF16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+def test_precision_auto_is_the_default_and_a_run_records_its_choice(make_config, tiny_arch, tiny_checkpoints,
+                                                                    tmp_path, monkeypatch, count_image_batches):
+    monkeypatch.setattr(models, "cpu_computes_bf16_natively", lambda: False)
+    a, b = tiny_checkpoints
+    entries = {"a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3},
+               "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0}}
+    auto = make_config(models=entries)
+    assert auto.models["a"].precision == "auto"
+    predict(auto, tmp_path / "auto", progress=False)
+    record = json.loads((tmp_path / "auto" / "models" / "a" / "model.json").read_text())
+    assert (record["precision"], record["precision_setting"], record["identity"]["precision"]) == (
+        "fp32", "auto", "fp32")
+    encoded = count_image_batches["n"]
+    predict(make_config(), tmp_path / "fp32", progress=False)  # fp32 explicitly: the same features, from the cache
+    assert count_image_batches["n"] == encoded > 0
+    assert (tmp_path / "auto" / "submission.csv").read_bytes() == (tmp_path / "fp32" / "submission.csv").read_bytes()
+
+
+def test_compile_takes_torch_compiles_modes(make_config, monkeypatch):
+    compiled = {}
+
+    def fake_compile(forward, **kwargs):
+        compiled.update(kwargs)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = make_config()
+    entry = config.models["a"]
+    for mode, expected in (("reduce-overhead", {"mode": "reduce-overhead"}), (True, {"options": {"freezing": True}})):
+        compiled.clear()
+        handle = ModelHandle("a", dataclasses.replace(entry, compile=mode), "cpu")
+        assert handle.identity["compile"] == mode and handle.encoder.compiled
+        assert compiled == {"dynamic": False, **expected}
+    with pytest.raises(ConfigError, match="models.a.compile is 'fastest', expected one of default, reduce-overhead"):
+        make_config(models={"a": {"backend": "open_clip", "arch": "ViT-B-32", "pretrained": "random",
+                                  "compile": "fastest"}}, ensemble={"weights": {"a": 1.0}})

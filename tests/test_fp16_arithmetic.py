@@ -8,6 +8,7 @@ On a GPU, `bench/gpu_parity.py` checks the same against the real CUDA autocast.
 """
 
 import json
+import runpy
 
 import numpy as np
 import open_clip
@@ -16,7 +17,7 @@ import torch
 
 from helpers import models, oracle
 from helpers.models import ModelHandle
-from helpers.outputs import read_submission
+from helpers.outputs import PROJECT_ROOT, read_submission
 from helpers.pipeline import predict
 from helpers.scoring import FLOAT32, LogitArithmetic, joint_softmax_probs, scaled_logits
 
@@ -127,3 +128,16 @@ def test_fp16_arithmetic_is_only_where_the_winner_had_it(make_config, tiny_arch,
     for settings in ({}, {"autocast": False, "precision": "fp16"}):
         config = _autocast_config(make_config, tiny_arch, tiny_checkpoints, **settings)
         assert ModelHandle("a", config.models["a"], "cpu").logit_arithmetic == FLOAT32
+
+
+def test_the_gpu_parity_script_runs_on_the_cpu_and_prints_the_count_last(scene_dir, tiny_arch, tmp_path, capsys):
+    """bench/gpu_parity.py end to end on the CPU, where the winner's autocast does nothing: no label apart."""
+    script = runpy.run_path(str(PROJECT_ROOT / "bench" / "gpu_parity.py"), run_name="gpu_parity")
+    out = tmp_path / "parity.json"
+    report = script["main"](["--device", "cpu", "--arch", str(tiny_arch), "--images", "38", "--scene",
+                             str(scene_dir), "--num-workers", "0", "--out", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"differing labels: 0 of {len(SCENE_IDS)}"
+    assert json.loads(lines[-2]) == report == json.loads(out.read_text())
+    assert report["classes_predicted"] > 1 and report["logit_arithmetic"] == FLOAT32.record()
+    assert report["max_abs_prob_diff"] < 1e-5 and report["float32_scoring_differing_labels"] == 0
