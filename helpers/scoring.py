@@ -42,13 +42,14 @@ SCORE_BLOCK_ROWS = 32
 
 @dataclass(frozen=True)
 class LogitArithmetic:
-    """The dtype and device `scale * image @ text.T` is computed in; the result is float32 on the CPU either way.
+    """The dtype and device `scale * image @ text.T` is computed in; scores come back in float32, on the CPU.
 
     `FLOAT32` (the default) is the winner's loop where its autocast did nothing (the CPU). `fp16_on(device)` is that
     loop under CUDA autocast: the features are fp16 (exact in the float32 the cache keeps), `100.0 * features` is
     rounded to fp16, the matmul is an fp16 matmul whose result is rounded to fp16, and the softmax is autocast's
-    float32 one. How an fp16 matmul rounds depends on the kernel that computes it, which depends on the GPU and on
-    the shapes, so it runs on the model's device in the winner's blocks of 32 images.
+    (`softmax(logits, dtype=float32)`, the call autocast makes). How an fp16 matmul rounds depends on the kernel
+    that computes it, which depends on the GPU and on the shapes, so it runs on the model's device in the winner's
+    blocks of 32 images.
     """
 
     dtype: torch.dtype = torch.float32
@@ -68,19 +69,24 @@ FLOAT32 = LogitArithmetic()
 
 def scaled_logits(image_emb, text_emb, logit_scale: float = 100.0,
                   arithmetic: LogitArithmetic = FLOAT32) -> torch.Tensor:
-    """scale * cos(image, prompt), in blocks of SCORE_BLOCK_ROWS images, as float32 on the arithmetic's device."""
+    """scale * cos(image, prompt), in blocks of SCORE_BLOCK_ROWS images, in the arithmetic's dtype and on its
+    device."""
     image = _t(image_emb)
     text = _t(text_emb).to(arithmetic.device, arithmetic.dtype)
     blocks = [logit_scale * image[s:s + SCORE_BLOCK_ROWS].to(arithmetic.device, arithmetic.dtype) @ text.T
               for s in range(0, len(image), SCORE_BLOCK_ROWS)]
-    logits = torch.cat(blocks) if blocks else text.new_zeros(0, len(text))
-    return logits.to(device=arithmetic.device, dtype=torch.float32)
+    return torch.cat(blocks) if blocks else text.new_zeros(0, len(text))
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """The float32 softmax over the last dimension, on the CPU; of fp16 logits, exactly as CUDA autocast takes it."""
+    return logits.softmax(dim=-1, dtype=torch.float32).cpu()
 
 
 def joint_softmax_probs(image_emb, text_emb, logit_scale: float = 100.0,
                         arithmetic: LogitArithmetic = FLOAT32) -> torch.Tensor:
     """softmax(scale * cos) taken jointly over every prompt of every class, as the winner did (on the CPU)."""
-    return scaled_logits(image_emb, text_emb, logit_scale, arithmetic).softmax(dim=-1).cpu()
+    return _softmax(scaled_logits(image_emb, text_emb, logit_scale, arithmetic))
 
 
 def joint_softmax_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
@@ -94,13 +100,13 @@ def prototype_scores(image_emb, text_emb, class_index, n_classes, logit_scale=10
     """CLIP's usual practice: one prototype per class, the renormalised mean of its prompt embeddings."""
     prototypes = pool_by_class(_t(text_emb).T, class_index, n_classes).T
     prototypes = prototypes / prototypes.norm(dim=-1, keepdim=True)
-    return Scores(scaled_logits(image_emb, prototypes, logit_scale, arithmetic).softmax(dim=-1).cpu())
+    return Scores(_softmax(scaled_logits(image_emb, prototypes, logit_scale, arithmetic)))
 
 
 def mean_logit_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
                       arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     """Mean of each class's logits, then softmax over classes."""
-    logits = scaled_logits(image_emb, text_emb, logit_scale, arithmetic).cpu()
+    logits = scaled_logits(image_emb, text_emb, logit_scale, arithmetic).float().cpu()
     return Scores(pool_by_class(logits, class_index, n_classes).softmax(dim=-1))
 
 

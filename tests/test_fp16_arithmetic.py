@@ -114,12 +114,12 @@ def test_fp16_logits_are_the_fp16_matmul_of_the_scaled_features():
 
     logits = scaled_logits(image, text, 100.0, LogitArithmetic.fp16_on("cpu"))
     i16, t16 = torch.from_numpy(image).half(), torch.from_numpy(text).half()
-    expected = torch.cat([(100.0 * i16[s:s + 32]) @ t16.T for s in range(0, 70, 32)]).float()
-    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
-    assert _fp16_exact(logits.numpy())
-    assert not torch.equal(logits, scaled_logits(image, text, 100.0))  # float32 logits are not rounded
+    expected = torch.cat([(100.0 * i16[s:s + 32]) @ t16.T for s in range(0, 70, 32)])
+    assert logits.dtype == torch.float16 and torch.equal(logits, expected)
+    in_float32 = scaled_logits(image, text, 100.0)
+    assert in_float32.dtype == torch.float32 and not torch.equal(logits.float(), in_float32)  # not rounded
     probs = joint_softmax_probs(image, text, 100.0, LogitArithmetic.fp16_on("cpu"))
-    assert torch.equal(probs, expected.softmax(dim=-1))  # autocast's softmax: float32, of the fp16 logits
+    assert probs.dtype == torch.float32 and torch.equal(probs, expected.float().softmax(dim=-1))  # autocast's
 
 
 def test_fp16_arithmetic_is_only_where_the_winner_had_it(make_config, tiny_arch, tiny_checkpoints):
