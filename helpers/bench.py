@@ -102,10 +102,11 @@ def _arch(name: str) -> str:
 
 
 def _handle(args, variant: Variant) -> ModelHandle:
-    """The bench's model in one variant: seeded random weights (the same in every variant, and in the loop's)."""
+    """The bench's model in one variant: seeded random weights (the same in every variant, and in the loop's). An
+    autocast variant is the winner's arithmetic, batches of 32 included (on a GPU they are part of its numbers)."""
     entry = ModelEntry(backend="open_clip", arch=args.arch, pretrained="random", seed=0, sharpness=2.3,
-                       precision=variant.precision, batch_size=args.batch_size, compile=variant.compile,
-                       autocast=variant.autocast)
+                       precision=variant.precision, batch_size=32 if variant.autocast else args.batch_size,
+                       compile=variant.compile, autocast=variant.autocast)
     return ModelHandle("bench", entry, args.device)
 
 
@@ -182,6 +183,7 @@ def profile_batch(handle: ModelHandle, path: Path, top: int = 15) -> dict:
     """torch.profiler over two batches of the loaded model alone (after a warm-up): the table of ops by their own
     time on the device (the CPU's on a CPU) goes to `path`; returns the wall time, the device's busy time and the
     top ops' shares of it (what the rest of the time is spent on)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     encoder, size = handle.encoder, handle.views[0].size
@@ -199,7 +201,9 @@ def profile_batch(handle: ModelHandle, path: Path, top: int = 15) -> dict:
     sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     events = prof.key_averages()
     path.write_text(events.table(sort_by=sort_by, row_limit=60, max_name_column_width=90) + "\n")
-    own = [(e.key, (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1000 / 2) for e in events]
+    # on a GPU its kernels only (an op's device time is also its kernels'); no user annotations (their own spans)
+    own = [(e.key, (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1000 / 2) for e in events
+           if not e.is_user_annotation and (not on_gpu or e.device_type == DeviceType.CUDA)]
     busy_ms = sum(ms for _, ms in own)
     ranked = sorted(own, key=lambda item: -item[1])[:top]
     return {"wall_ms_per_batch": wall_ms, "busy_ms_per_batch": busy_ms, "table": str(path),
@@ -271,23 +275,29 @@ def _probe(args, n: int, precision: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+
+
 def _warm_up(handle: ModelHandle) -> float:
-    """Load the model, and compile it for the full batch if it is compiled; returns the compile seconds."""
+    """Load the model, and compile it for the full batch if it is compiled (a CUDA-graph mode warms up on its first
+    call and records its graph on the second: three calls); returns the compile seconds."""
     encoder = handle.encoder
     if not encoder.compiled:
         return 0.0
     size = handle.views[0].size
     pixels = torch.zeros(handle.entry.batch_size, 3, size, size)
-    _, seconds = _timed(lambda: encoder.encode_images(pixels).cpu())
+    calls = 3 if encoder.device.type == "cuda" and handle.entry.compile in CUDA_GRAPH_MODES else 1
+    _, seconds = _timed(lambda: [encoder.encode_images(pixels).cpu() for _ in range(calls)])
     return seconds
 
 
-def measure_encoding(args, report, original, files, tmp, variants, prompts, profile_dir) -> dict:
+def measure_encoding(args, report, original, files, tmp, variants, prompts, profile_dir, save) -> dict:
     """Images/s of the original loop (on the bare class names) and of each variant, the best of `--repeats` rounds (a
     round times the original, then every variant, so that a slow spell of the machine does not fall on one side
     only), and each variant's ratio to the original; per variant also the model alone on a batch already on the
-    device, the peak GPU memory of the encode, and (`--profile`) a profile of one batch. The 312 prompts once, then
-    from the cache. Returns each variant's labels, and the loop's on the 312 prompts (as "original loop")."""
+    device, the peak GPU memory of its model and encode, its FLOPs per image, and (`--profile`) a profile of one
+    batch. The 312 prompts once, then from the cache. Returns each variant's labels, and the loop's on the 312
+    prompts (as "original loop"). `save` writes the report so far."""
     best, labels = {}, {}
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
@@ -295,7 +305,9 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
 
     def record(name: str, seconds: float, round_: int) -> None:
         best[name] = min(best.get(name, float("inf")), seconds)
+        report.setdefault("rounds", {}).setdefault(name, []).append(len(files) / seconds)
         print(f"round {round_ + 1}: {name:22s} {len(files) / seconds:7.1f} images/s")
+        save()
 
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -306,8 +318,9 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
     del probs
     for round_ in range(args.repeats):
         # timed on the bare class names: their text costs next to nothing, as the workbench's cached prompts do
-        record("original loop", _timed(partial(original, classes))[1], round_)
+        record("original loop", _timed(lambda: _synchronize(original(classes)[-1].device))[1], round_)
         for variant in variants:
+            held = torch.cuda.memory_allocated(device) if on_gpu else 0  # the loop's model: not this variant's
             handle = _handle(args, variant)
             compile_s = _warm_up(handle)  # loaded (and compiled) before the clock starts, as the original's model is
             if variant.compile:
@@ -321,7 +334,9 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
             record(f"workbench {variant.key}", seconds, round_)
             if round_ == 0:
                 if on_gpu:
-                    report[f"{variant.key}_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    report[f"{variant.key}_peak_gpu_mb"] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
+                # each its own: the autocast variant runs the whole last block, the others the class token's only
+                report[f"{variant.key}_gflop_per_image"] = flops_per_image(handle) / 1e9
                 text, first = _timed(partial(encode_texts, handle, prompts.texts, cache))
                 labels[variant.key] = score("joint_softmax_mean", embeddings, text, prompts.class_index, len(classes),
                                             arithmetic=handle.logit_arithmetic).labels
@@ -333,7 +348,7 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
                 fresh = _handle(args, variant)  # a new handle: nothing in memory but the cache
                 _, second = _timed(partial(encode_texts, fresh, prompts.texts, cache))
                 report.update(text_first_s=first, text_cached_s=second, text_cache_ratio=first / second)
-                report["gflop_per_image"] = flops_per_image(handle) / 1e9
+                report["gflop_per_image"] = report[f"{variant.key}_gflop_per_image"]
             handle.close()
     report["original_images_per_s"] = len(files) / best["original loop"]
     print(f"original loop:       {report['original_images_per_s']:7.1f} images/s (best of {args.repeats})")
@@ -392,8 +407,9 @@ def measure_ceiling(report, variants: list[Variant], device) -> None:
         print(f"{precision} ceiling:        {ceiling:7.1f} images/s ({report['gflop_per_image']:.1f} GFLOP/image at "
               f"{rate / 1e9:,.0f} GFLOP/s, the best {size}-square matmul of sizes {sizes}): at most "
               f"{report[f'max_encode_ratio_{precision}']:.2f}x the original")
-    for key, precision in computed.items():
-        report[f"{key}_ceiling_fraction"] = report[f"{key}_images_per_s"] / report[f"ceiling_images_per_s_{precision}"]
+    for key, precision in computed.items():  # each variant against the ceiling of its own FLOPs
+        own = report[f"gemm_tflops_{precision}"] * 1e12 / (report[f"{key}_gflop_per_image"] * 1e9)
+        report[f"{key}_ceiling_fraction"] = report[f"{key}_images_per_s"] / own
 
 
 def measure_memory(args, report, n_images, precision) -> None:
@@ -450,7 +466,8 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
 
 
-def run(args) -> dict:
+def run(args, out: Path) -> dict:
+    """The benchmark; the report is written to `out` after each stage (a run cut short keeps what it measured)."""
     # the loop's `torch.cuda.amp.autocast()` warns on every call (deprecated, and a no-op without CUDA)
     warnings.filterwarnings("ignore", message=r".*(torch\.cuda\.amp\.autocast|CUDA is not available).*")
     scene = Path(args.scene)
@@ -461,7 +478,6 @@ def run(args) -> dict:
     # the variant with the winner's arithmetic, where there is one: the ablation's labels are then the loop's
     winners = next((v for v in variants if v.key in ("fp32_eager_autocast", "fp32_eager")), reference)
     arch = _arch(args.arch)
-    out = Path(args.out or f"outputs/bench/bench-{arch}-{args.images}.json")
     profile_dir = out.with_suffix("") if args.profile else None
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
@@ -471,6 +487,10 @@ def run(args) -> dict:
               "repeats": args.repeats, "auto_precision": resolve_precision("auto", device),
               "cpu_computes_bf16_natively": cpu_computes_bf16_natively()}
     print(f"{report['device_name']}: precision auto is {report['auto_precision']} here")
+
+    def save() -> None:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp, patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor"}):
         tmp = Path(tmp)  # an empty inductor cache: compile times are what a first run on a new machine pays
         files = scene_subset(scene, args.images, tmp / "Scene")
@@ -482,18 +502,21 @@ def run(args) -> dict:
                                           oracle.make_processor(2.3), device=device, num_workers=2)
 
         prompts = load_prompts("winner", classes)
-        labels = measure_encoding(args, report, original, files, tmp, variants, prompts, profile_dir)
+        labels = measure_encoding(args, report, original, files, tmp, variants, prompts, profile_dir, save)
         measure_agreement(report, labels, variants, reference)
         measure_ceiling(report, variants, device)
         for precision in dict.fromkeys(v.precision for v in variants):
             best = report[f"encode_best_{precision}"]
             report[f"{precision}_ceiling_fraction"] = report[f"{best}_ceiling_fraction"]
+        save()
         if not args.skip_ablation:
             measure_ablation(args, report, original, files, tmp, winners, prompts)
+            save()
         loop_handle.close()
         if device.type == "cpu":  # on a GPU the encode's own peak GPU memory is measured instead
             measure_memory(args, report, len(files), reference.precision)
     report["targets_met"] = {k: report[k] >= v for k, v in TARGETS[device.type].items() if k in report}
+    save()
     return report
 
 
@@ -692,8 +715,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.out or f"outputs/bench/bench-{_arch(args.arch)}-{args.images}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = run(args)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    report = run(args, out)
     print(f"wrote {out}")
     print(json.dumps(report))
 

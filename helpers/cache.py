@@ -546,8 +546,11 @@ def image_store(cache_dir: str | Path, handle: ModelHandle, preprocess: Preproce
     return EmbeddingStore(Path(cache_dir) / "images" / name, description)
 
 
-def text_store(cache_dir: str | Path, handle: ModelHandle) -> EmbeddingStore:
+def text_store(cache_dir: str | Path, handle: ModelHandle, texts: list[str]) -> EmbeddingStore:
+    """The store of `handle`'s prompt features; under `exact_batches`, one per prompt list (see encode_texts)."""
     description = {"model": handle.text_identity}
+    if handle.exact_batches:
+        description["prompt_list"] = json_digest(texts)
     name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{json_digest(description)}"
     return EmbeddingStore(Path(cache_dir) / "texts" / name, description)
 
@@ -557,8 +560,10 @@ def text_key(text: str) -> str:
 
 
 def encode_texts(handle: ModelHandle, texts: list[str], cache_dir: str | Path, chunk: int = 1024) -> np.ndarray:
-    """Text embeddings of `texts`, encoding only the prompts not yet cached (all at once, as the winner did)."""
-    store = text_store(cache_dir, handle)
+    """Text embeddings of `texts`, encoding only the prompts not yet cached (all at once, as the winner did). Under
+    the winner's autocast on a GPU a prompt's features can depend on the others in its batch (and for EVA-CLIP on
+    their padded length), so there each prompt list has its own store and is encoded whole."""
+    store = text_store(cache_dir, handle, texts)
     keys = [text_key(t) for t in texts]
     todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in store))
     for start in range(0, len(todo), chunk):

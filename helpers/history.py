@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-import torch
 from filelock import FileLock, Timeout
 
 from .errors import UserError
@@ -168,14 +167,11 @@ def model_summary(name: str, identity: dict) -> str:
             f"{_short(identity.get('pretrained'))}#{json_digest(identity)[:8]}")
 
 
-def _fallback_identity(entry, device: str) -> dict:
-    """What a model's identity holds, from its config entry (a run folder without manifest or model.json), with
-    `precision: auto` as it resolves for the config's device on this machine."""
-    from .models import resolve_device, resolve_precision
-
-    on = resolve_device("auto") if device == "auto" else torch.device(device)
+def _fallback_identity(entry) -> dict:
+    """What a model's identity holds, from its config entry (a run folder without manifest or model.json; its
+    `precision` as the config says it: what `auto` became is known only where the model ran)."""
     ident = {"backend": entry.backend, "arch": entry.arch, "pretrained": entry.pretrained, "revision": entry.revision,
-             "precision": resolve_precision(entry.precision, on)}
+             "precision": entry.precision}
     if entry.pretrained == "random":
         ident["seed"] = entry.seed
     return ident
@@ -213,7 +209,7 @@ def run_record(config, output_dir: str | Path, metrics: dict | None, seconds: fl
             info = _read_json(output_dir / "models" / name / "model.json")
         identity = info.get("identity")
         if not isinstance(identity, dict):
-            identity = _fallback_identity(entry, config.device)
+            identity = _fallback_identity(entry)
         random_any |= bool(info.get("random_weights", entry.pretrained == "random"))
         parts.append(model_summary(name, identity))
     if "git" in manifest:

@@ -59,6 +59,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_computes_bf16_natively() else "fp32"
 
 
+def weights_device(entry: ModelEntry, device: torch.device) -> torch.device:
+    """Where a model entry's weights go: its `device_map` when that names one device, else the run's device (a
+    spreading device_map puts them on the GPUs first)."""
+    if entry.device_map is not None and entry.device_map not in DEVICE_MAP_STRATEGIES:
+        return torch.device(entry.device_map)
+    return device
+
+
 def with_index(device: torch.device) -> torch.device:
     """`cuda` as the GPU it means (`cuda:N`): transformers and safetensors place weights by index."""
     if device.type == "cuda" and device.index is None:
@@ -402,8 +410,6 @@ class Backend:
                  "precision": e.precision}
         if e.compile:  # compiled kernels round differently (fused elementwise ops): their own cache entries
             ident["compile"] = e.compile
-        if e.autocast:  # the features of the winner's autocast, normalised in its fp16 (see Encoder)
-            ident["autocast"] = "fp16-normalised"
         if self.random_weights:
             ident["seed"] = e.seed
         elif Path(e.pretrained.removeprefix("local-dir:")).exists():
@@ -774,27 +780,38 @@ class ModelHandle:
     def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto"):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision_setting = entry.precision  # `entry.precision` is what it means here (`auto` resolved)
-        self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(entry.precision,
-                                                                                               self.device))
+        self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(
+            entry.precision, weights_device(entry, self.device)))
         self.backend = BACKENDS[entry.backend](name, self.entry)
         self._encoder: Encoder | None = None
 
     @property
     def identity(self) -> dict:
-        return self.backend.identity()
+        """What determines the image features (cache keys). Under the winner's autocast on a GPU (`exact_batches`)
+        also the batch size: an fp16 GEMM's rounding there can depend on its number of rows."""
+        ident = self.backend.identity()
+        if self.exact_batches:  # elsewhere autocast does nothing: the features are those without it
+            ident.update(autocast="fp16-normalised", batch_size=self.entry.batch_size)
+        return ident
 
     @property
     def text_identity(self) -> dict:
-        """What determines the text features: `identity` less `compile` (only the image forward is compiled)."""
-        return {k: v for k, v in self.identity.items() if k != "compile"}
+        """What determines the text features: `identity` less `compile` (only the image forward is compiled) and the
+        batch size (the prompts are encoded together: see `exact_batches`)."""
+        return {k: v for k, v in self.identity.items() if k not in ("compile", "batch_size")}
+
+    @property
+    def exact_batches(self) -> bool:
+        """Whether this model computes the winner's arithmetic under CUDA autocast, where a feature's last bits can
+        depend on what else is in its batch: then images are cached per batch size, and prompts per prompt list
+        (encoded in one batch, as the winner did)."""
+        return self.entry.autocast and self.device.type in AUTOCAST_DEVICE_TYPES
 
     @property
     def logit_arithmetic(self) -> LogitArithmetic:
         """How this model's logits are computed: as the winner's loop did under autocast (fp16, on this GPU) where
         its features are that loop's, else in float32 on the CPU."""
-        if self.entry.autocast and self.device.type in AUTOCAST_DEVICE_TYPES:
-            return LogitArithmetic.fp16_on(with_index(self.device))
-        return FLOAT32
+        return LogitArithmetic.fp16_on(with_index(self.device)) if self.exact_batches else FLOAT32
 
     @property
     def views(self) -> list[Preprocess]:

@@ -73,7 +73,9 @@ def scaled_logits(image_emb, text_emb, logit_scale: float = 100.0,
     device."""
     image = _t(image_emb)
     text = _t(text_emb).to(arithmetic.device, arithmetic.dtype)
-    blocks = [logit_scale * image[s:s + SCORE_BLOCK_ROWS].to(arithmetic.device, arithmetic.dtype) @ text.T
+    # scaled, then rounded: for fp16 features `100.0 * x` is exact in float32, so this is the fp16 product the winner
+    # rounded; for features its autocast left in float32 (a model ending in a float32 op) it is what its matmul cast
+    blocks = [(logit_scale * image[s:s + SCORE_BLOCK_ROWS]).to(arithmetic.device, arithmetic.dtype) @ text.T
               for s in range(0, len(image), SCORE_BLOCK_ROWS)]
     return torch.cat(blocks) if blocks else text.new_zeros(0, len(text))
 

@@ -36,11 +36,15 @@ TINY_ARCH = {
 }
 
 
-@pytest.fixture(autouse=True)
-def precision_auto_is_fp32(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def precision_auto_is_fp32():
     """`precision: auto` is fp32 in the tests on every machine, as on a CPU without native bf16: their expected
-    numbers are fp32's, and the machines tests run on differ (tests of `auto` itself set what the CPU can do)."""
-    monkeypatch.setattr(models, "cpu_computes_bf16_natively", lambda: False)
+    numbers are fp32's, and the machines tests run on differ (tests of `auto` itself set what the CPU can do).
+    Session-wide, so that module-scoped fixtures see it too; a config that a subprocess runs (a notebook, torchrun)
+    names its precision where the test compares the outputs with its own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "cpu_computes_bf16_natively", lambda: False)
+        yield
 
 
 @pytest.fixture(autouse=True)

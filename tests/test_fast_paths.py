@@ -5,6 +5,7 @@ architecture: it must run from its command line and end with one JSON line holdi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -18,6 +19,7 @@ from helpers import bench, models
 from helpers.config import ConfigError, ModelEntry
 from helpers.models import ModelHandle, resolve_precision
 from helpers.pipeline import predict
+from helpers.scoring import FLOAT32, LogitArithmetic
 
 from .conftest import TINY_ARCH
 
@@ -148,6 +150,12 @@ def _tiny_gflop() -> float:
     return (conv + (v["layers"] - 1) * block + last + proj) / 1e9
 
 
+def test_the_benchmarks_winner_variant_has_the_winners_batches(tiny_arch):
+    args = argparse.Namespace(arch=str(tiny_arch), batch_size=128, device="cpu")
+    winners, fp16 = (bench.Variant("fp32_eager_autocast", "fp32", autocast=True), bench.Variant("fp16_eager", "fp16"))
+    assert bench._handle(args, winners).entry.batch_size == 32 and bench._handle(args, fp16).entry.batch_size == 128
+
+
 def test_benchmark_variants_parse_and_bad_ones_are_errors():
     assert bench.parse_variants("fp32, bf16+compile,fp32+autocast,auto,fp16+compile=reduce-overhead") == [
         bench.Variant("fp32_eager", "fp32"), bench.Variant("bf16_compiled", "bf16", compile=True),
@@ -161,11 +169,32 @@ def test_benchmark_variants_parse_and_bad_ones_are_errors():
 def test_autocast_is_the_winners_cuda_autocast_a_no_op_on_the_cpu(tmp_path):
     arch = arch_file(tmp_path, {})
     plain, autocast = handle_for(arch), handle_for(arch, autocast=True)
-    assert autocast.identity["autocast"] == autocast.text_identity["autocast"] == "fp16-normalised"
-    assert "autocast" not in plain.identity
-    assert not autocast.encoder.autocast  # on the CPU the winner's torch.cuda.amp.autocast() did nothing
+    # on the CPU the winner's torch.cuda.amp.autocast() did nothing: the same features, the same cache entries
+    assert autocast.identity == plain.identity and autocast.text_identity == plain.text_identity
+    assert not autocast.encoder.autocast and not autocast.exact_batches
     torch.testing.assert_close(autocast.encoder.encode_images(PIXELS), plain.encoder.encode_images(PIXELS),
                                rtol=0, atol=0)
+
+
+def test_the_winners_autocast_on_a_gpu_has_its_own_cache_entries_per_batch_size_and_prompt_list(tmp_path):
+    """Identities only (nothing loads): under CUDA autocast a feature's last bits can depend on its batch."""
+    from helpers.cache import image_store, text_store
+
+    arch = arch_file(tmp_path, {})
+    entry = ModelEntry(backend="open_clip", pretrained="random", arch=str(arch), seed=3, autocast=True,
+                       precision="fp32")
+    cuda = torch.device("cuda", 0)  # with its index: `cuda` alone would ask the driver which GPU is current
+    gpu, gpu_64 = (ModelHandle("m", dataclasses.replace(entry, batch_size=b), cuda) for b in (32, 64))
+    plain = ModelHandle("m", dataclasses.replace(entry, autocast=False), cuda)
+    assert gpu.exact_batches and gpu.identity == {**plain.identity, "autocast": "fp16-normalised", "batch_size": 32}
+    assert gpu_64.identity["batch_size"] == 64 and gpu_64.text_identity == gpu.text_identity
+    assert "batch_size" not in gpu.text_identity
+    assert gpu.logit_arithmetic == LogitArithmetic.fp16_on("cuda:0") and plain.logit_arithmetic == FLOAT32
+    view = gpu.views[0]
+    assert image_store(tmp_path, gpu, view).root != image_store(tmp_path, gpu_64, view).root
+    winner, bare = ["a photo of a Sea", "Sea"], ["Sea"]
+    assert text_store(tmp_path, gpu, winner).root != text_store(tmp_path, gpu, bare).root
+    assert text_store(tmp_path, plain, winner).root == text_store(tmp_path, plain, bare).root
 
 
 # --- precision auto (issue 11, item 4) and torch.compile's modes
@@ -177,6 +206,11 @@ def test_precision_auto_is_fp16_on_a_gpu_and_bf16_only_on_a_cpu_that_computes_it
     monkeypatch.setattr(models, "cpu_computes_bf16_natively", lambda: native)
     assert resolve_precision("auto", torch.device("cpu")) == on_the_cpu
     assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"
+    # where the weights go decides: a device_map of the CPU under a GPU run
+    entry = ModelEntry(backend="hf_clip", pretrained="/nowhere", device_map="cpu")
+    assert ModelHandle("m", entry, torch.device("cuda")).entry.precision == on_the_cpu
+    spread = dataclasses.replace(entry, device_map="auto")
+    assert ModelHandle("m", spread, torch.device("cuda")).entry.precision == "fp16"
     for explicit in ("fp32", "fp16", "bf16"):
         assert resolve_precision(explicit, torch.device("cpu")) == resolve_precision(explicit, torch.device("cuda")) \
             == explicit

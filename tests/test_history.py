@@ -181,7 +181,7 @@ def test_run_record_without_a_manifest_and_with_random_weights(make_config, tmp_
                          ensemble={"weights": None, "drop_below": None})
     rec = run_record(config, tmp_path / "not-run-yet", {"test": {}}, 0.04, "run", 1)
     identity = {"backend": "open_clip", "arch": "ViT-B-32-quickgelu", "pretrained": "random", "revision": None,
-                "precision": "fp32", "seed": 3}
+                "precision": "auto", "seed": 3}
     assert rec["models"] == f"a=open_clip:ViT-B-32-quickgelu@random#{json_digest(identity)[:8]}"
     assert rec["random_weights"] is True and rec["dev_accuracy"] is None
     inside = PROJECT_ROOT / "outputs" / "runs" / "x"

@@ -57,8 +57,11 @@ def run_config(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints
     raw = {
         "name": "nbtest",
         "data": {"test": str(scene_dir), "dev": {"path": str(dev_dir), "class_map": INTEL_CLASS_MAP}},
-        "models": {"a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3},
-                   "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0}},
+        # fp32 named: the notebooks' kernels resolve `auto` for their machine, and the tests compare with fp32 runs
+        "models": {"a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3,
+                         "precision": "fp32"},
+                   "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0,
+                         "precision": "fp32"}},
         "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": 0.002},
         "cache_dir": str(folder / "cache"),
         "num_workers": 0,
