@@ -106,7 +106,7 @@ def test_compile_has_its_own_image_cache_but_shares_the_prompts(tmp_path):
 def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--images", "12", "--arch", str(tiny_arch), "--batch-size", "8", "--scene", str(scene_dir),
-                "--variants", "fp32,bf16,bf16+compile,auto", "--profile", "--out", str(out)])
+                "--variants", "fp32,bf16,bf16+compile,auto", "--repeats", "1", "--profile", "--out", str(out)])
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads(last_line)
     assert report == json.loads(out.read_text())
