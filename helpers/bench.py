@@ -297,7 +297,8 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
     only), and each variant's ratio to the original; per variant also the model alone on a batch already on the
     device, the peak GPU memory of its model and encode, its FLOPs per image, and (`--profile`) a profile of one
     batch. The 312 prompts once, then from the cache. Returns each variant's labels, and the loop's on the 312
-    prompts (as "original loop"). `save` writes the report so far."""
+    prompts (as "original loop"). `save` writes the report so far. A variant that fails is reported
+    (`<variant>_error`) and taken out of `variants`; the others are measured."""
     best, labels = {}, {}
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
@@ -316,12 +317,10 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
     if on_gpu:
         report["original_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     del probs
-    for round_ in range(args.repeats):
-        # timed on the bare class names: their text costs next to nothing, as the workbench's cached prompts do
-        record("original loop", _timed(lambda: _synchronize(original(classes)[-1].device))[1], round_)
-        for variant in variants:
-            held = torch.cuda.memory_allocated(device) if on_gpu else 0  # the loop's model: not this variant's
-            handle = _handle(args, variant)
+    def measure_variant(variant: Variant, round_: int) -> None:
+        held = torch.cuda.memory_allocated(device) if on_gpu else 0  # the loop's model: not this variant's
+        handle = _handle(args, variant)
+        try:
             compile_s = _warm_up(handle)  # loaded (and compiled) before the clock starts, as the original's model is
             if variant.compile:
                 report.setdefault(f"compile_s_{variant.key}", compile_s)
@@ -332,24 +331,41 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
             embeddings, seconds = _timed(partial(encode_images, handle, files, handle.views[0], cache,
                                                  num_workers=args.num_workers, progress=False))
             record(f"workbench {variant.key}", seconds, round_)
-            if round_ == 0:
-                if on_gpu:
-                    report[f"{variant.key}_peak_gpu_mb"] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
-                # each its own: the autocast variant runs the whole last block, the others the class token's only
-                report[f"{variant.key}_gflop_per_image"] = flops_per_image(handle) / 1e9
-                text, first = _timed(partial(encode_texts, handle, prompts.texts, cache))
-                labels[variant.key] = score("joint_softmax_mean", embeddings, text, prompts.class_index, len(classes),
-                                            arithmetic=handle.logit_arithmetic).labels
-                report[f"{variant.key}_precision"] = handle.entry.precision
-                report[f"{variant.key}_model_images_per_s"] = model_images_per_s(handle)
-                if profile_dir is not None:
-                    report[f"{variant.key}_profile"] = profile_batch(handle, profile_dir / f"{variant.key}.txt")
-            if round_ == 0 and variant == variants[0]:
+            if round_ > 0:
+                return
+            if on_gpu:
+                report[f"{variant.key}_peak_gpu_mb"] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
+            # each its own: the autocast variant runs the whole last block, the others the class token's only
+            report[f"{variant.key}_gflop_per_image"] = flops_per_image(handle) / 1e9
+            text, first = _timed(partial(encode_texts, handle, prompts.texts, cache))
+            labels[variant.key] = score("joint_softmax_mean", embeddings, text, prompts.class_index, len(classes),
+                                        arithmetic=handle.logit_arithmetic).labels
+            report[f"{variant.key}_precision"] = handle.entry.precision
+            report[f"{variant.key}_model_images_per_s"] = model_images_per_s(handle)
+            if profile_dir is not None:
+                report[f"{variant.key}_profile"] = profile_batch(handle, profile_dir / f"{variant.key}.txt")
+            if "text_first_s" not in report:  # the first variant measured
                 fresh = _handle(args, variant)  # a new handle: nothing in memory but the cache
                 _, second = _timed(partial(encode_texts, fresh, prompts.texts, cache))
-                report.update(text_first_s=first, text_cached_s=second, text_cache_ratio=first / second)
-                report["gflop_per_image"] = report[f"{variant.key}_gflop_per_image"]
+                report.update(text_first_s=first, text_cached_s=second, text_cache_ratio=first / second,
+                              gflop_per_image=report[f"{variant.key}_gflop_per_image"])
+        finally:
             handle.close()
+
+    for round_ in range(args.repeats):
+        # timed on the bare class names: their text costs next to nothing, as the workbench's cached prompts do
+        record("original loop", _timed(lambda: _synchronize(original(classes)[-1].device))[1], round_)
+        for variant in [v for v in variants if f"{v.key}_error" not in report]:
+            try:
+                measure_variant(variant, round_)
+            except Exception as error:  # one that fails here (a compile mode, memory): recorded, the others go on
+                report[f"{variant.key}_error"] = f"{type(error).__name__}: {error}"[:2000]
+                print(f"round {round_ + 1}: workbench {variant.key} failed: {report[f'{variant.key}_error']}")
+                save()
+    variants[:] = [v for v in variants if f"{v.key}_error" not in report]
+    if not variants:
+        raise RuntimeError("every variant failed: " + "; ".join(f"{k}: {v}" for k, v in report.items()
+                                                                 if k.endswith("_error")))
     report["original_images_per_s"] = len(files) / best["original loop"]
     print(f"original loop:       {report['original_images_per_s']:7.1f} images/s (best of {args.repeats})")
     for variant in variants:
@@ -503,6 +519,9 @@ def run(args, out: Path) -> dict:
 
         prompts = load_prompts("winner", classes)
         labels = measure_encoding(args, report, original, files, tmp, variants, prompts, profile_dir, save)
+        reference = reference if reference in variants else variants[0]
+        winners = winners if winners in variants else reference
+        report["label_reference"] = reference.key
         measure_agreement(report, labels, variants, reference)
         measure_ceiling(report, variants, device)
         for precision in dict.fromkeys(v.precision for v in variants):

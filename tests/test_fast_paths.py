@@ -103,15 +103,25 @@ def test_compile_has_its_own_image_cache_but_shares_the_prompts(tmp_path):
     assert not compiled.loaded
 
 
-def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, tmp_path, capsys):
+def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, tmp_path, capsys, monkeypatch):
+    counted = bench.flops_per_image
+
+    def fails_in_fp16(handle):  # a variant that fails on this machine is reported, and the others measured
+        if handle.entry.precision == "fp16":
+            raise RuntimeError("no fp16 kernel here")
+        return counted(handle)
+
+    monkeypatch.setattr(bench, "flops_per_image", fails_in_fp16)
     out = tmp_path / "bench.json"
     bench.main(["--images", "12", "--arch", str(tiny_arch), "--batch-size", "8", "--scene", str(scene_dir),
-                "--variants", "fp32,bf16,bf16+compile,auto", "--repeats", "1", "--profile", "--out", str(out)])
+                "--variants", "fp32,bf16,bf16+compile,auto,fp16", "--repeats", "1", "--profile", "--out", str(out)])
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads(last_line)
     assert report == json.loads(out.read_text())
     assert report["images"] == 12
-    assert report["variants"] == ["fp32_eager", "bf16_eager", "bf16_compiled", "auto_eager"]
+    assert report["variants"] == ["fp32_eager", "bf16_eager", "bf16_compiled", "auto_eager", "fp16_eager"]
+    assert report["fp16_eager_error"] == "RuntimeError: no fp16 kernel here"
+    assert "fp16_eager_loop_agreement" not in report and "encode_best_fp16" not in report
     assert report["auto_precision"] == report["auto_eager_precision"] == resolve_precision("auto", torch.device("cpu"))
     for key in ("original_images_per_s", "fp32_eager_images_per_s", "bf16_eager_images_per_s",
                 "bf16_compiled_images_per_s", "auto_eager_images_per_s", "encode_ratio_fp32", "encode_ratio_bf16",
