@@ -26,6 +26,7 @@ from helpers.outputs import read_submission  # noqa: E402
 from helpers.pipeline import predict  # noqa: E402
 
 ARCH = "ViT-B-32-quickgelu"
+WINNER_SETTINGS = {"precision": "fp32", "autocast": True, "batch_size": 32}
 
 
 def main() -> None:
@@ -58,10 +59,11 @@ def main() -> None:
             config = config_from_dict({
                 "name": "parity", "data": {"test": str(scene), "limit": args.images}, "prompts": "winner",
                 "scoring": "joint_softmax_mean", "cache_dir": str(tmp / "cache"),
+                # the winner's settings: fp32 weights under autocast (a no-op on the CPU), batches of 32
                 "models": {"a": {"backend": "open_clip", "arch": ARCH, "pretrained": str(checkpoints[0]),
-                                 "sharpness": 2.3},
+                                 "sharpness": 2.3, **WINNER_SETTINGS},
                            "b": {"backend": "open_clip", "arch": ARCH, "pretrained": str(checkpoints[1]),
-                                 "sharpness": 2.0}},
+                                 "sharpness": 2.0, **WINNER_SETTINGS}},
                 "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": drop},
             })
             t0 = time.perf_counter()
