@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers import oracle  # noqa: E402
-from helpers.bench import scene_subset  # noqa: E402
+from helpers.bench import arch_name, scene_subset  # noqa: E402
 from helpers.config import config_from_dict  # noqa: E402
 from helpers.models import ModelHandle, resolve_device  # noqa: E402
 from helpers.outputs import read_submission  # noqa: E402
@@ -35,14 +35,6 @@ from helpers.pipeline import predict  # noqa: E402
 from helpers.scoring import FLOAT32, joint_softmax_probs  # noqa: E402
 
 SHARPNESS, SEED = 2.3, 0
-
-
-def _arch(name: str) -> str:
-    """An open_clip architecture name, or the path of an architecture JSON file (registered under its stem)."""
-    if name.endswith(".json"):
-        open_clip.add_model_config(name)
-        return Path(name).stem
-    return name
 
 
 def _labels(probs: np.ndarray, class_names: list[str]) -> np.ndarray:
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     classes = json.loads((scene / "classes.json").read_text())
     device = resolve_device(args.device)
-    arch = _arch(args.arch)
+    arch = arch_name(args.arch)
     report = {"arch": arch, "images": 0, "device": str(device), "torch": torch.__version__, "open_clip":
               open_clip.__version__, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu"}

@@ -93,7 +93,7 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def _arch(name: str) -> str:
+def arch_name(name: str) -> str:
     """An open_clip architecture name, or the path of an architecture JSON file (registered under its stem)."""
     if name.endswith(".json"):
         open_clip.add_model_config(name)
@@ -163,12 +163,18 @@ def compute_precision(variant: Variant, device: torch.device) -> str:
     return resolve_precision(variant.precision, device)
 
 
+def _warm_device_batch(handle: ModelHandle) -> torch.Tensor:
+    """A batch of random pixels already on the model's device, encoded once (the warm-up)."""
+    size = handle.views[0].size
+    pixels = torch.randn(handle.entry.batch_size, 3, size, size, device=handle.encoder.device)
+    handle.encoder.encode_images(pixels)
+    return pixels
+
+
 def model_images_per_s(handle: ModelHandle, reps: int = 5) -> float:
     """The loaded model alone, on a batch already on its device: images/s of `encode_images`, best of `reps` after
     a warm-up (what the encode could reach if decoding, transfers and the cache cost nothing)."""
-    encoder, size = handle.encoder, handle.views[0].size
-    pixels = torch.randn(handle.entry.batch_size, 3, size, size, device=encoder.device)
-    encoder.encode_images(pixels)
+    encoder, pixels = handle.encoder, _warm_device_batch(handle)
     best = float("inf")
     for _ in range(reps):
         _synchronize(encoder.device)
@@ -186,9 +192,7 @@ def profile_batch(handle: ModelHandle, path: Path, top: int = 15) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    encoder, size = handle.encoder, handle.views[0].size
-    pixels = torch.randn(handle.entry.batch_size, 3, size, size, device=encoder.device)
-    encoder.encode_images(pixels)
+    encoder, pixels = handle.encoder, _warm_device_batch(handle)
     on_gpu = encoder.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     _synchronize(encoder.device)
@@ -493,7 +497,7 @@ def run(args, out: Path) -> dict:
     reference = next((v for v in variants if v.key == LABEL_REFERENCE[device.type]), variants[0])
     # the variant with the winner's arithmetic, where there is one: the ablation's labels are then the loop's
     winners = next((v for v in variants if v.key in ("fp32_eager_autocast", "fp32_eager")), reference)
-    arch = _arch(args.arch)
+    arch = arch_name(args.arch)
     profile_dir = out.with_suffix("") if args.profile else None
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
@@ -732,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         memory_probe(args)
         return
-    out = Path(args.out or f"outputs/bench/bench-{_arch(args.arch)}-{args.images}.json")
+    out = Path(args.out or f"outputs/bench/bench-{arch_name(args.arch)}-{args.images}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = run(args, out)
     print(f"wrote {out}")

@@ -207,9 +207,7 @@ def run_record(config, output_dir: str | Path, metrics: dict | None, seconds: fl
         info = recorded.get(name)
         if not isinstance(info, dict):
             info = _read_json(output_dir / "models" / name / "model.json")
-        identity = info.get("identity")
-        if not isinstance(identity, dict):
-            identity = _fallback_identity(entry)
+        identity = info.get("identity") if isinstance(info.get("identity"), dict) else _fallback_identity(entry)
         random_any |= bool(info.get("random_weights", entry.pretrained == "random"))
         parts.append(model_summary(name, identity))
     if "git" in manifest:
