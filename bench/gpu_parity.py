@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers import oracle  # noqa: E402
-from helpers.bench import arch_name, scene_subset  # noqa: E402
+from helpers.bench.runners import arch_name, scene_subset  # noqa: E402
 from helpers.config import config_from_dict  # noqa: E402
 from helpers.models import ModelHandle, resolve_device  # noqa: E402
 from helpers.outputs import read_submission  # noqa: E402

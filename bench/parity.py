@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers import oracle  # noqa: E402
-from helpers.bench import scene_subset  # noqa: E402
+from helpers.bench.runners import scene_subset  # noqa: E402
 from helpers.config import config_from_dict  # noqa: E402
 from helpers.outputs import read_submission  # noqa: E402
 from helpers.pipeline import predict  # noqa: E402

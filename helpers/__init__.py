@@ -1,14 +1,23 @@
 """Blur-robust zero-shot classification workbench: the thin package the notebooks call.
 
 Public surface: load a run config, then `predict` it, or call its steps (`run_model`, `run_ensemble`); the
-pieces (prompt sets, scoring modes, backends, the embedding cache) are importable from their modules.
+pieces (prompt sets, scoring modes, backends, the embedding cache) are importable from their modules. The surface is
+imported on first use, so that a command that needs no model (`python -m helpers --help`, `runs`) starts without
+torch.
 """
 
-from . import progress  # noqa: F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.progress)
-from .config import RunConfig, config_from_dict, load_config
-from .pipeline import load_run_data, predict, run_ensemble, run_model
-from .prompts import list_prompt_sets, load_prompts
-from .scoring import SCORERS, ensemble_scores, score
+import importlib
 
-__all__ = ["RunConfig", "config_from_dict", "load_config", "load_run_data", "predict", "run_ensemble", "run_model",
-           "list_prompt_sets", "load_prompts", "SCORERS", "ensemble_scores", "score"]
+from . import progress  # noqa: F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.progress)
+
+_SURFACE = {"RunConfig": "config", "config_from_dict": "config", "load_config": "config",
+            "load_run_data": "pipeline", "predict": "pipeline", "run_ensemble": "pipeline", "run_model": "pipeline",
+            "list_prompt_sets": "prompts", "load_prompts": "prompts",
+            "SCORERS": "scoring", "ensemble_scores": "scoring", "score": "scoring"}
+__all__ = list(_SURFACE)
+
+
+def __getattr__(name: str):
+    if name in _SURFACE:
+        return getattr(importlib.import_module(f".{_SURFACE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,10 +22,7 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .data import DataError
-from .distributed import closing_world
 from .errors import UserError, check_agreement, debug_mode, is_user_error, one_line
-from .history import record_run
 
 
 def _world(config):
@@ -37,6 +34,7 @@ def _world(config):
 
 
 def cmd_predict(args) -> None:
+    from .history import record_run
     from .pipeline import predict
 
     config = load_config(args.config, args.set)
@@ -68,6 +66,7 @@ def cmd_encode(args) -> None:
 
 
 def cmd_run(args) -> None:
+    from .history import record_run
     from .run import run_pipeline, run_summary
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -122,7 +121,7 @@ def cmd_estimate_blur(args) -> None:
 
 
 def cmd_make_dev(args) -> None:
-    from .data import read_classes
+    from .data import DataError, read_classes
     from .devset import build_dev_set, list_images, match_test_blur, measure_blur, parse_class_map
 
     class_map = parse_class_map(args.class_map)
@@ -176,6 +175,14 @@ def cmd_runs(args) -> None:
         print(f"no runs recorded yet in {index} (every run and predict adds one)")
         return
     print(format_history(history, args.limit))
+
+
+def _leave_process_group() -> None:
+    """Leave torch's process group if this command joined one (torch warns about one left open)."""
+    if "torch.distributed" in sys.modules:  # else never imported, never joined: no need to import torch for it
+        from .distributed import leave_process_group
+
+        leave_process_group()
 
 
 def bounded(kind, low=None, high=None):
@@ -276,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_runs)
     args = parser.parse_args(argv)
     try:
-        with debug_mode(args.debug), closing_world():
-            args.func(args)
+        with debug_mode(args.debug):
+            try:
+                args.func(args)
+            finally:
+                _leave_process_group()
     except KeyboardInterrupt:
         if args.debug:
             raise

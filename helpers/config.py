@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 import types
 import typing
@@ -18,11 +20,16 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError, one_line
-from .scoring import SCORERS
 
 BACKENDS = ("open_clip", "hf_clip", "eva_clip")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SCORING_MODES = ("joint_softmax_mean", "prototype", "mean_logit")  # helpers.scoring.SCORERS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def json_digest(obj) -> str:
+    """A short sha256 of an object's canonical JSON (sorted keys): a config's hash, a cache entry's name."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ConfigError(UserError, ValueError):
@@ -272,7 +279,7 @@ INT64_MAX = 2**63 - 1  # image counts end up in numpy and torch indices
 
 
 def _check(config: RunConfig) -> None:
-    _one_of(config.scoring, tuple(SCORERS), "scoring")
+    _one_of(config.scoring, SCORING_MODES, "scoring")
     _one_of(config.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
     if config.fallback_label is not None and config.data.classes and config.fallback_label not in config.data.classes:
         _one_of(config.fallback_label, config.data.classes, "fallback_label")

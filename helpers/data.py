@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from natsort import natsorted
 from PIL import Image
 from tqdm.auto import tqdm
@@ -268,6 +266,8 @@ class Sharpen:
     factor: float
 
     def __call__(self, img: Image.Image) -> Image.Image:
+        import torchvision.transforms.functional as TF  # on first use: torchvision takes a second to import
+
         return TF.adjust_sharpness(img, self.factor)
 
 
@@ -280,7 +280,10 @@ class Preprocess:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
-    def transform(self) -> T.Compose:
+    def transform(self):
+        """The torchvision transform: a PIL image in, a normalised (3, size, size) float32 tensor out."""
+        import torchvision.transforms as T
+
         steps = [
             T.Resize((self.size, self.size), interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(self.size),

@@ -12,7 +12,6 @@ does anything.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -81,11 +80,7 @@ def init_world(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-@contextmanager
-def closing_world():
-    """Leave the process group, if one was joined, when the block ends (torch warns about one left open)."""
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def leave_process_group() -> None:
+    """Leave the process group, if one was joined (torch warns about one left open)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, ImageSet, load_test_set
 from .errors import UserError
-from .models import hf_cache_dir, host_reachable, hub_host
+from .models.checkpoints import hf_cache_dir, host_reachable, hub_host
 
 DATA_REPO = "sw24/sw24"  # a dataset repo (repo_type="dataset")
 DATA_FILE = "data.zip"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock, Timeout
 
+from .config import json_digest
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,6 @@ def _short(value) -> str:
 
 def model_summary(name: str, identity: dict) -> str:
     """`name=backend:arch@weights#hash`: hash is the first 8 hex digits of the identity's digest (the cache key)."""
-    from .cache import json_digest
-
     return (f"{name}={identity.get('backend', '-')}:{_short(identity.get('arch'))}@"
             f"{_short(identity.get('pretrained'))}#{json_digest(identity)[:8]}")
 
@@ -195,8 +194,6 @@ def run_record(config, output_dir: str | Path, metrics: dict | None, seconds: fl
                world_size: int) -> dict:
     """The index row of a finished run: `config` its RunConfig, `output_dir` its folder (the manifest there gives the
     models' identities and the git commit), `metrics` what it wrote to metrics.json."""
-    from .cache import json_digest
-
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
     output_dir = Path(output_dir)

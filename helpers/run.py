@@ -13,8 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .cache import json_digest
-from .config import RunConfig, load_config
+from .config import RunConfig, json_digest, load_config
 from .distributed import World
 from .errors import UserError
 from .files import atomic_write_text, remove_stale_temporaries

@@ -4,7 +4,6 @@ A-versus-B comparison a paired test on the same images, so that a "+0.1%" is see
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import binomtest
 
 N_RESAMPLES, SEED, LEVEL = 1000, 0, 0.95
 
@@ -51,6 +50,8 @@ def mcnemar_p(correct_a, correct_b) -> float:
     only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
     if only_a + only_b == 0:
         return 1.0
+    from scipy.stats import binomtest  # on first use: scipy.stats takes half a second to import
+
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 

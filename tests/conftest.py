@@ -8,14 +8,19 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Under pytest-xdist (`make test`) the workers share the cores: one thread each, and the same in the processes they
+# start (a notebook's kernel, torchrun's ranks), whose numbers the tests compare with their own. Set before torch
+# reads it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
-from helpers import models
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 from helpers.cache import image_store
 from helpers.config import config_from_dict
 from helpers.data import file_digest, load_test_set
-from helpers.models import Encoder, ModelHandle
+from helpers.models import Encoder, ModelHandle, device
 from helpers.pipeline import predict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +48,7 @@ def precision_auto_is_fp32():
     Session-wide, so that module-scoped fixtures see it too; a config that a subprocess runs (a notebook, torchrun)
     names its precision where the test compares the outputs with its own."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "cpu_computes_bf16_natively", lambda: False)
+        patch.setattr(device, "cpu_computes_bf16_natively", lambda: False)
         yield
 
 
@@ -216,3 +221,13 @@ def missing_batches(config) -> int:
             n += sum(any(d not in store for d in digests[s:s + entry.batch_size])
                      for s in range(0, len(digests), entry.batch_size))
     return n
+
+
+# The modules that take longest, first: `make test`'s workers take a module at a time, so they then finish together
+# instead of one waiting for the other's last long module.
+SLOWEST_MODULES = ("test_notebooks.py", "test_distributed.py", "test_fast_paths.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -1,6 +1,6 @@
 """`python -m helpers predict`, with a fault injected at a chosen point: for tests that kill a run or fill its disk.
 
-    python tests/fault_injection.py FAULT PREDICT-ARGS...
+    python tests/fault_injection.py FAULT PREDICT-ARGS...     (or `main([FAULT, *PREDICT-ARGS])` in a forked process)
 
 FAULT is one of
     none                    no fault
@@ -27,8 +27,8 @@ import sys
 import time
 
 
-def main() -> int:
-    fault, argv = sys.argv[1], sys.argv[2:]
+def main(argv: list[str]) -> int:
+    fault, argv = argv[0], argv[1:]
     kind, *rest = fault.split(":")
     if os.environ.get("FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         kind = "none"  # under torchrun: the fault hits the rank FAULT_RANK names, the others run as they would
@@ -131,4 +131,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

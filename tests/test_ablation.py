@@ -112,7 +112,7 @@ def test_sharpness_views_average_the_probabilities(dev_config, tmp_path):
 
 
 def test_the_benchmark_ablation_has_ten_variants_of_the_winner_set():
-    from helpers.bench import ablation_variants
+    from helpers.bench.runners import ablation_variants
     from helpers.prompts import load_prompts
 
     from .conftest import CLASSES

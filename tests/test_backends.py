@@ -168,7 +168,7 @@ def offline(monkeypatch, tmp_path) -> Path:
 
     cache = tmp_path / "hf-cache"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_reachable", {})
+    monkeypatch.setattr(models.checkpoints, "_reachable", {})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     return cache
 
@@ -766,8 +766,8 @@ def test_placement_record_of_a_model_spread_over_gpus():
     """accelerate names GPUs by index: the record says cuda:N, and inputs go to the first GPU of the map."""
     device_map = {"vision_model.embeddings": 1, "vision_model.encoder": 0, "text_model": torch.device("cuda:1"),
                   "logit_scale": "cpu", "text_projection": "disk"}
-    placement = models.placement_record(device_map)
+    placement = models.device.placement_record(device_map)
     assert placement == {"vision_model.embeddings": "cuda:1", "vision_model.encoder": "cuda:0",
                          "text_model": "cuda:1", "logit_scale": "cpu", "text_projection": "disk"}
-    assert models.input_device(placement) == torch.device("cuda:1")
-    assert models.input_device({"logit_scale": "cpu", "vision_model": "disk"}) == torch.device("cpu")
+    assert models.device.input_device(placement) == torch.device("cuda:1")
+    assert models.device.input_device({"logit_scale": "cpu", "vision_model": "disk"}) == torch.device("cpu")

@@ -3,6 +3,7 @@ store of segment files: damaged ones set aside, the .npz format migrated, concur
 lookups that read only what they ask."""
 
 import fcntl
+import io
 import json
 import logging
 import os
@@ -16,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import helpers.cache
-from helpers.cache import EmbeddingStore, _npz_bytes, default_num_workers, encode_images, image_store, open_segment
+import helpers.store
+from helpers.cache import default_num_workers, encode_images, image_store
 from helpers.data import load_test_set
 from helpers.models import ModelHandle
 from helpers.pipeline import predict
+from helpers.store import EmbeddingStore, open_segment
 
 from .conftest import PROJECT_ROOT, Interrupt
 
@@ -164,13 +166,20 @@ def test_an_error_that_is_not_the_segments_fault_propagates_and_sets_nothing_asi
     assert segment.exists() and not list((tmp_path / "s").glob("*.corrupt"))
 
 
+def npz_bytes(**arrays) -> bytes:
+    """A shard of the store's format before segments."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def test_a_store_of_the_npz_format_is_read_and_migrated_on_first_open(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     root = tmp_path / "s"
     root.mkdir()
     (root / "key.json").write_text('{"model": "m"}')
-    (root / "100-1-aaa.npz").write_bytes(_npz_bytes(keys=np.array(["k1", "k2"]), vectors=rows_of(1, 2)))
-    (root / "200-1-merged.npz").write_bytes(_npz_bytes(keys=np.array(["k2", "k3"]), vectors=rows_of(2, 3)))
+    (root / "100-1-aaa.npz").write_bytes(npz_bytes(keys=np.array(["k1", "k2"]), vectors=rows_of(1, 2)))
+    (root / "200-1-merged.npz").write_bytes(npz_bytes(keys=np.array(["k2", "k3"]), vectors=rows_of(2, 3)))
     (root / "300-1-bbb.npz").write_bytes(b"PK\x03\x04 cut short")
     store = EmbeddingStore(root, {"model": "other"})
     assert "3 .npz shards of" in caplog.text and "300-1-bbb.npz is unreadable (BadZipFile" in caplog.text
@@ -181,7 +190,7 @@ def test_a_store_of_the_npz_format_is_read_and_migrated_on_first_open(tmp_path, 
     assert np.array_equal(EmbeddingStore(root, {}).get(["k1", "k2", "k3"]), rows_of(1, 2, 3))
 
     # a migration that stopped after writing a segment (its shard still there) finishes without writing it again
-    (root / "100-1-aaa.npz").write_bytes(_npz_bytes(keys=np.array(["k1", "k2"]), vectors=rows_of(1, 2)))
+    (root / "100-1-aaa.npz").write_bytes(npz_bytes(keys=np.array(["k1", "k2"]), vectors=rows_of(1, 2)))
     before = (root / "100-1-aaa.seg").stat().st_ino
     assert np.array_equal(EmbeddingStore(root, {}).get(["k1", "k2"]), rows_of(1, 2))
     assert not (root / "100-1-aaa.npz").exists() and (root / "100-1-aaa.seg").stat().st_ino == before
@@ -190,7 +199,7 @@ def test_a_store_of_the_npz_format_is_read_and_migrated_on_first_open(tmp_path, 
 APPENDER = """
 import sys
 import numpy as np
-from helpers.cache import EmbeddingStore
+from helpers.store import EmbeddingStore
 root, who, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 import time
 while time.time() < start:
@@ -229,7 +238,7 @@ def test_a_compaction_interrupted_after_writing_the_merged_segment_leaves_the_sa
     keys = [f"k{i}" for i in range(6)]
     expected = store.get(keys)
     with monkeypatch.context() as m:
-        m.setattr(helpers.cache, "_remove_segment", lambda path, rename_if_held=True: None)  # killed right here
+        m.setattr(helpers.store, "_remove_segment", lambda path, rename_if_held=True: None)  # killed right here
         store.compact()
     assert len(list((tmp_path / "s").glob("*.seg"))) == 6  # the merged one beside the five it merged
     again = EmbeddingStore(tmp_path / "s", {})
@@ -241,7 +250,7 @@ def test_a_compaction_interrupted_after_writing_the_merged_segment_leaves_the_sa
 
 
 def test_compaction_merges_only_small_segments_and_like_with_like(tmp_path, monkeypatch):
-    monkeypatch.setattr(helpers.cache, "SMALL_SEGMENT_ROWS", 2048)
+    monkeypatch.setattr(helpers.store, "SMALL_SEGMENT_ROWS", 2048)
     store = EmbeddingStore(tmp_path / "s", {})
     store.add([f"big{i}" for i in range(2048)], np.zeros((2048, 2), np.float32))
     big = store.segments[0]

@@ -42,8 +42,8 @@ def sha256(path: Path) -> str:
 def go_offline(monkeypatch) -> None:
     """The real offline check: HF_HUB_OFFLINE makes `host_reachable` answer False without touching the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_reachable", {})
-    monkeypatch.setattr(download, "host_reachable", models.host_reachable)
+    monkeypatch.setattr(models.checkpoints, "_reachable", {})
+    monkeypatch.setattr(download, "host_reachable", models.checkpoints.host_reachable)
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_cached_zip_offline_without_a_record_is_recorded_unverified(hub, monkeyp
 def test_real_hub_code_fails_fast_offline(tmp_path, monkeypatch):
     """No fakes: the real huggingface_hub calls with HF_HUB_OFFLINE=1 and an empty cache."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_reachable", {})
+    monkeypatch.setattr(models.checkpoints, "_reachable", {})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     start = time.perf_counter()
     with pytest.raises(DataUnavailableError, match="data.zip of the Hugging Face dataset sw24/sw24") as e:

@@ -16,6 +16,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from helpers import bench, models
+from helpers.bench import report as bench_report
+from helpers.bench import runners
 from helpers.config import ConfigError, ModelEntry
 from helpers.models import ModelHandle, resolve_precision
 from helpers.pipeline import predict
@@ -104,14 +106,14 @@ def test_compile_has_its_own_image_cache_but_shares_the_prompts(tmp_path):
 
 
 def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, tmp_path, capsys, monkeypatch):
-    counted = bench.flops_per_image
+    counted = bench_report.flops_per_image
 
     def fails_in_fp16(handle):  # a variant that fails on this machine is reported, and the others measured
         if handle.entry.precision == "fp16":
             raise RuntimeError("no fp16 kernel here")
         return counted(handle)
 
-    monkeypatch.setattr(bench, "flops_per_image", fails_in_fp16)
+    monkeypatch.setattr(bench_report, "flops_per_image", fails_in_fp16)
     out = tmp_path / "bench.json"
     bench.main(["--images", "12", "--arch", str(tiny_arch), "--batch-size", "8", "--scene", str(scene_dir),
                 "--variants", "fp32,bf16,bf16+compile,auto,fp16", "--repeats", "1", "--profile", "--out", str(out)])
@@ -145,7 +147,7 @@ def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, 
     assert report["ablation_variants"] == 10 and report["ablation_labels_equal"]
     assert report["gflop_per_image"] == pytest.approx(_tiny_gflop(), rel=1e-6)
     assert report["embedding_bytes_per_image"] == 4 * TINY_ARCH["embed_dim"]
-    assert set(report["targets_met"]) == set(bench.TARGETS["cpu"])
+    assert set(report["targets_met"]) == set(bench_report.TARGETS["cpu"])
 
 
 def _tiny_gflop() -> float:
@@ -162,18 +164,20 @@ def _tiny_gflop() -> float:
 
 def test_the_benchmarks_winner_variant_has_the_winners_batches(tiny_arch):
     args = argparse.Namespace(arch=str(tiny_arch), batch_size=128, device="cpu")
-    winners, fp16 = (bench.Variant("fp32_eager_autocast", "fp32", autocast=True), bench.Variant("fp16_eager", "fp16"))
-    assert bench._handle(args, winners).entry.batch_size == 32 and bench._handle(args, fp16).entry.batch_size == 128
+    winners = runners.Variant("fp32_eager_autocast", "fp32", autocast=True)
+    fp16 = runners.Variant("fp16_eager", "fp16")
+    assert runners.workbench_handle(args, winners).entry.batch_size == 32
+    assert runners.workbench_handle(args, fp16).entry.batch_size == 128
 
 
 def test_benchmark_variants_parse_and_bad_ones_are_errors():
-    assert bench.parse_variants("fp32, bf16+compile,fp32+autocast,auto,fp16+compile=reduce-overhead") == [
-        bench.Variant("fp32_eager", "fp32"), bench.Variant("bf16_compiled", "bf16", compile=True),
-        bench.Variant("fp32_eager_autocast", "fp32", autocast=True), bench.Variant("auto_eager", "auto"),
-        bench.Variant("fp16_compiled_reduce-overhead", "fp16", compile="reduce-overhead")]
+    assert runners.parse_variants("fp32, bf16+compile,fp32+autocast,auto,fp16+compile=reduce-overhead") == [
+        runners.Variant("fp32_eager", "fp32"), runners.Variant("bf16_compiled", "bf16", compile=True),
+        runners.Variant("fp32_eager_autocast", "fp32", autocast=True), runners.Variant("auto_eager", "auto"),
+        runners.Variant("fp16_compiled_reduce-overhead", "fp16", compile="reduce-overhead")]
     for bad in ("fp8", "fp16+fast", "fp16+compile=fastest", "fp16+compile+compile=max-autotune"):
         with pytest.raises(SystemExit, match=f"'{re.escape(bad)}' is not PRECISION\\[\\+compile\\[=MODE\\]\\]"):
-            bench.parse_variants(f"fp32,{bad}")
+            runners.parse_variants(f"fp32,{bad}")
 
 
 def test_autocast_is_the_winners_cuda_autocast_a_no_op_on_the_cpu(tmp_path):
@@ -209,11 +213,11 @@ def test_the_winners_autocast_on_a_gpu_has_its_own_cache_entries_per_batch_size_
 
 # --- precision auto (issue 11, item 4) and torch.compile's modes
 
-NATIVE_BF16 = models.cpu_computes_bf16_natively  # the real one: conftest makes every test's CPU one without
+NATIVE_BF16 = models.device.cpu_computes_bf16_natively  # the real one: conftest makes every test's CPU one without
 
 @pytest.mark.parametrize("native, on_the_cpu", [(True, "bf16"), (False, "fp32")])
 def test_precision_auto_is_fp16_on_a_gpu_and_bf16_only_on_a_cpu_that_computes_it(monkeypatch, native, on_the_cpu):
-    monkeypatch.setattr(models, "cpu_computes_bf16_natively", lambda: native)
+    monkeypatch.setattr(models.device, "cpu_computes_bf16_natively", lambda: native)
     assert resolve_precision("auto", torch.device("cpu")) == on_the_cpu
     assert resolve_precision("auto", torch.device("cuda", 1)) == "fp16"
     # where the weights go decides: a device_map of the CPU under a GPU run
@@ -235,7 +239,7 @@ def test_native_bf16_is_what_the_cpu_flags_say():
 
 def test_precision_auto_is_the_default_and_a_run_records_its_choice(make_config, tiny_arch, tiny_checkpoints,
                                                                     tmp_path, monkeypatch, count_image_batches):
-    monkeypatch.setattr(models, "cpu_computes_bf16_natively", lambda: False)
+    monkeypatch.setattr(models.device, "cpu_computes_bf16_natively", lambda: False)
     a, b = tiny_checkpoints
     entries = {"a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3},
                "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0}}

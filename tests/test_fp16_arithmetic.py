@@ -43,7 +43,7 @@ def cuda_autocast_on_cpu(monkeypatch):
     library = torch.library.Library("aten", "IMPL")
     library.impl("linalg_vector_norm", _float32_like_cuda(torch.ops.aten.linalg_vector_norm.default), "AutocastCPU")
     library.impl("softmax.int", _float32_like_cuda(torch.ops.aten.softmax.int), "AutocastCPU")
-    monkeypatch.setattr(models, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(models.device, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(torch.cuda.amp, "autocast", lambda: torch.autocast("cpu", dtype=torch.float16))
     yield
     library._destroy()

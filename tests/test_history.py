@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from helpers.__main__ import main
-from helpers.cache import json_digest
+from helpers.config import json_digest
 from helpers.history import (
     COLUMNS,
     HistoryError,

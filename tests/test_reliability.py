@@ -7,8 +7,6 @@ import json
 import random
 import shutil
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -17,16 +15,18 @@ import pandas as pd
 import pytest
 import yaml
 
-import helpers.cache
 import helpers.data
+import helpers.store
 from helpers.__main__ import main
-from helpers.cache import EmbeddingStore, encode_images, open_segment
+from helpers.cache import encode_images
 from helpers.data import bad_images_message, image_problem, load_test_set
 from helpers.models import ModelHandle
 from helpers.outputs import read_submission
 from helpers.pipeline import RunStaleError, load_run_data, predict, run_ensemble
+from helpers.store import EmbeddingStore, open_segment
 
-from .conftest import CLASSES, FAULT_SCRIPT, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS, fault_config, missing_batches
+from . import fault_injection, forked
+from .conftest import CLASSES, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS, fault_config, missing_batches
 from .test_predict import write_config
 
 
@@ -212,14 +212,14 @@ def test_compaction_keeps_rows_another_process_added_meanwhile(tmp_path, monkeyp
     other = EmbeddingStore(tmp_path / "s", {})  # another process, opened before the next row
     mine.add(["b"], np.full((1, 2), 2, np.float32))
     other.add(["c"], np.full((1, 2), 3, np.float32))
-    write = helpers.cache.atomic_write_chunks
+    write = helpers.store.atomic_write_chunks
 
     def meanwhile(path, chunks):  # while the merged segment is written, after the segments to merge were listed
         if path.name.endswith("-merged.seg"):
             other.add(["d"], np.full((1, 2), 4, np.float32))
         write(path, chunks)
 
-    monkeypatch.setattr(helpers.cache, "atomic_write_chunks", meanwhile)
+    monkeypatch.setattr(helpers.store, "atomic_write_chunks", meanwhile)
     mine.compact(min_segments=2)  # merges a, b, c; d comes while it writes: removing all it lists then would lose d
     rows = EmbeddingStore(tmp_path / "s", {}).get(["a", "b", "c", "d"])
     assert np.array_equal(rows, [[1, 1], [2, 2], [3, 3], [4, 4]])
@@ -229,7 +229,7 @@ def test_a_store_reads_a_shard_merged_away_while_it_opened(tmp_path, monkeypatch
     store = EmbeddingStore(tmp_path / "s", {})
     store.add(["a"], np.ones((1, 2), np.float32))
     store.add(["b"], np.zeros((1, 2), np.float32))
-    read = helpers.cache.open_segment
+    read = helpers.store.open_segment
     compacted = []
 
     def compact_first(segment):  # another process compacts between this one's listing and its reading
@@ -238,7 +238,7 @@ def test_a_store_reads_a_shard_merged_away_while_it_opened(tmp_path, monkeypatch
             store.compact(min_segments=2)
         return read(segment)
 
-    monkeypatch.setattr(helpers.cache, "open_segment", compact_first)
+    monkeypatch.setattr(helpers.store, "open_segment", compact_first)
     assert len(EmbeddingStore(tmp_path / "s", {})) == 2
     assert compacted and not compacted[0].exists()  # the shard it listed first was gone when it came to read it
 
@@ -252,11 +252,10 @@ FAULTS = ([f"batch:{k}" for k in sorted(_rng.sample(range(1, 11), 3))]
           + [f"write:*.seg:{_rng.randint(1, 14)}", f"rename:*.seg:{_rng.randint(1, 14)}", "unlink:*.seg:1"])
 
 
-def run_with_fault(fault: str, config, tmp_path: Path, out: Path) -> subprocess.Popen:
+def run_with_fault(fault: str, config, tmp_path: Path, out: Path) -> forked.Forked:
     path = tmp_path / f"{config.name}-{abs(hash(fault))}.yaml"
     path.write_text(json.dumps(config.to_dict()))
-    return subprocess.Popen([sys.executable, str(FAULT_SCRIPT), fault, str(path), "--output-dir", str(out), "--quiet"],
-                            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return forked.start(fault_injection.main, [fault, str(path), "--output-dir", str(out), "--quiet"], PROJECT_ROOT)
 
 
 def assert_only_whole_entries(cache: Path) -> None:

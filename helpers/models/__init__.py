@@ -1,0 +1,162 @@
+"""Model backends behind one interface: L2-normalised float32 image and text features.
+
+A backend is a small class in the BACKENDS registry. It says, without loading anything, what identifies the
+weights (for the cache keys and the manifest) and how images are preprocessed, and it loads an `Encoder`.
+`ModelHandle` loads lazily, so a run whose embeddings are all cached never loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import ModelEntry
+from ..data import Preprocess
+from ..scoring import FLOAT32, LogitArithmetic
+from .checkpoints import WeightsUnavailableError
+from .device import DTYPES, autocasts_on, resolve_device, resolve_precision, weights_device, with_index
+from .encoder import Encoder
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(name: str):
+    def add(cls):
+        BACKENDS[name] = cls
+        return cls
+
+    return add
+
+
+def _file_stamps(path: Path) -> dict:
+    """Size and modification time of a weights file, or of every file in a model folder (cheaper than hashing
+    gigabytes; a file rewritten in place changes its stamp)."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+class Backend:
+    """What a model entry means for one backend. `name` is the entry's key in the run config."""
+
+    def __init__(self, name: str, entry: ModelEntry):
+        self.name, self.entry = name, entry
+
+    @property
+    def random_weights(self) -> bool:
+        return self.entry.pretrained == "random"
+
+    def identity(self) -> dict:
+        """What determines the features, for cache keys: backend, weights, precision."""
+        e = self.entry
+        ident = {"backend": e.backend, "arch": e.arch, "pretrained": e.pretrained, "revision": e.revision,
+                 "precision": e.precision}
+        if e.compile:  # compiled kernels round differently (fused elementwise ops): their own cache entries
+            ident["compile"] = e.compile
+        if self.random_weights:
+            ident["seed"] = e.seed
+        elif Path(e.pretrained.removeprefix("local-dir:")).exists():
+            ident["files"] = _file_stamps(Path(e.pretrained.removeprefix("local-dir:")))
+        return ident
+
+    def preprocess(self, sharpness: float) -> Preprocess:
+        size, mean, std = self._defaults()
+        mean, std = (tuple(self.entry.mean), tuple(self.entry.std)) if self.entry.mean else (mean, std)
+        return Preprocess(size=size, sharpness=sharpness, mean=mean, std=std)
+
+    def _defaults(self) -> tuple[int, tuple, tuple]:
+        raise NotImplementedError
+
+    def check_weights(self) -> None:
+        """Fail now, with the clear message, if the weights are neither on disk nor downloadable (loads nothing)."""
+        raise NotImplementedError
+
+    def load(self, device: torch.device) -> Encoder:
+        raise NotImplementedError
+
+
+
+class ModelHandle:
+    """One model entry of a run: identity and preprocessing at once, the model itself only when first needed."""
+
+    def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto"):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.precision_setting = entry.precision  # `entry.precision` is what it means here (`auto` resolved)
+        self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(
+            entry.precision, weights_device(entry, self.device)))
+        self.backend = BACKENDS[entry.backend](name, self.entry)
+        self._encoder: Encoder | None = None
+
+    @property
+    def identity(self) -> dict:
+        """What determines the image features (cache keys). Under the winner's autocast on a GPU (`exact_batches`)
+        also the batch size: an fp16 GEMM's rounding there can depend on its number of rows."""
+        ident = self.backend.identity()
+        if self.exact_batches:  # elsewhere autocast does nothing: the features are those without it
+            ident.update(autocast="fp16-normalised", batch_size=self.entry.batch_size)
+        return ident
+
+    @property
+    def text_identity(self) -> dict:
+        """What determines the text features: `identity` less `compile` (only the image forward is compiled) and the
+        batch size (the prompts are encoded together: see `exact_batches`)."""
+        return {k: v for k, v in self.identity.items() if k not in ("compile", "batch_size")}
+
+    @property
+    def exact_batches(self) -> bool:
+        """Whether this model computes the winner's arithmetic under CUDA autocast, where a feature's last bits can
+        depend on what else is in its batch: then images are cached per batch size, and prompts per prompt list
+        (encoded in one batch, as the winner did)."""
+        return self.entry.autocast and autocasts_on(self.device)
+
+    @property
+    def logit_arithmetic(self) -> LogitArithmetic:
+        """How this model's logits are computed: as the winner's loop did under autocast (fp16, on this GPU) where
+        its features are that loop's, else in float32 on the CPU."""
+        return LogitArithmetic.fp16_on(with_index(self.device)) if self.exact_batches else FLOAT32
+
+    @property
+    def views(self) -> list[Preprocess]:
+        """One preprocessing per sharpening factor of the entry (several: test-time views, averaged)."""
+        return [self.backend.preprocess(f) for f in self.entry.sharpness_factors]
+
+    def preprocess(self, sharpness: float) -> Preprocess:
+        """This model's preprocessing at another sharpening factor (for sharpness ablations)."""
+        return self.backend.preprocess(sharpness)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.backend.random_weights
+
+    def check_weights(self) -> None:
+        self.backend.check_weights()
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            start = time.perf_counter()
+            encoder = self.backend.load(self.device)
+            encoder.load_seconds = round(time.perf_counter() - start, 3)
+            self._encoder = encoder
+        return self._encoder
+
+    def close(self) -> None:
+        """Free the model (and its GPU memory) before the next one is loaded."""
+        self._encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# last: each backend module registers its backends with register_backend, defined above
+from . import hf, openclip  # noqa: E402, F401
+
+__all__ = ["BACKENDS", "DTYPES", "Backend", "Encoder", "ModelHandle",
+           "WeightsUnavailableError", "register_backend", "resolve_device", "resolve_precision"]

@@ -1,0 +1,190 @@
+"""The transformers backends: `hf_clip` (a CLIPModel) and `eva_clip` (EVA-CLIP through its remote code), from a
+local folder or a hub id at a revision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import DEVICE_MAP_STRATEGIES, is_hub_id
+from ..data import OPENAI_MEAN, OPENAI_STD
+from . import Backend, register_backend
+from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
+from .device import DTYPES, input_device, placement_record, with_index
+from .encoder import Encoder
+
+
+class HfClipEncoder(Encoder):
+    def _image_features(self, pixels):
+        return self.model.get_image_features(pixel_values=pixels)
+
+    def _text_features(self, texts):
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return self.model.get_text_features(**tokens)
+
+
+class EvaClipEncoder(Encoder):
+    """EVA-CLIP through its remote code: `encode_image` / `encode_text` on CLIPTokenizer ids padded as the winner."""
+
+    def _image_features(self, pixels):
+        return self.model.encode_image(pixels)
+
+    def _text_features(self, texts):
+        ids = self.tokenizer(texts, return_tensors="pt", padding=True).input_ids.to(self.device)
+        return self.model.encode_text(ids)
+
+def _transformers_weights_format(folder: Path) -> str | None:
+    """What from_pretrained reads in a model folder or hub snapshot: safetensors when there are any (the single file or
+    the shards' index, by transformers' names), else torch.save files."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    for kind, names in (("safetensors", (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)),
+                        ("pytorch", (WEIGHTS_NAME, WEIGHTS_INDEX_NAME))):
+        if any((folder / name).is_file() for name in names):
+            return kind
+    return None
+
+
+# what transformers 4.57 raises when a spread model's every module lands on "disk" (a device map {"": "disk"})
+_ALL_ON_DISK = ("device disk is invalid", "device string: disk")
+
+
+class TransformersBackend(Backend):
+    """Shared by hf_clip and eva_clip: a local model directory or a hub id at a revision.
+
+    The weights go straight from the files to their devices: from_pretrained always gets a device map (the entry's,
+    or the run's device for the whole model), so that each tensor is made on its device instead of the model being
+    built on the CPU and copied; safetensors files are memory-mapped, and a spread model's "disk" part is read from
+    them when needed.
+    """
+
+    trust_remote_code = False
+
+    @property
+    def local_dir(self) -> Path | None:
+        p = Path(self.entry.pretrained).expanduser()
+        return p if p.is_dir() else None
+
+    def _hub_kwargs(self) -> dict:
+        return {"revision": self.entry.revision, "trust_remote_code": self.trust_remote_code}
+
+    def _config_dict(self) -> dict:
+        """config.json without loading code or weights: from the folder, the hub cache, or a download."""
+        if self.local_dir is not None:
+            path = self.local_dir / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"models.{self.name}.pretrained: {path} is missing (not a model folder?)")
+            return read_json(path, f"models.{self.name}.pretrained")
+        if self.random_weights or not is_hub_id(self.entry.pretrained):
+            raise FileNotFoundError(f"models.{self.name}.pretrained: no such model folder {self.entry.pretrained} "
+                                    f"({self.entry.backend} needs a local folder or a hub id org/name)")
+        return read_json(Path(self._hub_file("config.json")), f"models.{self.name}.pretrained")
+
+    def _hub_file(self, filename: str) -> str:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        repo, revision = self.entry.pretrained, self.entry.revision
+        cached = try_to_load_from_cache(repo, filename, revision=revision)
+        if isinstance(cached, str):
+            return cached
+        if not host_reachable(hub_host()):
+            raise offline_error(self.name, f"{self.entry.backend} '{repo}' at revision {revision or 'main'}",
+                                 hf_cache_dir(), "`pretrained: /path/to/model-folder` (the downloaded snapshot)")
+        return hf_hub_download(repo, filename, revision=revision)
+
+    def _defaults(self):
+        cfg = self._config_dict()
+        size = cfg.get("vision_config", {}).get("image_size", 224)
+        mean, std = OPENAI_MEAN, OPENAI_STD
+        if self.local_dir is not None and (self.local_dir / "preprocessor_config.json").is_file():
+            pp = read_json(self.local_dir / "preprocessor_config.json", f"models.{self.name}.pretrained")
+            mean, std = tuple(pp.get("image_mean", mean)), tuple(pp.get("image_std", std))
+        return size, mean, std
+
+    def check_weights(self) -> None:
+        self._defaults()
+
+    def _source(self) -> str:
+        if self.local_dir is not None:
+            return str(self.local_dir)
+        self._hub_file("config.json")  # fails at once, with the offline message, when it cannot be had
+        return self.entry.pretrained
+
+    def _from_pretrained(self, cls, **kwargs):
+        source = self._source()
+        try:
+            return cls.from_pretrained(source, **self._hub_kwargs(), **kwargs)
+        except OSError as e:
+            raise WeightsUnavailableError(f"models.{self.name}: cannot load {source}: {e}") from e
+
+    def _weights_format(self) -> str | None:
+        """What the weights are in the model folder, or in the hub snapshot as far as it is downloaded."""
+        folder = self.local_dir if self.local_dir is not None else Path(self._hub_file("config.json")).parent
+        return _transformers_weights_format(folder)
+
+    def _placement_kwargs(self, device: torch.device) -> dict:
+        """from_pretrained's arguments that place the weights: always a device map, so that they go straight to
+        their devices; safetensors only, where there are safetensors; max_memory with GPU indices as ints."""
+        e = self.entry
+        if e.device_map in DEVICE_MAP_STRATEGIES:
+            device_map = e.device_map
+        else:
+            if e.device_map is not None and e.device_map.startswith("cuda") and not torch.cuda.is_available():
+                raise ValueError(f"models.{self.name}.device_map is '{e.device_map}' but CUDA is not available here")
+            device_map = {"": str(with_index(torch.device(e.device_map) if e.device_map else device))}
+        kwargs = {"device_map": device_map, "low_cpu_mem_usage": True}
+        if self._weights_format() == "safetensors":
+            kwargs["use_safetensors"] = True  # never falls back to a pytorch_model.bin beside them
+        if e.max_memory:  # a new dict each load: accelerate rewrites the sizes in place
+            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in e.max_memory.items()}
+        return kwargs
+
+    def _load_model(self, cls, device: torch.device) -> dict:
+        """The model on its devices, and the Encoder arguments that say where and from what."""
+        kwargs = self._placement_kwargs(device)
+        try:
+            model = self._from_pretrained(cls, dtype=DTYPES[self.entry.precision], **kwargs)
+        except Exception as e:
+            if not isinstance(kwargs["device_map"], str):
+                raise
+            key, text = f"models.{self.name}.{'max_memory' if self.entry.max_memory else 'device_map'}", str(e)
+            if "offload_folder" in text:
+                raise WeightsUnavailableError(
+                    f"{key}: the model does not fit the memory of the devices, and transformers puts the rest on "
+                    f"disk only from safetensors weights ({self._weights_format() or 'none'} here): give the devices "
+                    f"more memory, or save the weights as safetensors") from e
+            if any(part in text for part in _ALL_ON_DISK):
+                raise WeightsUnavailableError(f"{key}: no part of the model fits the memory of the devices, so all of "
+                                              f"it would be on disk: give the devices more memory") from e
+            raise
+        fallback = kwargs["device_map"] if isinstance(kwargs["device_map"], dict) else {"": str(with_index(device))}
+        placement = placement_record(getattr(model, "hf_device_map", None) or fallback)  # accelerate always sets it
+        return {"model": model, "device": input_device(placement), "dtype": DTYPES[self.entry.precision],
+                "compile": self.entry.compile, "autocast": self.entry.autocast, "placement": placement,
+                "weights_format": self._weights_format()}  # after the load: a hub download is now in the snapshot
+
+
+@register_backend("hf_clip")
+class HfClipBackend(TransformersBackend):
+    def load(self, device):
+        from transformers import AutoTokenizer, CLIPModel
+
+        if self.random_weights:
+            raise ValueError(f"models.{self.name}: hf_clip has no architecture to initialise randomly; "
+                             "save a CLIPModel with save_pretrained and give its folder")
+        loaded = self._load_model(CLIPModel, device)
+        return HfClipEncoder(tokenizer=self._from_pretrained(AutoTokenizer), **loaded)
+
+
+@register_backend("eva_clip")
+class EvaClipBackend(TransformersBackend):
+    trust_remote_code = True
+
+    def load(self, device):
+        from transformers import AutoModel, CLIPTokenizer
+
+        loaded = self._load_model(AutoModel, device)
+        return EvaClipEncoder(tokenizer=self._from_pretrained(CLIPTokenizer), **loaded)
+
+

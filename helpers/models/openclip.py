@@ -1,0 +1,271 @@
+"""The open_clip backend: an open_clip architecture (a name, or a JSON file) with a tag's, a file's or a folder's
+weights, or random ones."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from ..data import OPENAI_MEAN, OPENAI_STD
+from ..errors import describe_os_error
+from . import Backend, register_backend
+from .checkpoints import (
+    NOT_A_CHECKPOINT,
+    TORCH_READ_ERRORS,
+    TRUNCATED,
+    WeightsUnavailableError,
+    checkpoint_problem,
+    first_sentence,
+    hf_cache_dir,
+    host_reachable,
+    hub_host,
+    offline_error,
+    read_json,
+    require_architecture,
+    state_dict_mismatch,
+    unpickling_reason,
+)
+from .device import DTYPES
+from .encoder import Encoder
+
+# The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
+OPEN_CLIP_TAG_ALIASES = {"metaclip_2_5b": "metaclip_fullcc"}
+
+
+def pools_class_token(visual: torch.nn.Module) -> bool:
+    """Whether an open_clip image tower is a plain ViT whose feature is its class token after the last block."""
+    from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer
+
+    return (isinstance(visual, VisionTransformer) and visual.attn_pool is None and visual.pool_type == "tok"
+            and not visual.output_tokens and isinstance(visual.transformer, Transformer)
+            and visual.transformer.batch_first
+            and all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                    for b in visual.transformer.resblocks))
+
+
+def class_token_features(visual: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT forward, with the last block run for the class token only.
+
+    The feature is the class token's output, and in the last block nothing else depends on the other tokens' outputs:
+    they are still needed as keys and values, but their query, attention output and MLP are not. Same arithmetic for
+    the class token (the other rows of each GEMM are skipped), about 1/layers of the compute saved.
+    """
+    x = visual._embeds(pixels)
+    *blocks, last = visual.transformer.resblocks
+    for block in blocks:
+        x = block(x)
+    h = last.ln_1(x)
+    cls = x[:, :1] + last.ls_1(last.attn(h[:, :1], h, h, need_weights=False)[0])
+    cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+    pooled = visual.ln_post(cls[:, 0])
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+class OpenClipEncoder(Encoder):
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        # Not under the winner's autocast, whose numbers come first: on a GPU, how an fp16 GEMM rounds can depend on
+        # its number of rows (the kernel chosen), and the class-token-only last block multiplies fewer.
+        self.class_token_only = pools_class_token(model.visual) and not self.autocast
+
+    def _image_features(self, pixels):
+        if self.class_token_only:
+            return class_token_features(self.model.visual, pixels)
+        return self.model.encode_image(pixels)
+
+    def _text_features(self, texts):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
+@register_backend("open_clip")
+class OpenClipBackend(Backend):
+    @property
+    def local_dir(self) -> Path | None:
+        """The folder of `pretrained: local-dir:PATH`, whether it exists or not."""
+        p = self.entry.pretrained
+        return Path(p.removeprefix("local-dir:")) if p.startswith("local-dir:") else None
+
+    @property
+    def arch(self) -> str:
+        arch = self.entry.arch
+        if arch and arch.endswith(".json"):
+            import open_clip
+
+            if not Path(arch).is_file():
+                raise FileNotFoundError(f"models.{self.name}.arch: no such architecture file {arch}")
+            key = f"models.{self.name}.arch"
+            require_architecture(read_json(Path(arch), key), key, arch)
+            # only a valid file: open_clip rereads every file ever added on each add, so a bad one breaks all later
+            open_clip.add_model_config(arch)
+            return Path(arch).stem
+        return arch
+
+    @property
+    def tag(self) -> str:
+        return OPEN_CLIP_TAG_ALIASES.get(self.entry.pretrained, self.entry.pretrained)
+
+    def identity(self) -> dict:
+        return {**super().identity(), "pretrained": self.tag}
+
+    def _schema_config(self) -> dict | None:
+        if self.local_dir is None:
+            return None
+        path, key = self.local_dir / "open_clip_config.json", f"models.{self.name}.pretrained"
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: {path} is missing")
+        schema = read_json(path, key)
+        if not isinstance(schema, dict) or "model_cfg" not in schema:
+            raise WeightsUnavailableError(f"{key}: {path} has no model_cfg (the architecture): give the "
+                                          f"open_clip_config.json that open_clip saves with the weights")
+        require_architecture(schema["model_cfg"], key, f"the model_cfg of {path}")
+        return schema
+
+    def _defaults(self):
+        import open_clip
+
+        schema = self._schema_config()
+        if schema is not None:
+            model_cfg, pp = schema["model_cfg"], schema.get("preprocess_cfg", {})
+        else:
+            model_cfg = open_clip.get_model_config(self.arch)
+            if model_cfg is None:
+                raise ValueError(f"models.{self.name}.arch: open_clip has no architecture '{self.entry.arch}' "
+                                 f"(see open_clip.list_models(), or give the path of a JSON config)")
+            pp = open_clip.get_pretrained_cfg(self.arch, self.tag) if not self.random_weights else {}
+        size = model_cfg["vision_cfg"].get("image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return size, tuple(pp.get("mean", OPENAI_MEAN)), tuple(pp.get("std", OPENAI_STD))
+
+    def check_weights(self) -> None:
+        self._defaults()
+        self._weights_file(download=False)
+
+    def _weights_file(self, download: bool = True) -> str | None:
+        """The local file of `pretrained`'s weights, checked for what can be found without loading it (None for
+        random; with download=False, None for a tag's weights that are not cached but can be downloaded)."""
+        path = self._find_weights(download)
+        if path is not None:
+            key = f"models.{self.name}.pretrained"
+            try:
+                problem = checkpoint_problem(Path(path))
+            except OSError as e:
+                raise WeightsUnavailableError(f"{key}: {describe_os_error(e)}") from e
+            if problem:
+                raise WeightsUnavailableError(f"{key}: {path} {problem}")
+        return path
+
+    def _find_weights(self, download: bool) -> str | None:
+        import open_clip
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        p = self.entry.pretrained
+        if self.local_dir is not None:
+            if not self.local_dir.is_dir():
+                return None  # _schema_config has said so, with the path
+            weights = _find_checkpoint_in_dir(self.local_dir)  # the file open_clip will load, by its preferences
+            if weights is None:
+                raise WeightsUnavailableError(f"models.{self.name}.pretrained: {self.local_dir} has no weights (e.g. "
+                                              f"open_clip_model.safetensors or open_clip_pytorch_model.bin)")
+            return weights
+        if self.random_weights:
+            return None
+        if p.startswith("hf-hub:"):
+            raise WeightsUnavailableError(f"models.{self.name}.pretrained: use an open_clip tag, a file or local-dir:, "
+                                          f"not '{p}'")
+        if Path(p).is_dir():
+            raise WeightsUnavailableError(f"models.{self.name}.pretrained: {p} is a folder, not a checkpoint file: "
+                                          f"for an open_clip model folder write `pretrained: local-dir:{p}`, else "
+                                          f"give the checkpoint file in it")
+        if Path(p).is_file():
+            return p
+        cfg = open_clip.get_pretrained_cfg(self.arch, self.tag)
+        if not cfg:
+            looks_like_path = "/" in p or p.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            if looks_like_path:
+                raise FileNotFoundError(f"models.{self.name}.pretrained: no such checkpoint file {p}")
+            tags = open_clip.list_pretrained_tags_by_model(self.arch)
+            raise ValueError(f"models.{self.name}.pretrained: '{p}' is neither a file nor an open_clip tag of "
+                             f"{self.arch} (tags: {', '.join(tags) or 'none'}; or 'random', or local-dir:PATH)")
+        alias = f" (the winner's name for '{self.tag}')" if self.tag != p else ""
+        what = f"open_clip {self.arch} '{p}'{alias}"
+        url_cache = Path(os.path.expanduser("~/.cache/clip"))
+        candidates = []  # (where it would be cached, its host, the cached file if there)
+        if cfg.get("hf_hub"):
+            org, repo, filename = (cfg["hf_hub"].split("/") + [""])[:3]
+            repo = f"{org}/{repo}"
+            names = ("open_clip_model.safetensors", filename or "open_clip_pytorch_model.bin")
+            cached = [try_to_load_from_cache(repo, n) for n in names]
+            candidates.append((f"hub repo {repo} in {hf_cache_dir()}", hub_host(),
+                               next((c for c in cached if isinstance(c, str)), None)))
+        if cfg.get("url"):
+            cached = url_cache / os.path.basename(cfg["url"])
+            candidates.append((f"{cfg['url']} in {url_cache}", urlparse(cfg["url"]).hostname,
+                               str(cached) if cached.is_file() else None))
+        for _, _, cached in candidates:
+            if cached:
+                return cached
+        if not any(host_reachable(host) for _, host, _ in candidates):
+            raise offline_error(self.name, what, "; ".join(where for where, _, _ in candidates),
+                                 "`pretrained: /path/to/open_clip_pytorch_model.bin` (or the original .pt with "
+                                 "`weights_only: false`) or `pretrained: local-dir:/path/to/folder`")
+        return open_clip.download_pretrained(cfg) if download else None
+
+    def load(self, device):
+        import open_clip
+
+        weights = None
+        if self.random_weights:
+            with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
+                torch.manual_seed(self.entry.seed)
+                model = open_clip.create_model(self.arch, pretrained=None, device=device)
+            tokenizer = open_clip.get_tokenizer(self.arch)
+        else:
+            weights = self._weights_file()  # before the model is built: a large one takes minutes
+            # open_clip finds a local-dir:'s file itself (the one _weights_file checked)
+            model_name, pretrained = (self.arch, weights) if self.local_dir is None else (self.entry.pretrained, None)
+            try:
+                model = open_clip.create_model(model_name, pretrained=pretrained, device=device,
+                                               require_pretrained=True, weights_only=self.entry.weights_only)
+            except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+                problem = self._loading_problem(e)
+                if problem is None:
+                    raise
+                raise WeightsUnavailableError(f"models.{self.name}.pretrained: {weights} {problem}") from e
+            tokenizer = open_clip.get_tokenizer(model_name)
+        dtype = DTYPES[self.entry.precision]
+        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer, self.entry.compile,
+                               self.entry.autocast, weights_format=_open_clip_weights_format(weights))
+
+    def _loading_problem(self, error: Exception) -> str | None:
+        """What open_clip's failure to load the weights file says about the file, on one line (None: not the file)."""
+        text = str(error)
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:
+            return (f"is a pickled checkpoint that torch will not load with weights_only=True "
+                    f"({unpickling_reason(error)}). If you trust the file, set `weights_only: false` in "
+                    f"models.{self.name}")
+        if text.startswith("Error(s) in loading state_dict"):
+            if self.local_dir is not None:
+                arch, fix = "its model_cfg", f"the model_cfg of {self.local_dir / 'open_clip_config.json'}"
+            else:
+                arch, fix = self.entry.arch, f"models.{self.name}.arch"
+            return f"does not fit architecture {arch}: {state_dict_mismatch(text)}; check {fix}"
+        if isinstance(error, pickle.UnpicklingError):
+            return f"is not a readable checkpoint ({unpickling_reason(error)}): {NOT_A_CHECKPOINT}"
+        if isinstance(error, EOFError) or text.startswith(TORCH_READ_ERRORS):  # an EOFError may say nothing
+            return f"is not a readable checkpoint ({first_sentence(text) or type(error).__name__}): {TRUNCATED}"
+        return None
+
+
+def _open_clip_weights_format(path: str | None) -> str | None:
+    """What open_clip read the weights from, by the name it chose its reader by (the file was checked to match)."""
+    if path is None:
+        return None
+    suffix = Path(path).suffix
+    return "safetensors" if suffix == ".safetensors" else "numpy" if suffix in (".npz", ".npy") else "pytorch"
+
+
