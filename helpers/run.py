@@ -87,8 +87,10 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         with saved_run_kernels():  # no live frontend: text progress, widgets as pictures (helpers.progress)
+            # the kernel is ended at once when the last cell is done (a kernel that imported torch takes about a
+            # second to exit by itself, and nothing is left to wait for: the outputs are in, the files written)
             pm.execute_notebook(NOTEBOOKS / notebook, output, parameters=parameters, kernel_name=kernel,
-                                cwd=str(PROJECT_ROOT), progress_bar=progress)
+                                cwd=str(PROJECT_ROOT), progress_bar=progress, shutdown_kernel="immediate")
     except pm.PapermillExecutionError as e:
         first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
         # a user error is shown in its cell as the one line the command line prints (errors.install_notebook_handler)

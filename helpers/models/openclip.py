@@ -3,6 +3,8 @@ weights, or random ones."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import pickle
 from pathlib import Path
@@ -91,18 +93,47 @@ class OpenClipBackend(Backend):
 
     @property
     def arch(self) -> str:
+        """The architecture's name in open_clip's registry (an architecture file is added to it first)."""
         arch = self.entry.arch
         if arch and arch.endswith(".json"):
             import open_clip
 
-            if not Path(arch).is_file():
-                raise FileNotFoundError(f"models.{self.name}.arch: no such architecture file {arch}")
-            key = f"models.{self.name}.arch"
-            require_architecture(read_json(Path(arch), key), key, arch)
-            # only a valid file: open_clip rereads every file ever added on each add, so a bad one breaks all later
-            open_clip.add_model_config(arch)
+            self._architecture_file()  # only a valid file: open_clip rereads every file ever added on each add, so
+            open_clip.add_model_config(arch)  # a bad one would break all later ones
             return Path(arch).stem
         return arch
+
+    def _architecture_file(self) -> dict:
+        arch, key = self.entry.arch, f"models.{self.name}.arch"
+        if not Path(arch).is_file():
+            raise FileNotFoundError(f"{key}: no such architecture file {arch}")
+        return require_architecture(read_json(Path(arch), key), key, arch)
+
+    def _architecture(self) -> dict:
+        """The architecture's config. Read from its JSON file, or from the one open_clip ships for a named
+        architecture, without importing open_clip (seconds, which a run whose embeddings are cached never needs);
+        a name open_clip only knows at run time (added by code) is asked of open_clip itself."""
+        arch = self.entry.arch
+        if arch and arch.endswith(".json"):
+            return self._architecture_file()
+        shipped = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
+        if (shipped / f"{arch}.json").is_file():
+            return json.loads((shipped / f"{arch}.json").read_text())
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(arch)
+        if model_cfg is None:
+            raise ValueError(f"models.{self.name}.arch: open_clip has no architecture '{arch}' (see "
+                             f"open_clip.list_models(), or give the path of a JSON config)")
+        return model_cfg
+
+    def _pretrained_config(self) -> dict:
+        """open_clip's record of a tag's weights (their normalisation); none for random weights or a file."""
+        if self.random_weights or Path(self.entry.pretrained).is_file():
+            return {}
+        import open_clip
+
+        return open_clip.get_pretrained_cfg(self.arch, self.tag)
 
     @property
     def tag(self) -> str:
@@ -125,17 +156,11 @@ class OpenClipBackend(Backend):
         return schema
 
     def _defaults(self):
-        import open_clip
-
         schema = self._schema_config()
         if schema is not None:
             model_cfg, pp = schema["model_cfg"], schema.get("preprocess_cfg", {})
         else:
-            model_cfg = open_clip.get_model_config(self.arch)
-            if model_cfg is None:
-                raise ValueError(f"models.{self.name}.arch: open_clip has no architecture '{self.entry.arch}' "
-                                 f"(see open_clip.list_models(), or give the path of a JSON config)")
-            pp = open_clip.get_pretrained_cfg(self.arch, self.tag) if not self.random_weights else {}
+            model_cfg, pp = self._architecture(), self._pretrained_config()
         size = model_cfg["vision_cfg"].get("image_size", 224)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return size, tuple(pp.get("mean", OPENAI_MEAN)), tuple(pp.get("std", OPENAI_STD))
@@ -159,12 +184,10 @@ class OpenClipBackend(Backend):
         return path
 
     def _find_weights(self, download: bool) -> str | None:
-        import open_clip
-        from huggingface_hub import try_to_load_from_cache
-        from open_clip.factory import _find_checkpoint_in_dir
-
         p = self.entry.pretrained
         if self.local_dir is not None:
+            from open_clip.factory import _find_checkpoint_in_dir
+
             if not self.local_dir.is_dir():
                 return None  # _schema_config has said so, with the path
             weights = _find_checkpoint_in_dir(self.local_dir)  # the file open_clip will load, by its preferences
@@ -183,6 +206,9 @@ class OpenClipBackend(Backend):
                                           f"give the checkpoint file in it")
         if Path(p).is_file():
             return p
+        import open_clip
+        from huggingface_hub import try_to_load_from_cache
+
         cfg = open_clip.get_pretrained_cfg(self.arch, self.tag)
         if not cfg:
             looks_like_path = "/" in p or p.endswith((".pt", ".pth", ".bin", ".safetensors"))
