@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import json_digest
-from .data import DataError, ImageFiles, ImageSet, Preprocess, UnreadableImage, collate_images, file_digest, scan_images
+from .data import DataError, ImageSet, Preprocess, file_digest, open_image, scan_images
 from .distributed import ONE_PROCESS, World
+from .errors import one_line
 from .files import atomic_write_bytes, remove_stale_temporaries
 from .models import ModelHandle
 from .store import EmbeddingStore
@@ -96,6 +98,46 @@ def encode_texts(handle: ModelHandle, texts: list[str], cache_dir: str | Path, c
     return store.get(keys)
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes and preprocesses image files, for a DataLoader."""
+
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor | UnreadableImage:
+        try:
+            return self.transform(open_image(self.files[i]))
+        except (DataError, OSError) as e:  # passed on as a value: see UnreadableImage
+            return UnreadableImage(one_line(e))
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """An image that failed to decode in a DataLoader worker. Torch re-raises a worker's exception with the worker's
+    traceback pasted into its message; passed on as a value, the error reaches the user as the one line it is."""
+
+    message: str
+
+
+def collate_images(items: list) -> torch.Tensor | UnreadableImage:
+    """A batch of preprocessed images, or the first failure among them."""
+    failed = next((item for item in items if isinstance(item, UnreadableImage)), None)
+    return failed or torch.utils.data.default_collate(items)
+
+
+def image_batches(files: list[Path], preprocess: Preprocess, batches: list[list[int]], num_workers: int,
+                  pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The preprocessed pixels of each batch of `files` (a batch: a list of positions), in order, decoded by
+    `num_workers` processes ahead of their use (0: in this process, when the batch is asked for); a batch with an
+    image that cannot be read is its `UnreadableImage`."""
+    return torch.utils.data.DataLoader(ImageFiles(files, preprocess.transform()), batch_sampler=batches,
+                                       num_workers=num_workers, collate_fn=collate_images, pin_memory=pin_memory,
+                                       persistent_workers=False)
+
+
 def default_num_workers(device: torch.device) -> int:
     """Decoding processes: none on the CPU, where they take cores from the model's own threads (measured on 2 cores:
     8% slower with 2 workers than decoding in between batches), up to 8 beside a GPU, which one process decoding
@@ -128,10 +170,7 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
     # never depends on which rank or run wrote first
     first = {d: i for i, d in reversed(list(enumerate(digests)))}
     if mine:
-        loader = torch.utils.data.DataLoader(
-            ImageFiles(files, preprocess.transform()), batch_sampler=mine, num_workers=num_workers,
-            collate_fn=collate_images, pin_memory=handle.device.type == "cuda", persistent_workers=False,
-        )
+        loader = image_batches(files, preprocess, mine, num_workers, pin_memory=handle.device.type == "cuda")
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []  # on the model's device until the flush: no wait for the host per batch
         desc = f"encode {handle.name} (sharpness {preprocess.sharpness:g})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from natsort import natsorted
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import UserError, describe_os_error, one_line
+from .errors import UserError, describe_os_error
+
+log = logging.getLogger(__name__)
 
 # torchvision's ImageFolder extensions, which the winner's loader accepted
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -73,13 +75,38 @@ class ImageSet:
         return np.setdiff1d(np.arange(len(self) + len(self.skipped)), [s.index for s in self.skipped])
 
 
-def is_image_path(path: Path) -> bool:
-    """An image file by its name; a link whose target is missing counts (reading it then fails, with its name)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
+def is_image_file(path: Path) -> bool:
+    """An image file: by its name (the extensions the winner's ImageFolder read), else by its content (any format
+    Pillow recognises, GIF and TIFF among them, whatever the name). A link whose target is missing counts by its
+    name (reading it then fails, with its name)."""
+    if path.is_dir():
+        return False
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    try:
+        with Image.open(path):  # reads the header only
+            return True
+    except Exception:  # not an image Pillow knows, or not readable: either way not read as one
+        return False
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if is_image_path(p)]
+def _images_in(folder: Path, ignored: list[Path]) -> list[Path]:
+    """The image files of a folder; its other files are added to `ignored`."""
+    images = []
+    for path in folder.iterdir():
+        if is_image_file(path):
+            images.append(path)
+        elif not path.is_dir():
+            ignored.append(path)
+    return images
+
+
+def warn_ignored(files: list[Path], what: str) -> None:
+    """Name the files of an input folder that are not read (not images), so that none is left out in silence."""
+    if files:
+        names = ", ".join(str(p) for p in natsorted(files, key=str)[:MAX_LISTED_BAD_IMAGES])
+        more = f" and {len(files) - MAX_LISTED_BAD_IMAGES} more" if len(files) > MAX_LISTED_BAD_IMAGES else ""
+        log.warning("%s: %d file(s) are not images and are not read: %s%s", what, len(files), names, more)
 
 
 def read_classes(root: Path) -> list[str]:
@@ -112,7 +139,9 @@ def load_test_set(root: str | Path, limit: int | None = None) -> ImageSet:
     root = Path(root)
     require_folder(root, "data.test", "`make data` downloads the challenge set")
     classes = read_classes(root)
-    files = natsorted((p for sub in root.iterdir() if sub.is_dir() for p in _images_in(sub)), key=str)
+    ignored = [p for p in root.iterdir() if not p.is_dir() and p.name != "classes.json"]
+    files = natsorted((p for sub in root.iterdir() if sub.is_dir() for p in _images_in(sub, ignored)), key=str)
+    warn_ignored(ignored, "data.test")
     if not files:
         raise DataError(f"{root}: no images in its sub-folders (expected {root}/0/<id>.jpg)")
     ids = []
@@ -141,17 +170,18 @@ def load_dev_set(root: str | Path, classes: list[str], class_map: dict[str, str]
     if not folders:
         raise DataError(f"{root}: no class folders in the dev folder")
     class_map = class_map or {}
-    per_class = []
+    per_class, ignored = [], []
     for name in folders:
         target = class_map.get(name, name)
         if target not in classes:
             raise DataError(f"{root}/{name}: folder maps to '{target}', not one of {', '.join(classes)}; "
                             "add it to data.dev.class_map")
-        per_class.append((classes.index(target), natsorted(_images_in(root / name), key=str)))
+        per_class.append((classes.index(target), natsorted(_images_in(root / name, ignored), key=str)))
     empty = [folders[i] for i, (_, images) in enumerate(per_class) if not images]
     if empty:
         raise DataError(f"{root}: no images in the class folder(s) {', '.join(empty)} (image files: "
-                        f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+                        f"{', '.join(IMAGE_EXTENSIONS)}, or any other Pillow reads); add images or remove the folder")
+    warn_ignored(ignored, "data.dev.path")
     unused = set(class_map) - set(folders)
     if unused:
         raise DataError(f"{root}: data.dev.class_map names '{sorted(unused)[0]}', which is not a folder there")
@@ -296,33 +326,3 @@ class Preprocess:
     def key(self) -> dict:
         return {"recipe": "resize-bicubic/center-crop/rgb/adjust-sharpness/normalize", "size": self.size,
                 "sharpness": self.sharpness, "mean": list(self.mean), "std": list(self.std)}
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses image files, for a DataLoader."""
-
-    def __init__(self, files: list[Path], transform):
-        self.files, self.transform = files, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor | UnreadableImage:
-        try:
-            return self.transform(open_image(self.files[i]))
-        except (DataError, OSError) as e:  # passed on as a value: see UnreadableImage
-            return UnreadableImage(one_line(e))
-
-
-@dataclass(frozen=True)
-class UnreadableImage:
-    """An image that failed to decode in a DataLoader worker. Torch re-raises a worker's exception with the worker's
-    traceback pasted into its message; passed on as a value, the error reaches the user as the one line it is."""
-
-    message: str
-
-
-def collate_images(items: list) -> torch.Tensor | UnreadableImage:
-    """A batch of preprocessed images, or the first failure among them."""
-    failed = next((item for item in items if isinstance(item, UnreadableImage)), None)
-    return failed or torch.utils.data.default_collate(items)

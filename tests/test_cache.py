@@ -362,21 +362,6 @@ def test_decoding_workers_default_to_none_on_the_cpu_and_some_beside_a_gpu(monke
     assert default_num_workers(torch.device("cuda")) == 4
 
 
-def test_the_store_benchmark_runs_and_ends_with_its_json(tmp_path, capsys):
-    from helpers import bench
-
-    out = tmp_path / "store.json"
-    bench.main(["store", "--rows", "3000", "--dim", "8", "--segment-rows", "1000", "--lookups", "500", "--append",
-                "200", "--repeats", "2", "--dir", str(tmp_path), "--out", str(out)])
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report == json.loads(out.read_text())
-    assert report["segments"] == 3 and [r[p]["segments_opened"] for r in report["rounds"] for p in r] == [3, 4, 5, 6]
-    for key in ("open_s", "lookup_s", "append_s", "peak_rss_mb", "disk_mb", "append_small_s", "contains_s"):
-        assert report[key] >= 0, key
-    assert set(report["targets_met"]) == {"open_s", "lookup_s", "append_s", "peak_rss_mb"}
-    assert list(tmp_path.iterdir()) == [out]  # the store was removed
-
-
 def test_an_image_listed_twice_is_stored_from_its_first_place_only(make_config, scene_dir, tmp_path):
     entry = vars(make_config().models["a"])
     config = make_config(models={"a": {**entry, "batch_size": 4}}, ensemble={})

@@ -1,11 +1,8 @@
 """The encoder's speed paths give the features of the plain forward: the class-token-only last block of open_clip
-ViTs, and `compile: true` (torch.compile with padding of the last batch). Also the benchmark, end to end on a tiny
-architecture: it must run from its command line and end with one JSON line holding every figure.
-"""
+ViTs, and `compile: true` (torch.compile with padding of the last batch); `precision: auto` and autocast."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -15,9 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from helpers import bench, models
-from helpers.bench import report as bench_report
-from helpers.bench import runners
+from helpers import models
 from helpers.config import ConfigError, ModelEntry
 from helpers.models import ModelHandle, resolve_precision
 from helpers.pipeline import predict
@@ -103,81 +98,6 @@ def test_compile_has_its_own_image_cache_but_shares_the_prompts(tmp_path):
     assert "compile" not in eager.identity and compiled.identity["compile"] is True
     assert compiled.text_identity == eager.text_identity == eager.identity
     assert not compiled.loaded
-
-
-def test_benchmark_runs_end_to_end_and_ends_with_its_json(scene_dir, tiny_arch, tmp_path, capsys, monkeypatch):
-    counted = bench_report.flops_per_image
-
-    def fails_in_fp16(handle):  # a variant that fails on this machine is reported, and the others measured
-        if handle.entry.precision == "fp16":
-            raise RuntimeError("no fp16 kernel here")
-        return counted(handle)
-
-    monkeypatch.setattr(bench_report, "flops_per_image", fails_in_fp16)
-    out = tmp_path / "bench.json"
-    bench.main(["--images", "12", "--arch", str(tiny_arch), "--batch-size", "8", "--scene", str(scene_dir),
-                "--variants", "fp32,bf16,bf16+compile,auto,fp16", "--repeats", "1", "--profile", "--out", str(out)])
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    report = json.loads(last_line)
-    assert report == json.loads(out.read_text())
-    assert report["images"] == 12
-    assert report["variants"] == ["fp32_eager", "bf16_eager", "bf16_compiled", "auto_eager", "fp16_eager"]
-    assert report["fp16_eager_error"] == "RuntimeError: no fp16 kernel here"
-    assert "fp16_eager_loop_agreement" not in report and "encode_best_fp16" not in report
-    assert report["auto_precision"] == report["auto_eager_precision"] == resolve_precision("auto", torch.device("cpu"))
-    for key in ("original_images_per_s", "fp32_eager_images_per_s", "bf16_eager_images_per_s",
-                "bf16_compiled_images_per_s", "auto_eager_images_per_s", "encode_ratio_fp32", "encode_ratio_bf16",
-                "compile_s_bf16_compiled", "ablation_ratio", "text_cache_ratio", "peak_rss_mb",
-                "ceiling_images_per_s_bf16", "bf16_ceiling_fraction", "fp32_eager_model_images_per_s"):
-        assert report[key] > 0, key
-    # the loop ran on the 312 prompts: fp32 eager is the winner's arithmetic on the CPU, so its labels are the loop's
-    assert report["fp32_eager_loop_agreement"] == 1 and 0 <= report["bf16_eager_loop_agreement"] <= 1
-    assert report["gemm_size_fp32"] == 2048
-    profile = report["bf16_compiled_profile"]
-    assert Path(profile["table"]).is_file() and profile["busy_ms_per_batch"] > 0 and len(profile["top_ops"]) > 3
-    assert 0 < sum(op["share"] for op in profile["top_ops"]) <= 1 + 1e-6
-    best = report["encode_best_bf16"]  # the headline figures of a precision are its faster variant's
-    assert best in ("bf16_eager", "bf16_compiled")
-    assert report["bf16_images_per_s"] == report[f"{best}_images_per_s"] == max(
-        report["bf16_eager_images_per_s"], report["bf16_compiled_images_per_s"])
-    assert report["encode_ratio_bf16"] == report[f"encode_ratio_{best}"]
-    assert report["bf16_label_agreement"] == report[f"{best}_label_agreement"]
-    assert report["encode_ratio_fp32"] == report["encode_ratio_fp32_eager"]
-    assert 0 <= report["bf16_label_agreement"] <= 1 and report["fp32_label_agreement"] == 1
-    assert report["ablation_variants"] == 10 and report["ablation_labels_equal"]
-    assert report["gflop_per_image"] == pytest.approx(_tiny_gflop(), rel=1e-6)
-    assert report["embedding_bytes_per_image"] == 4 * TINY_ARCH["embed_dim"]
-    assert set(report["targets_met"]) == set(bench_report.TARGETS["cpu"])
-
-
-def _tiny_gflop() -> float:
-    """The tiny ViT's forward FLOPs by hand: patch embedding, 2 blocks (the last for the class token only)."""
-    v = TINY_ARCH["vision_cfg"]
-    width, tokens, patches = v["width"], (v["image_size"] // v["patch_size"]) ** 2 + 1, v["patch_size"] ** 2 * 3
-    conv = 2 * (tokens - 1) * patches * width
-    block = 2 * tokens * (3 * width * width + width * width + 2 * 4 * width * width) + 2 * 2 * tokens * tokens * width
-    last = 2 * (width * width + tokens * 2 * width * width + width * width + 2 * 4 * width * width) \
-        + 2 * 2 * tokens * width
-    proj = 2 * width * TINY_ARCH["embed_dim"]
-    return (conv + (v["layers"] - 1) * block + last + proj) / 1e9
-
-
-def test_the_benchmarks_winner_variant_has_the_winners_batches(tiny_arch):
-    args = argparse.Namespace(arch=str(tiny_arch), batch_size=128, device="cpu")
-    winners = runners.Variant("fp32_eager_autocast", "fp32", autocast=True)
-    fp16 = runners.Variant("fp16_eager", "fp16")
-    assert runners.workbench_handle(args, winners).entry.batch_size == 32
-    assert runners.workbench_handle(args, fp16).entry.batch_size == 128
-
-
-def test_benchmark_variants_parse_and_bad_ones_are_errors():
-    assert runners.parse_variants("fp32, bf16+compile,fp32+autocast,auto,fp16+compile=reduce-overhead") == [
-        runners.Variant("fp32_eager", "fp32"), runners.Variant("bf16_compiled", "bf16", compile=True),
-        runners.Variant("fp32_eager_autocast", "fp32", autocast=True), runners.Variant("auto_eager", "auto"),
-        runners.Variant("fp16_compiled_reduce-overhead", "fp16", compile="reduce-overhead")]
-    for bad in ("fp8", "fp16+fast", "fp16+compile=fastest", "fp16+compile+compile=max-autotune"):
-        with pytest.raises(SystemExit, match=f"'{re.escape(bad)}' is not PRECISION\\[\\+compile\\[=MODE\\]\\]"):
-            runners.parse_variants(f"fp32,{bad}")
 
 
 def test_autocast_is_the_winners_cuda_autocast_a_no_op_on_the_cpu(tmp_path):

@@ -18,7 +18,7 @@ import open_clip
 import torch
 
 from .. import bench, oracle
-from ..cache import encode_images, encode_texts
+from ..cache import default_num_workers, encode_images, encode_texts
 from ..models import DTYPES, resolve_device, resolve_precision
 from ..models.device import cpu_computes_bf16_natively
 from ..outputs import PROJECT_ROOT
@@ -32,9 +32,11 @@ from .runners import (
     compute_precision,
     flops_per_image,
     gemm_flops_per_s,
+    linear_shapes,
     memory_probe,
     model_images_per_s,
     parse_variants,
+    preprocess_images_per_s,
     probe_memory,
     profile_batch,
     scene_subset,
@@ -45,29 +47,34 @@ from .runners import (
 
 DEFAULT_SCENE = PROJECT_ROOT.parent / "shared" / "data" / "scene" / "Scene"
 TARGETS = {
-    "cpu": {"encode_ratio_bf16": 3.0, "encode_ratio_fp32": 1.0, "ablation_ratio": 50.0, "text_cache_ratio": 100.0},
+    # issue 16: what `precision: auto` runs by default, eager, at 85% of its model and its preprocessing one after
+    # the other
+    "cpu": {"encode_ratio_bf16": 3.0, "encode_ratio_fp32": 1.0, "ablation_ratio": 50.0, "text_cache_ratio": 100.0,
+            "auto_pipeline_fraction": 0.85},
     # issue 11: bigG fp16 at 2x the winner's loop and 80% of the matmul ceiling, with 99% of fp16 eager's labels;
     # the winner's arithmetic at 1.2x, with the loop's labels
     "cuda": {"encode_ratio_fp16": 2.0, "fp16_ceiling_fraction": 0.8, "fp16_label_agreement": 0.99,
              "encode_ratio_fp32_eager_autocast": 1.2, "fp32_eager_autocast_loop_agreement": 1.0},
 }
-DEFAULT_VARIANTS = {"cpu": "fp32,bf16,fp32+compile,bf16+compile",
+DEFAULT_VARIANTS = {"cpu": "fp32,bf16,auto,fp32+compile,bf16+compile",
                     "cuda": "fp32+autocast,fp16,fp16+compile,fp16+compile=reduce-overhead"}
 LABEL_REFERENCE = {"cpu": "fp32_eager", "cuda": "fp16_eager"}  # the variant whose labels the others are held to
 
 
 def measure_encoding(args, report, original, files, tmp, variants, prompts, profile_dir, save) -> dict:
     """Images/s of the original loop (on the bare class names) and of each variant, the best of `--repeats` rounds (a
-    round times the original, then every variant, so that a slow spell of the machine does not fall on one side
-    only), and each variant's ratio to the original; per variant also the model alone on a batch already on the
-    device, the peak GPU memory of its model and encode, its FLOPs per image, and (`--profile`) a profile of one
-    batch. The 312 prompts once, then from the cache. Returns each variant's labels, and the loop's on the 312
-    prompts (as "original loop"). `save` writes the report so far. A variant that fails is reported
+    round times the original, the preprocessing alone, then every variant and its model alone on a batch already
+    on the device, so that a slow spell of the machine does not fall on one side only), and each variant's ratio to
+    the original and its share of the model and the preprocessing one after the other; per variant also the peak
+    GPU memory of its model and encode, its FLOPs per image, and (`--profile`) a profile of one batch. The 312
+    prompts once, then from the cache. Returns each variant's labels, and the loop's on the 312 prompts (as
+    "original loop"). `save` writes the report so far. A variant that fails is reported
     (`<variant>_error`) and taken out of `variants`; the others are measured."""
-    best, labels = {}, {}
+    best, labels, shapes = {}, {}, set()
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     classes = prompts.classes
+    num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
 
     def record(name: str, seconds: float, round_: int) -> None:
         best[name] = min(best.get(name, float("inf")), seconds)
@@ -96,6 +103,8 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
             embeddings, seconds = timed(partial(encode_images, handle, files, handle.views[0], cache,
                                                  num_workers=args.num_workers, progress=False))
             record(f"workbench {variant.key}", seconds, round_)
+            alone = model_images_per_s(handle, batches=-(-len(files) // handle.entry.batch_size), rounds=1)
+            report[f"{variant.key}_model_images_per_s"] = max(report.get(f"{variant.key}_model_images_per_s", 0), alone)
             if round_ > 0:
                 return
             if on_gpu:
@@ -106,7 +115,7 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
             labels[variant.key] = score("joint_softmax_mean", embeddings, text, prompts.class_index, len(classes),
                                         arithmetic=handle.logit_arithmetic).labels
             report[f"{variant.key}_precision"] = handle.entry.precision
-            report[f"{variant.key}_model_images_per_s"] = model_images_per_s(handle)
+            shapes.update(linear_shapes(handle))
             if profile_dir is not None:
                 report[f"{variant.key}_profile"] = profile_batch(handle, profile_dir / f"{variant.key}.txt")
             if "text_first_s" not in report:  # the first variant measured
@@ -120,6 +129,10 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
     for round_ in range(args.repeats):
         # timed on the bare class names: their text costs next to nothing, as the workbench's cached prompts do
         record("original loop", timed(lambda: synchronize(original(classes)[-1].device))[1], round_)
+        preprocess = workbench_handle(args, variants[0]).views[0]  # no model loaded: every variant's preprocessing
+        rate = preprocess_images_per_s(files, preprocess, args.batch_size, num_workers, rounds=1)
+        report["preprocess_images_per_s"] = max(report.get("preprocess_images_per_s", 0.0), rate)
+        print(f"round {round_ + 1}: {'preprocessing alone':22s} {rate:7.1f} images/s")
         for variant in [v for v in variants if f"{v.key}_error" not in report]:
             try:
                 measure_variant(variant, round_)
@@ -132,16 +145,22 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
         raise RuntimeError("every variant failed: " + "; ".join(f"{k}: {v}" for k, v in report.items()
                                                                  if k.endswith("_error")))
     report["original_images_per_s"] = len(files) / best["original loop"]
-    print(f"original loop:       {report['original_images_per_s']:7.1f} images/s (best of {args.repeats})")
+    report["linear_shapes"] = sorted(shapes)
+    print(f"original loop:       {report['original_images_per_s']:7.1f} images/s (best of {args.repeats}); "
+          f"preprocessing alone {report['preprocess_images_per_s']:.1f} images/s ({num_workers} decoding processes)")
     for variant in variants:
         key = variant.key
         report[f"{key}_images_per_s"] = len(files) / best[f"workbench {key}"]
         report[f"encode_ratio_{key}"] = report[f"{key}_images_per_s"] / report["original_images_per_s"]
+        # what the model alone and the preprocessing alone would reach one after the other
+        serial = 1 / (1 / report[f"{key}_model_images_per_s"] + 1 / report["preprocess_images_per_s"])
+        report[f"{key}_pipeline_fraction"] = report[f"{key}_images_per_s"] / serial
         compiled = f", compiled in {report[f'compile_s_{key}']:.1f} s before" if variant.compile else ""
         memory = f", peak {report[f'{key}_peak_gpu_mb']:,.0f} MB on the GPU" if on_gpu else ""
         print(f"workbench {key:14s} {report[f'{key}_images_per_s']:7.1f} images/s "
               f"({report[f'encode_ratio_{key}']:.2f}x the original{compiled}; the model alone "
-              f"{report[f'{key}_model_images_per_s']:.1f}{memory})")
+              f"{report[f'{key}_model_images_per_s']:.1f}, {report[f'{key}_pipeline_fraction']:.0%} of the model and "
+              f"the preprocessing one after the other{memory})")
     print(f"312 prompts:         {report['text_first_s']:7.2f} s, cached {report['text_cached_s'] * 1000:.1f} ms "
           f"({report['text_cache_ratio']:.0f}x)")
     for precision in dict.fromkeys(v.precision for v in variants):
@@ -150,6 +169,7 @@ def measure_encoding(args, report, original, files, tmp, variants, prompts, prof
         report[f"encode_best_{precision}"] = fastest
         report[f"{precision}_images_per_s"] = report[f"{fastest}_images_per_s"]
         report[f"encode_ratio_{precision}"] = report[f"encode_ratio_{fastest}"]
+        report[f"{precision}_pipeline_fraction"] = report[f"{fastest}_pipeline_fraction"]
     return labels
 
 
@@ -174,20 +194,21 @@ def measure_agreement(report, labels: dict[str, np.ndarray], variants: list[Vari
         + " (random weights leave the scores nearly tied: a floor)")
 
 
-def measure_ceiling(report, variants: list[Variant], device) -> None:
+def measure_ceiling(report, variants: list[Variant], device, sizes: list[int]) -> None:
     """The most images/s any implementation of the model's arithmetic could reach here, per precision its matmuls
-    run in; each variant's share of its ceiling."""
-    sizes = (2048, 4096, 8192) if device.type == "cuda" else (2048,)
+    run in: the machine's best matrix-product rate, over squares of `sizes` and the model's own products
+    (`linear_shapes`), against the model's FLOPs; each variant's share of its ceiling."""
+    shapes = [(n, n, n) for n in sizes] + [tuple(shape) for shape in report["linear_shapes"]]
     computed = {v.key: compute_precision(v, device) for v in variants}
     for precision in dict.fromkeys(computed.values()):
-        rate, size = gemm_flops_per_s(DTYPES[precision], device, sizes)
+        rate, shape = gemm_flops_per_s(DTYPES[precision], device, shapes)
         ceiling = rate / (report["gflop_per_image"] * 1e9)
-        report.update({f"gemm_tflops_{precision}": rate / 1e12, f"gemm_size_{precision}": size,
+        report.update({f"gemm_tflops_{precision}": rate / 1e12, f"gemm_shape_{precision}": list(shape),
                        f"ceiling_images_per_s_{precision}": ceiling,
                        f"max_encode_ratio_{precision}": ceiling / report["original_images_per_s"]})
         print(f"{precision} ceiling:        {ceiling:7.1f} images/s ({report['gflop_per_image']:.1f} GFLOP/image at "
-              f"{rate / 1e9:,.0f} GFLOP/s, the best {size}-square matmul of sizes {sizes}): at most "
-              f"{report[f'max_encode_ratio_{precision}']:.2f}x the original")
+              f"{rate / 1e9:,.0f} GFLOP/s, the best of {len(shapes)} products: {shape[0]}x{shape[1]} by "
+              f"{shape[1]}x{shape[2]}): at most {report[f'max_encode_ratio_{precision}']:.2f}x the original")
     for key, precision in computed.items():  # each variant against the ceiling of its own FLOPs
         own = report[f"gemm_tflops_{precision}"] * 1e12 / (report[f"{key}_gflop_per_image"] * 1e9)
         report[f"{key}_ceiling_fraction"] = report[f"{key}_images_per_s"] / own
@@ -288,7 +309,7 @@ def run(args, out: Path) -> dict:
         winners = winners if winners in variants else reference
         report["label_reference"] = reference.key
         measure_agreement(report, labels, variants, reference)
-        measure_ceiling(report, variants, device)
+        measure_ceiling(report, variants, device, args.gemm_sizes)
         for precision in dict.fromkeys(v.precision for v in variants):
             best = report[f"encode_best_{precision}"]
             report[f"{precision}_ceiling_fraction"] = report[f"{best}_ceiling_fraction"]
@@ -316,6 +337,9 @@ def encoding_main(argv: list[str]) -> None:
     parser.add_argument("--variants", help="comma-separated PRECISION[+compile][+autocast] (default: "
                         f"{DEFAULT_VARIANTS['cpu']} on the CPU, {DEFAULT_VARIANTS['cuda']} on a GPU)")
     parser.add_argument("--repeats", type=int, default=2, help="timing rounds; each figure is the best round")
+    parser.add_argument("--gemm-sizes", type=lambda text: [int(n) for n in text.split(",")],
+                        help="the squares the ceiling's matrix products try besides the model's own (default: "
+                        "1024,2048,4096 on the CPU, 2048,4096,8192 on a GPU)")
     parser.add_argument("--skip-ablation", action="store_true",
                         help="leave out the 10-variant ablation (it runs the original loop 10 times)")
     parser.add_argument("--scene", default=str(DEFAULT_SCENE), help="the challenge test folder")
@@ -325,6 +349,8 @@ def encoding_main(argv: list[str]) -> None:
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--probe-precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.gemm_sizes is None:
+        args.gemm_sizes = [2048, 4096, 8192] if resolve_device(args.device).type == "cuda" else [1024, 2048, 4096]
     if args.memory_probe:
         memory_probe(args)
         return

@@ -20,8 +20,9 @@ import torch
 from natsort import natsorted
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..cache import encode_images
+from ..cache import encode_images, image_batches
 from ..config import COMPILE_MODES, PRECISIONS, ModelEntry
+from ..data import Preprocess
 from ..models import ModelHandle, resolve_precision
 from ..models.device import autocasts_on
 from ..outputs import PROJECT_ROOT
@@ -81,26 +82,46 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
-def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...] = (2048,),
-                     reps: int = 5) -> tuple[float, int]:
-    """The machine's matmul rate in `dtype`: square products of each size, best of `reps` after a warm-up; returns
-    the best rate and its size. A GPU needs large ones to reach its peak (an H200 gave 399 TFLOP/s in fp16 at 2048
-    and 659 at 8192)."""
-    best_rate, best_size = 0.0, sizes[0]
-    for size in sizes:
-        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+def gemm_flops_per_s(dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int, int]],
+                     reps: int = 3) -> tuple[float, tuple[int, int, int]]:
+    """The machine's matrix-product rate in `dtype`: `F.linear` of each (rows, in, out) shape, its weights laid out
+    as a model's are ((out, in): what nn.Linear hands the kernels, which on a CPU pack them for their own use), best
+    of `reps` after a warm-up; returns the best rate and its shape. Large products reach a GPU's peak (an H200 gave
+    399 TFLOP/s in fp16 at 2048-square and 659 at 8192-square); a CPU's best can be the model's own shapes."""
+    best_rate, best_shape = 0.0, shapes[0]
+    for rows, inner, out in shapes:
+        x = torch.randn(rows, inner, device=device).to(dtype)
+        weight = torch.randn(out, inner, device=device).to(dtype)
         with torch.inference_mode():
-            a @ b
+            torch.nn.functional.linear(x, weight)
             for _ in range(reps):
                 synchronize(device)
                 start = time.perf_counter()
-                a @ b
+                torch.nn.functional.linear(x, weight)
                 synchronize(device)
-                rate = 2 * size**3 / (time.perf_counter() - start)
+                rate = 2 * rows * inner * out / (time.perf_counter() - start)
                 if rate > best_rate:
-                    best_rate, best_size = rate, size
-        del a, b
-    return best_rate, best_size
+                    best_rate, best_shape = rate, (rows, inner, out)
+        del x, weight
+    return best_rate, best_shape
+
+
+def linear_shapes(handle: ModelHandle) -> set[tuple[int, int, int]]:
+    """(rows, in, out) of every nn.Linear product in one batch of the loaded model's image forward: the shapes of
+    most of its arithmetic, for the ceiling."""
+    shapes = set()
+
+    def record(module, args, output):
+        shapes.add((args[0].numel() // module.in_features, module.in_features, module.out_features))
+
+    hooks = [m.register_forward_hook(record) for m in handle.encoder.model.modules()
+             if isinstance(m, torch.nn.Linear)]
+    try:
+        _warm_device_batch(handle)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
 
 
 def synchronize(device: torch.device) -> None:
@@ -123,18 +144,34 @@ def _warm_device_batch(handle: ModelHandle) -> torch.Tensor:
     return pixels
 
 
-def model_images_per_s(handle: ModelHandle, reps: int = 5) -> float:
-    """The loaded model alone, on a batch already on its device: images/s of `encode_images`, best of `reps` after
-    a warm-up (what the encode could reach if decoding, transfers and the cache cost nothing)."""
+def model_images_per_s(handle: ModelHandle, batches: int, rounds: int = 2) -> float:
+    """The loaded model alone, on a batch already on its device, `batches` times in a row (as many as the encode
+    runs: a sustained rate, not one batch's burst): images/s of `encode_images`, the best of `rounds` after a
+    warm-up; what the encode could reach if decoding, transfers and the cache cost nothing."""
     encoder, pixels = handle.encoder, _warm_device_batch(handle)
     best = float("inf")
-    for _ in range(reps):
+    for _ in range(rounds):
         synchronize(encoder.device)
         start = time.perf_counter()
-        encoder.encode_images(pixels)
+        for _ in range(batches):
+            encoder.encode_images(pixels)
         synchronize(encoder.device)
         best = min(best, time.perf_counter() - start)
-    return len(pixels) / best
+    return batches * len(pixels) / best
+
+
+def preprocess_images_per_s(files: list[Path], preprocess: Preprocess, batch_size: int, num_workers: int,
+                            rounds: int = 2) -> float:
+    """The encode's decoding and preprocessing alone: its loader (`image_batches`, the same batches and decoding
+    processes) over `files` with no model, images/s, the best of `rounds`."""
+    batches = [list(range(s, min(s + batch_size, len(files)))) for s in range(0, len(files), batch_size)]
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in image_batches(files, preprocess, batches, num_workers):
+            pass
+        best = min(best, time.perf_counter() - start)
+    return len(files) / best
 
 
 def profile_batch(handle: ModelHandle, path: Path, top: int = 15) -> dict:
