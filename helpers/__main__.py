@@ -35,6 +35,7 @@ def _world(config):
 
 def cmd_predict(args) -> None:
     from .history import record_run
+    from .outputs import metrics_summary
     from .pipeline import predict
 
     config = load_config(args.config, args.set)
@@ -50,8 +51,10 @@ def cmd_predict(args) -> None:
     metrics = predict(config, output_dir, progress=not args.quiet, world=world)
     if world.is_main:
         record_run(config, output_dir, metrics, time.perf_counter() - started, "predict", world.size)
-        print(json.dumps(metrics, indent=2))
-        print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}")
+        for line in metrics_summary(metrics):
+            print(line)
+        print(f"wrote {output_dir / 'submission.csv'}" if "test" in metrics else f"wrote {output_dir}",
+              f"(every figure: {output_dir / 'metrics.json'})")
         check_agreement(metrics, args.min_agreement, output_dir)
 
 

@@ -7,6 +7,7 @@ names the key and suggests the nearest valid one. Relative paths are resolved ag
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -131,15 +132,28 @@ class RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Load a run config; `overrides` are "dotted.key=value" strings (the value is read as YAML)."""
+    """Load a run config; `overrides` are "dotted.key=value" strings (the value is read as YAML). An error names the
+    override(s) it comes from (`--set KEY=VALUE`), else the file."""
     path = Path(path)
     raw = read_yaml(path, "run config")
     if not isinstance(raw, dict):
         found = "nothing (the file is empty)" if raw is None else f"a {type(raw).__name__}"
         raise ConfigError(f"{path}: the top level must be a mapping of keys (name, data, models, ...), got {found}")
-    for item in overrides:
-        apply_override(raw, item)
-    return config_from_dict(raw, source=str(path))
+
+    def attempt(items) -> tuple[RunConfig | None, str | None]:
+        changed = copy.deepcopy(raw)
+        for item in items:
+            apply_override(changed, item)
+        try:
+            return checked_config(changed), None
+        except ConfigError as e:
+            return None, str(e)
+
+    config, problem = attempt(overrides)
+    if problem is None:
+        return config
+    culprits = [item for item in overrides if attempt([o for o in overrides if o is not item])[1] != problem]
+    raise ConfigError(f"{' '.join(f'--set {item}' for item in culprits) or path}: {problem}")
 
 
 def read_yaml(path: Path, what: str):
@@ -188,11 +202,17 @@ def apply_override(raw: dict, item: str) -> None:
 
 def config_from_dict(raw: object, source: str = "config") -> RunConfig:
     try:
-        config = _build(RunConfig, raw, "")
-        _check(config)
-        _resolve_paths(config)
+        return checked_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def checked_config(raw: object) -> RunConfig:
+    """A RunConfig from parsed YAML, every key and value checked, relative paths resolved; ConfigError says what and
+    where (not which file: the caller knows)."""
+    config = _build(RunConfig, raw, "")
+    _check(config)
+    _resolve_paths(config)
     return config
 
 
@@ -298,7 +318,8 @@ def _check(config: RunConfig) -> None:
 
 def _in_range(value, where: str, low, high, note: str = "") -> None:
     if not low <= value <= high:
-        raise ConfigError(f"{where} must be between {low} and {high}{note}, got {value}")
+        span = f"at least {low}" if high == INT64_MAX else f"between {low} and {high}"
+        raise ConfigError(f"{where} must be {span}{note}, got {value}")
 
 
 def _check_data(data: Data) -> None:

@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 
 from .blur import blur_summary, calibrate_sigma, degrade_bytes, estimate_sigma, jpeg_quality
 from .config import read_yaml
-from .data import IMAGE_EXTENSIONS, DataError, is_image_path, load_dev_set, open_image, require_folder, require_usable
+from .data import DataError, is_image_file, load_dev_set, open_image, require_folder, require_usable
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
     """Every image file below `folder`, in natural order of the paths."""
     folder = Path(folder)
     require_folder(folder, "a folder of images is expected")
-    files = natsorted((p for p in folder.rglob("*") if is_image_path(p)), key=str)
+    files = natsorted((p for p in folder.rglob("*") if is_image_file(p)), key=str)
     if not files:
         raise DataError(f"{folder}: no images below this folder")
     return files[:limit]
@@ -100,7 +100,7 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
                         "folder of its own source; write it outside")
     source = first_per_class(load_dev_set(src, classes, class_map), limit_per_class)
     require_usable(source.files, progress)
-    stray = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS]
+    stray = [p for p in src.rglob("*") if p.is_file() and not is_image_file(p)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

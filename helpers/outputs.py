@@ -144,3 +144,29 @@ def build_manifest(config: dict, device: torch.device, data: dict, models: dict)
         "models": models,
         "config": config,
     }
+
+
+def metrics_summary(metrics: dict) -> list[str]:
+    """What a run's metrics.json says, in a few lines for a terminal: per split its images and predicted classes,
+    each model's and the ensemble's accuracy with its 95% interval where there are labels, and the agreement with
+    the reference (metrics.json itself has every figure)."""
+    lines = []
+    for split in ("test", "dev"):
+        summary = metrics.get(split)
+        if summary is None:
+            continue
+        counts = ", ".join(f"{name} {n}" for name, n in summary["predicted_counts"].items())
+        lines.append(f"{split}: {summary['images']} images, predicted {counts}")
+        if "ensemble" in summary:
+            accuracies = {**summary["models"], "ensemble": summary["ensemble"]}
+            shown = [f"{name} {m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+                     for name, m in accuracies.items()]
+            lines.append("  accuracy " + ", ".join(shown))
+        if "reference" in summary:
+            ref = summary["reference"]
+            lines.append(f"  agreement with {ref['reference']} {ref['agreement']:.4f} [{ref['ci95'][0]:.4f}, "
+                         f"{ref['ci95'][1]:.4f}]: {ref['differing']} of {ref['images']} images differ")
+    if metrics.get("random_weights"):
+        lines.append(f"note: RANDOM weights ({', '.join(metrics['random_weights'])}): the labels and accuracies are "
+                     "meaningless")
+    return lines

@@ -65,6 +65,10 @@ class RunData:
         return {name: [skip.record(s.root) for skip in s.skipped] for name, s in self.splits.items() if s.skipped}
 
 
+class RunError(UserError, RuntimeError):
+    """A run that stopped; the message names the notebook and the cell, or the run folder."""
+
+
 class RunStaleError(UserError, RuntimeError):
     """Outputs in a run folder that were made from other inputs than the run's."""
 
@@ -320,6 +324,9 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
         metrics[split] = summary
     if data.skipped():
         metrics["skipped_images"] = data.skipped()
+    random = [name for name, entry in config.models.items() if entry.pretrained == "random"]
+    if random:  # the labels and accuracies of these models mean nothing
+        metrics["random_weights"] = random
     write_json(output_dir / "metrics.json", metrics)
     return metrics
 
@@ -353,6 +360,26 @@ def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, wo
     manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
     manifest["world_size"] = world.size  # processes that shared the encodes (torchrun); the results do not depend on it
     write_json(output_dir / "manifest.json", manifest)
+
+
+def claim_output_dir(output_dir: Path, config: RunConfig) -> Path:
+    """Write the resolved config into a run folder, or check that the folder holds a run of this config: a folder
+    belongs to one config, so that its outputs never mix two. Returns the config file's path."""
+    path = Path(output_dir) / "config.yaml"
+    resolved = config.to_dict()
+    if _recorded_config(path) not in (None, resolved):
+        raise RunError(f"{output_dir} holds a run of another config; give another --output-dir")
+    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+    return path
+
+
+def _recorded_config(path: Path) -> dict | None:
+    """The config a run folder records; None when there is none (files are written whole, but one written by hand or
+    by an older version may be damaged: then the folder is taken as unclaimed)."""
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
 
 
 def check_models(config: RunConfig) -> None:
@@ -406,7 +433,7 @@ def predict(config: RunConfig, output_dir: str | Path, progress: bool = True,
         for name in config.models:
             encode_model_images(config, name, data, world)
         return None
-    output_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output_dir, config)
     remove_stale_temporaries(output_dir)  # what a killed run was writing: never whole, never read
     for name in config.models:
         run_model(config, name, output_dir, data, progress, world)

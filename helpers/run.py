@@ -7,18 +7,24 @@ and tables. Everything lands in one run folder; a rerun reuses the inference of 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from .config import RunConfig, json_digest, load_config
 from .distributed import World
-from .errors import UserError
 from .files import atomic_write_text, remove_stale_temporaries
 from .outputs import PROJECT_ROOT
-from .pipeline import check_models, check_paths, check_world, load_run_data, model_outputs_match
+from .pipeline import (
+    RunError,
+    check_models,
+    check_paths,
+    check_world,
+    claim_output_dir,
+    load_run_data,
+    model_outputs_match,
+)
 from .progress import saved_run_kernels
 
 KERNEL_NAME = "blur-zeroshot"
@@ -26,10 +32,6 @@ NOTEBOOKS = PROJECT_ROOT / "notebooks"
 INSPECT, SHARPNESS, PROMPTS, INFERENCE, ENSEMBLE = (
     "01_inspect.ipynb", "02_preprocessing_ablation.ipynb", "03_prompt_ablation.ipynb", "04_inference.ipynb",
     "05_ensemble.ipynb")
-
-
-class RunError(UserError, RuntimeError):
-    """A run that stopped; the message names the notebook and the cell, or the run folder."""
 
 
 # JupyterLab settings of this environment (share/jupyter/lab/settings/overrides.json under sys.prefix): no "Jupyter
@@ -130,9 +132,17 @@ def run_summary(run_dir: str | Path) -> str:
     lab_dir = run_dir.resolve()
     lab_dir = lab_dir.relative_to(PROJECT_ROOT) if lab_dir.is_relative_to(PROJECT_ROOT) else lab_dir
     lines += ["next:",
-              f"  compare it with another run:  python -m helpers compare {run_dir} OTHER_RUN",
+              f"  compare it with another run:  {python_command()} -m helpers compare {run_dir} OTHER_RUN",
               f"  open it in JupyterLab:        make lab RUN={lab_dir}   (the notebooks under notebooks/)"]
     return "\n".join(lines)
+
+
+def python_command() -> str:
+    """This interpreter as the user's shell reaches it: relative to the working folder when inside it (the project's
+    `.venv/bin/python`), else its full path; a bare `python` outside the virtual environment has no helpers."""
+    executable = os.path.abspath(sys.executable)  # not resolved: the venv's python is a link to the system's
+    relative = os.path.relpath(executable)
+    return relative if not relative.startswith("..") else executable
 
 
 def _finished(notebook: Path) -> bool:
@@ -144,25 +154,6 @@ def _finished(notebook: Path) -> bool:
 
     cells = nbformat.read(notebook, as_version=4).cells
     return all(cell.metadata.get("papermill", {}).get("status") == "completed" for cell in cells)
-
-
-def _claim_run_dir(run_dir: Path, config: RunConfig) -> Path:
-    """Write the resolved config into the run folder, or check that the folder holds a run of this config."""
-    path = run_dir / "config.yaml"
-    resolved = config.to_dict()
-    if _recorded_config(path) not in (None, resolved):
-        raise RunError(f"{run_dir} holds a run of another config; give another --output-dir")
-    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
-    return path
-
-
-def _recorded_config(path: Path) -> dict | None:
-    """The config a run folder records; None when there is none (files are written whole, but one written by hand or
-    by an older version may be damaged: then the folder is taken as unclaimed)."""
-    try:
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None
 
 
 def encode_with_torchrun(config_file: str | Path, nproc: int, progress: bool) -> None:
@@ -187,7 +178,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir:
     check_world(config, World(size=nproc))
     check_models(config)
     data = load_run_data(config, progress)
-    config_file = str(_claim_run_dir(run_dir, config).resolve())
+    config_file = str(claim_output_dir(run_dir, config).resolve())
     remove_stale_temporaries(run_dir)  # what a killed run was writing: never whole, never read
     kernel = ensure_kernel()
     base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}

@@ -1,6 +1,7 @@
 """The notebooks, executed end to end by papermill on tiny models and real images: what each writes."""
 
 import json
+import os
 import platform
 import re
 import shlex
@@ -226,7 +227,7 @@ def test_the_end_of_run_summary_says_where_what_and_how_to_look(run_dir):
     for name in FIGURES:
         assert f"{name}.png" in flat, name
     assert "executed notebooks, notebooks/ (7): 01_inspect.ipynb" in flat
-    assert f"python -m helpers compare {run_dir} OTHER_RUN" in summary
+    assert f"{os.path.relpath(sys.executable)} -m helpers compare {run_dir} OTHER_RUN" in summary  # the venv's python
     assert f"make lab RUN={run_dir.resolve()}" in summary  # outside the project: the absolute path
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,6 +38,17 @@ from .encoder import Encoder
 
 # The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
 OPEN_CLIP_TAG_ALIASES = {"metaclip_2_5b": "metaclip_fullcc"}
+
+
+@contextmanager
+def warnings_silenced():
+    """No log record of WARNING or below while inside (open_clip warns through the root logger)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def pools_class_token(visual: torch.nn.Module) -> bool:
@@ -246,7 +259,9 @@ class OpenClipBackend(Backend):
 
         weights = None
         if self.random_weights:
-            with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
+            # seeded, without touching the caller's random state; open_clip's warning that no weights were loaded is
+            # what was asked for (the run marks random weights in its outputs), and in a notebook it looks like an error
+            with torch.random.fork_rng(devices=[]), warnings_silenced():
                 torch.manual_seed(self.entry.seed)
                 model = open_clip.create_model(self.arch, pretrained=None, device=device)
             tokenizer = open_clip.get_tokenizer(self.arch)
