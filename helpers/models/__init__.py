@@ -1,8 +1,10 @@
 """Model backends behind one interface: L2-normalised float32 image and text features.
 
-A backend is a small class in the BACKENDS registry. It says, without loading anything, what identifies the
-weights (for the cache keys and the manifest) and how images are preprocessed, and it loads an `Encoder`.
-`ModelHandle` loads lazily, so a run whose embeddings are all cached never loads a model.
+A backend is a small class in the BACKENDS registry (`backend`; the `openclip` and `hf` modules register theirs). It
+says, without loading anything, what identifies the weights (for the cache keys and the manifest) and how images are
+preprocessed, and it loads an `Encoder`. `ModelHandle` loads lazily, so a run whose embeddings are all cached never
+loads a model. The modules: `device` (devices and precision), `checkpoints` (what a weights file is, offline errors),
+`encoder` (a loaded model), `backend` (the registry), `openclip` and `hf` (the backend families).
 """
 
 from __future__ import annotations
@@ -10,73 +12,17 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from pathlib import Path
 
 import torch
 
 from ..config import ModelEntry
 from ..data import Preprocess
 from ..scoring import FLOAT32, LogitArithmetic
+from . import hf, openclip  # noqa: F401  each registers its backends (BACKENDS)
+from .backend import BACKENDS, Backend, register_backend
 from .checkpoints import WeightsUnavailableError
 from .device import DTYPES, autocasts_on, resolve_device, resolve_precision, weights_device, with_index
 from .encoder import Encoder
-
-BACKENDS: dict[str, type[Backend]] = {}
-
-
-def register_backend(name: str):
-    def add(cls):
-        BACKENDS[name] = cls
-        return cls
-
-    return add
-
-
-def _file_stamps(path: Path) -> dict:
-    """Size and modification time of a weights file, or of every file in a model folder (cheaper than hashing
-    gigabytes; a file rewritten in place changes its stamp)."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-
-
-class Backend:
-    """What a model entry means for one backend. `name` is the entry's key in the run config."""
-
-    def __init__(self, name: str, entry: ModelEntry):
-        self.name, self.entry = name, entry
-
-    @property
-    def random_weights(self) -> bool:
-        return self.entry.pretrained == "random"
-
-    def identity(self) -> dict:
-        """What determines the features, for cache keys: backend, weights, precision."""
-        e = self.entry
-        ident = {"backend": e.backend, "arch": e.arch, "pretrained": e.pretrained, "revision": e.revision,
-                 "precision": e.precision}
-        if e.compile:  # compiled kernels round differently (fused elementwise ops): their own cache entries
-            ident["compile"] = e.compile
-        if self.random_weights:
-            ident["seed"] = e.seed
-        elif Path(e.pretrained.removeprefix("local-dir:")).exists():
-            ident["files"] = _file_stamps(Path(e.pretrained.removeprefix("local-dir:")))
-        return ident
-
-    def preprocess(self, sharpness: float) -> Preprocess:
-        size, mean, std = self._defaults()
-        mean, std = (tuple(self.entry.mean), tuple(self.entry.std)) if self.entry.mean else (mean, std)
-        return Preprocess(size=size, sharpness=sharpness, mean=mean, std=std)
-
-    def _defaults(self) -> tuple[int, tuple, tuple]:
-        raise NotImplementedError
-
-    def check_weights(self) -> None:
-        """Fail now, with the clear message, if the weights are neither on disk nor downloadable (loads nothing)."""
-        raise NotImplementedError
-
-    def load(self, device: torch.device) -> Encoder:
-        raise NotImplementedError
-
 
 
 class ModelHandle:
@@ -155,8 +101,6 @@ class ModelHandle:
             torch.cuda.empty_cache()
 
 
-# last: each backend module registers its backends with register_backend, defined above
-from . import hf, openclip  # noqa: E402, F401
 
 __all__ = ["BACKENDS", "DTYPES", "Backend", "Encoder", "ModelHandle",
            "WeightsUnavailableError", "register_backend", "resolve_device", "resolve_precision"]

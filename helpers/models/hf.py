@@ -9,7 +9,7 @@ import torch
 
 from ..config import DEVICE_MAP_STRATEGIES, is_hub_id
 from ..data import OPENAI_MEAN, OPENAI_STD
-from . import Backend, register_backend
+from .backend import Backend, register_backend
 from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
 from .device import DTYPES, input_device, placement_record, with_index
 from .encoder import Encoder

@@ -16,7 +16,7 @@ import torch
 
 from ..data import OPENAI_MEAN, OPENAI_STD
 from ..errors import describe_os_error
-from . import Backend, register_backend
+from .backend import Backend, register_backend
 from .checkpoints import (
     NOT_A_CHECKPOINT,
     TORCH_READ_ERRORS,
