@@ -8,11 +8,10 @@ UV := uv==0.13.9
 SCENE ?= $(if $(wildcard data/Scene),data/Scene,../shared/data/scene/Scene)
 INTEL ?= ../shared/data/intel_test
 INTEL_CLASS_MAP := buildings=Buildings,forest=Forests,glacier=Glacier,mountain=Mountains,sea=Sea,street=Street
-# The demo's labeled dev set (configs/demo.yaml names it): the first 20 Intel test photos of each class, degraded with
-# the blur `make dev-data` calibrates (sigma 6.26 px, JPEG quality 75: README "The dev set"), so it needs no
-# calibration; built on first use, in seconds.
+# The demo's labeled dev set: configs/demo.yaml names it and says how to build it from the Intel photos
+# (data.dev.build); the first notebook or command that needs it builds it, in seconds.
 DEMO_DEV ?= data/dev-demo
-DEMO_DEV_PER_CLASS ?= 20
+DEMO_SETS = --set data.test=$(SCENE) --set data.dev.path=$(DEMO_DEV) --set data.dev.build.source=$(INTEL)
 # `make lab RUN=outputs/demo` opens a run folder (its executed notebooks) instead of the source notebooks.
 RUN ?=
 
@@ -46,15 +45,11 @@ reproduce: setup
 
 # Offline, on the CPU, with random-weight models: all five notebooks, the dev-set ablations included, in a few
 # minutes (labels meaningless); ends with a summary: the run folder, its figures, how to compare or open it.
-demo: setup $(DEMO_DEV)
-	$(BIN)/python -m helpers run configs/demo.yaml --set data.test=$(SCENE) --set data.dev.path=$(DEMO_DEV) \
-		--output-dir outputs/demo
+demo: setup
+	$(BIN)/python -m helpers run configs/demo.yaml $(DEMO_SETS) --output-dir outputs/demo
 
-dev-demo: setup $(DEMO_DEV)
-
-$(DEMO_DEV): | $(VENV)/.installed
-	$(BIN)/python -m helpers make-dev $(INTEL) --out $@ --class-map $(INTEL_CLASS_MAP) --sigma 6.26 --quality 75 \
-		--limit-per-class $(DEMO_DEV_PER_CLASS) --quiet
+dev-demo: setup
+	$(BIN)/python -m helpers make-dev --config configs/demo.yaml $(DEMO_SETS)
 
 # The challenge data (Hugging Face dataset sw24/sw24) into data/Scene, checksum verified.
 data: setup

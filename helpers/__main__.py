@@ -8,6 +8,7 @@
     torchrun --nproc_per_node N -m helpers predict|encode ...  the same, the encodes shared by N processes
     python -m helpers estimate-blur DIR [--limit N]            blur statistics of a folder of images
     python -m helpers make-dev SRC --out DST --class-map ...   a labeled dev set degraded like the test set
+    python -m helpers make-dev --config CONFIG                 the dev set a config says how to build
     python -m helpers download-data [--dest data]              the challenge's test images, to data/Scene
 """
 
@@ -88,9 +89,10 @@ def cmd_run(args) -> None:
 
 
 def cmd_install_kernel(args) -> None:
-    from .run import install_kernel
+    from .jupyter import install_kernel
 
-    print(f"installed the Jupyter kernel '{install_kernel()}' for {sys.executable}")
+    print(f"installed the Jupyter kernel '{install_kernel()}' for {sys.executable} in {sys.prefix} (this checkout's "
+          "environment)")
 
 
 def cmd_download_data(args) -> None:
@@ -127,6 +129,11 @@ def cmd_make_dev(args) -> None:
     from .data import DataError, read_classes
     from .devset import build_dev_set, list_images, match_test_blur, measure_blur, parse_class_map
 
+    if args.config:
+        make_dev_from_config(args)
+        return
+    if not (args.src and args.out):
+        raise DataError("make-dev needs SRC and --out DST (or --config CONFIG, whose data.dev.build says how)")
     class_map = parse_class_map(args.class_map)
     if args.test:
         classes = read_classes(Path(args.test))
@@ -154,6 +161,20 @@ def cmd_make_dev(args) -> None:
         print(f"ignored {len(info['ignored_non_images'])} non-image files, e.g. {info['ignored_non_images'][0]}",
               file=sys.stderr)
     print(f"wrote {info['images']} images to {args.out}; estimated blur of the dev set: sigma_px={dev_blur:.2f}")
+
+
+def make_dev_from_config(args) -> None:
+    """`make-dev --config CONFIG`: build the config's dev folder as its data.dev.build says, if it is not there."""
+    from .data import DataError, read_classes
+    from .devset import build_missing_dev_set
+
+    config = load_config(args.config, args.set)
+    dev = config.data.dev
+    if dev is None or dev.build is None:
+        raise DataError(f"{args.config}: no data.dev.build says how to build the dev set (give SRC and --out instead)")
+    classes = config.data.classes or read_classes(Path(config.data.test))
+    built = build_missing_dev_set(dev, classes, progress=not args.quiet)
+    print(f"{'built' if built else 'already there:'} {dev.path}")
 
 
 MIN_AGREEMENT_HELP = ("for scheduled runs: exit with status 3, after writing everything, when the test set's "
@@ -257,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("make-dev", parents=[common],
                        help="degrade a labeled ImageFolder like the challenge's test set")
-    p.add_argument("src", help="labeled ImageFolder: SRC/<class folder>/<image>")
-    p.add_argument("--out", required=True, help="where to write the dev set (must not exist)")
+    p.add_argument("src", nargs="?", help="labeled ImageFolder: SRC/<class folder>/<image>")
+    p.add_argument("--out", help="where to write the dev set (must not exist)")
+    p.add_argument("--config", help="instead of SRC and --out: build this run config's data.dev as its data.dev.build "
+                   "says, if it is not there yet (configs/demo.yaml: make dev-demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: override a key")
     p.add_argument("--class-map", help="folder=Class,... or a YAML file; default: folders are class names")
     p.add_argument("--test", help="the challenge test folder: its classes.json, blur and JPEG quality are matched")
     p.add_argument("--sigma", type=bounded(float, 0, 100),

@@ -42,10 +42,23 @@ class _BadNumber(ConfigError):
 
 
 @dataclass
+class DevBuild:
+    """How to build the dev folder on first use, when it is not there (`helpers.devset.build_dev_set`): which labeled
+    photos to degrade, and how (`make dev-data` calibrates sigma and quality against the test set)."""
+
+    source: str  # a labeled ImageFolder of photos (e.g. ../shared/data/intel_test)
+    sigma: float  # Gaussian blur, px at 224 px
+    quality: int  # JPEG quality
+    class_map: dict[str, str] | None = None  # source folder name -> challenge class name
+    limit_per_class: int | None = None  # only the first N photos of each class
+
+
+@dataclass
 class DevData:
     path: str
     class_map: dict[str, str] | None = None  # dev folder name -> challenge class name
     limit: int | None = None  # at most N images, taken round-robin over the classes
+    build: DevBuild | None = None  # how to build `path` when it is missing
 
 
 @dataclass
@@ -330,9 +343,15 @@ def _check_data(data: Data) -> None:
     if data.classes is not None:
         _check_classes(data.classes)
     dev_limit = data.dev.limit if data.dev else None
-    for key, limit in (("data.limit", data.limit), ("data.dev.limit", dev_limit)):
+    build = data.dev.build if data.dev else None
+    per_class = build.limit_per_class if build else None
+    for key, limit in (("data.limit", data.limit), ("data.dev.limit", dev_limit),
+                       ("data.dev.build.limit_per_class", per_class)):
         if limit is not None:
             _in_range(limit, key, 1, INT64_MAX)
+    if build is not None:
+        _in_range(build.sigma, "data.dev.build.sigma", 0, 100)
+        _in_range(build.quality, "data.dev.build.quality", 0, 100)
 
 
 def _check_classes(classes: list[str]) -> None:
@@ -465,6 +484,8 @@ def _resolve_paths(config: RunConfig) -> None:
         config.data.test = _resolve(config.data.test)
     if config.data.dev is not None:
         config.data.dev.path = _resolve(config.data.dev.path)
+        if config.data.dev.build is not None:
+            config.data.dev.build.source = _resolve(config.data.dev.build.source)
     config.cache_dir = _resolve(config.cache_dir)
     if config.reference is not None and config.reference.endswith(".csv"):
         config.reference = _resolve(config.reference)

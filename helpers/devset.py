@@ -4,6 +4,7 @@ was, with the blur chosen so that the dev set's estimated blur matches the test 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -15,8 +16,10 @@ from natsort import natsorted
 from tqdm.auto import tqdm
 
 from .blur import blur_summary, calibrate_sigma, degrade_bytes, estimate_sigma, jpeg_quality
-from .config import read_yaml
+from .config import DevData, read_yaml
 from .data import DataError, is_image_file, load_dev_set, open_image, require_folder, require_usable
+
+log = logging.getLogger(__name__)
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
@@ -127,3 +130,29 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
         raise
     return info
 
+
+
+def build_missing_dev_set(dev: DevData, classes: list[str], progress: bool = False) -> bool:
+    """Build the config's dev folder from its `data.dev.build` recipe when the folder is not there (the demo's small
+    dev set, on first use, whichever notebook or command comes first); returns whether it built it. Another process
+    building it at the same moment is fine: the folder appears whole, from one of them."""
+    path = Path(dev.path)
+    if dev.build is None or path.exists():
+        return False
+    recipe = dev.build
+    if not Path(recipe.source).is_dir():
+        raise DataError(f"{path}: no such folder (data.dev.path), and the labeled photos to build it from are not "
+                        f"there either: {recipe.source} (data.dev.build.source); put them there, or build a dev set "
+                        "with `make dev-data` and name it in data.dev.path")
+    log.warning("building the dev set %s from %s (data.dev.build: sigma %g px, JPEG quality %d%s): first use",
+                path, recipe.source, recipe.sigma, recipe.quality,
+                f", {recipe.limit_per_class} per class" if recipe.limit_per_class else "")
+    try:
+        build_dev_set(recipe.source, path, classes, recipe.class_map, recipe.sigma, recipe.quality,
+                      provenance={"built_from": "data.dev.build"}, progress=progress,
+                      limit_per_class=recipe.limit_per_class)
+    except (DataError, OSError):
+        if path.is_dir():  # another process built it first
+            return False
+        raise
+    return True

@@ -22,11 +22,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .ablation import ModelEmbeddings
 from .data import Sharpen, open_image
-from .progress import saved_run
+from .progress import live_hint, saved_run
 from .scoring import SCORERS
 from .stats import accuracy_summary
-
-LIVE_HINT = "Run the notebook live to {what} (open it in JupyterLab: make lab, or make lab RUN=<run folder>)."
 
 
 @dataclass(frozen=True)
@@ -152,7 +150,7 @@ def sharpness_slider(files: list[Path], size: int = 224, start: float = 2.3, cro
     if saved_run():
         print(text)
         display(ImageOutput(data=png))
-        print(f"A saved run: this is sharpness {start:g}. {LIVE_HINT.format(what='move the slider')}")
+        print(f"Sharpness {start:g}. {live_hint('move the slider')}")
         return None
     width, height = Image.open(io.BytesIO(png)).size
     # at its own size in pixels: a VBox stretches its children to its width otherwise
@@ -195,8 +193,7 @@ def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0, mo
         groups = list(emb.prompts.groups)
         print(f"every prompt group ({', '.join(groups)}), {mode}: "
               f"{_accuracy_text(group_accuracy(emb, groups, mode, logit_scale))}")
-        what = "tick groups on and off and change the scoring mode"
-        print(f"A saved run: no checkboxes. {LIVE_HINT.format(what=what)}")
+        print(live_hint("tick prompt groups on and off and change the scoring mode"))
         return None
     boxes = [widgets.Checkbox(value=True, description=g, indent=False) for g in emb.prompts.groups]
     menu = widgets.Dropdown(options=list(SCORERS), value=mode, description="scoring")

@@ -2,23 +2,66 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from pathlib import Path
 
 import pandas as pd
+from IPython.display import Markdown, display
 
 from .config import ConfigError, RunConfig, load_config
 from .errors import install_notebook_handler
 from .outputs import PROJECT_ROOT
 from .pipeline import RunData, load_run_data
+from .progress import saved_run
 
 
-def start(config_path: str) -> tuple[RunConfig, RunData]:
+def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, Path]:
     """Work from the project root (where config paths are relative to, as on the command line); load the config
-    and its data. From here on, a user error shows as the command line's one `error:` line."""
+    and its data (a dev set the config can build is built on first use). From here on, a user error shows as the
+    command line's one `error:` line, and the workbench's notes are plain output, not an error-coloured stream.
+
+    Returns the folder to write to: `output_dir`, except when a saved run's notebook is run live (opened from its
+    run folder), where it would overwrite the run's own outputs: then the folder `<run folder>-live` beside it.
+    Says, once, when the models' weights are random."""
     install_notebook_handler()
+    _notes_as_output()
     os.chdir(PROJECT_ROOT)
     config = load_config(config_path)
-    return config, load_run_data(config)
+    output = Path(output_dir)
+    if not saved_run() and is_run_folder(output):
+        live = output.parent / f"{output.name}-live"
+        print(f"{output} is a saved run (python -m helpers run), which a live run does not change: this one writes "
+              f"to {live}")
+        output = live
+    random = [name for name, entry in config.models.items() if entry.pretrained == "random"]
+    if random:
+        display(Markdown(random_weights_note(random)))
+    return config, load_run_data(config), output
+
+
+def random_weights_note(models: list[str]) -> str:
+    return (f"**Random weights** ({', '.join(models)}: `pretrained: random`): the labels, accuracies and curves of "
+            "this notebook show how the pipeline runs, not how well the models classify; with every model guessing, "
+            "accuracies sit near chance (1/6) and curves are flat within their intervals.")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a run that `python -m helpers run` wrote (its executed notebooks and its config)."""
+    return (folder / "notebooks").is_dir() and (folder / "config.yaml").is_file()
+
+
+def _notes_as_output() -> None:
+    """The workbench's log records (a dev set built on first use, skipped images, ...) to the cell's standard
+    output, as plain lines: on the error stream a notebook shows them as if something had failed."""
+    logger = logging.getLogger("helpers")
+    if not any(getattr(h, "notes_as_output", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        handler.notes_as_output = True
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def require_dev(data: RunData) -> None:

@@ -83,7 +83,10 @@ def load_run_data(config: RunConfig, progress: bool = False) -> RunData:
     if config.fallback_label is not None and config.fallback_label not in classes:
         raise ConfigError(f"fallback_label is '{config.fallback_label}', not one of the classes {', '.join(classes)}")
     if config.data.dev:
+        from .devset import build_missing_dev_set  # its blur estimation needs scipy: only when there is a dev set
+
         dev = config.data.dev
+        build_missing_dev_set(dev, classes, progress)
         splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
     prompts = load_prompts(config.prompts, classes)
     problems = {name: check_images(images, config.cache_dir, progress) for name, images in splits.items()}
@@ -243,6 +246,15 @@ def _predictions_frame(images: ImageSet, labels: np.ndarray, classes: list[str])
     if images.labels is not None:
         frame["true_label"] = images.labels
     return frame
+
+
+def run_missing_models(config: RunConfig, output_dir: str | Path, data: RunData, progress: bool = True) -> list[str]:
+    """Run the inference of every model whose outputs in `output_dir` are missing or of other images (through the
+    embedding cache, as `run` does: what is cached is not encoded again); returns their names."""
+    missing = [name for name in config.models if not model_outputs_match(output_dir, name, data)]
+    for name in missing:
+        run_model(config, name, output_dir, data, progress)
+    return missing
 
 
 def model_outputs_match(output_dir: str | Path, name: str, data: RunData) -> bool:

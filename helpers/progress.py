@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import tqdm.auto
 import tqdm.std
@@ -21,6 +23,9 @@ import tqdm.std
 from .errors import environment_flag
 
 SAVED_RUN_ENV = "HELPERS_SAVED_RUN"
+# what a saved run's kernel is told of where it comes from: the source notebook and the run folder
+SOURCE_NOTEBOOK_ENV, RUN_DIR_ENV = "HELPERS_SOURCE_NOTEBOOK", "HELPERS_RUN_DIR"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def saved_run() -> bool:
@@ -28,9 +33,31 @@ def saved_run() -> bool:
     return os.environ.get(SAVED_RUN_ENV, "") not in ("", "0", "false", "False")
 
 
-def saved_run_kernels():
-    """Within: the kernels this process starts (they inherit the environment) run as saved runs."""
-    return environment_flag(SAVED_RUN_ENV)
+@contextmanager
+def saved_run_kernels(notebook: str, run_dir: Path):
+    """Within: the kernels this process starts (they inherit the environment) run as saved runs of the source
+    notebook `notebook` into `run_dir`."""
+    origin = {SOURCE_NOTEBOOK_ENV: notebook, RUN_DIR_ENV: str(Path(run_dir).resolve())}
+    previous = {name: os.environ.get(name) for name in origin}
+    os.environ.update(origin)
+    try:
+        with environment_flag(SAVED_RUN_ENV):
+            yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def live_hint(what: str) -> str:
+    """A saved run's line in a widget's place: which source notebook to run live, and how, to `what`."""
+    notebook = os.environ.get(SOURCE_NOTEBOOK_ENV, "the source notebook")
+    run_dir = os.environ.get(RUN_DIR_ENV, "<run folder>")
+    return (f"This is a saved run, where widgets are pictures. To {what}, run the source notebook live: `make lab` "
+            f"in {PROJECT_ROOT} opens notebooks/; open {notebook} there and set config_path = "
+            f'"{run_dir}/config.yaml" in its parameters cell (it writes to its output_dir, not into this run).')
 
 
 class FinalLineTqdm(tqdm.std.tqdm):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .config import RunConfig, json_digest, load_config
 from .distributed import World
-from .files import atomic_write_text, remove_stale_temporaries
+from .files import remove_stale_temporaries
+from .jupyter import ensure_kernel
 from .outputs import PROJECT_ROOT
 from .pipeline import (
     RunError,
@@ -27,55 +28,10 @@ from .pipeline import (
 )
 from .progress import saved_run_kernels
 
-KERNEL_NAME = "blur-zeroshot"
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 INSPECT, SHARPNESS, PROMPTS, INFERENCE, ENSEMBLE = (
     "01_inspect.ipynb", "02_preprocessing_ablation.ipynb", "03_prompt_ablation.ipynb", "04_inference.ipynb",
     "05_ensemble.ipynb")
-
-
-# JupyterLab settings of this environment (share/jupyter/lab/settings/overrides.json under sys.prefix): no "Jupyter
-# news" pop-up asking a new user whether to fetch news from the internet (offline it could not anyway)
-LAB_SETTINGS = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false"}}
-
-
-def install_kernel() -> str:
-    """Register this interpreter as the Jupyter kernel the notebooks name (for JupyterLab and papermill), and write
-    the project's JupyterLab settings into this environment (`install_lab_settings`)."""
-    from ipykernel.kernelspec import install
-
-    install(user=True, kernel_name=KERNEL_NAME, display_name="Python (blur-zeroshot workbench)")
-    install_lab_settings()
-    return KERNEL_NAME
-
-
-def install_lab_settings(prefix: str | Path = sys.prefix) -> Path:
-    """Merge LAB_SETTINGS into `<prefix>/share/jupyter/lab/settings/overrides.json` (the defaults JupyterLab starts
-    from in this environment; a user's own settings still win), keeping whatever else the file sets."""
-    import json
-
-    path = Path(prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
-    try:
-        settings = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        settings = {}  # a damaged file: JupyterLab could not read it either
-    for plugin, values in LAB_SETTINGS.items():
-        settings[plugin] = {**settings.get(plugin, {}), **values}
-    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
-    return path
-
-
-def ensure_kernel() -> str:
-    """The project's kernel, (re)registered if it is missing or points at another interpreter."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
-        if Path(spec.argv[0]) == Path(sys.executable):
-            return KERNEL_NAME
-    except NoSuchKernel:
-        pass
-    return install_kernel()
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -88,7 +44,8 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
 
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with saved_run_kernels():  # no live frontend: text progress, widgets as pictures (helpers.progress)
+        # no live frontend: text progress, widgets as pictures, and how to run the notebook live (helpers.progress)
+        with saved_run_kernels(notebook, Path(parameters.get("output_dir", output.parent))):
             # the kernel is ended at once when the last cell is done (a kernel that imported torch takes about a
             # second to exit by itself, and nothing is left to wait for: the outputs are in, the files written)
             pm.execute_notebook(NOTEBOOKS / notebook, output, parameters=parameters, kernel_name=kernel,

@@ -1,11 +1,10 @@
 """The notebooks, executed end to end by papermill on tiny models and real images: what each writes."""
 
+import ast
 import json
 import os
 import platform
 import re
-import shlex
-import shutil
 import subprocess
 import sys
 
@@ -16,18 +15,17 @@ import yaml
 from PIL import Image
 
 from helpers.config import load_config
-from helpers.data import DataError, load_dev_set, read_classes
+from helpers.data import DataError
+from helpers.devset import build_missing_dev_set
+from helpers.jupyter import KERNEL_NAME, ensure_kernel, install_lab_settings
 from helpers.outputs import read_submission
-from helpers.pipeline import predict
+from helpers.pipeline import load_run_data, predict
 from helpers.run import (
     INFERENCE,
-    KERNEL_NAME,
     NOTEBOOKS,
     SHARPNESS,
     RunError,
-    ensure_kernel,
     execute,
-    install_lab_settings,
     run_pipeline,
     run_summary,
 )
@@ -205,7 +203,9 @@ def test_a_saved_run_shows_pictures_for_widgets_and_finished_progress(run_dir):
     inspect = nbformat.read(run_dir / "notebooks" / "01_inspect.ipynb", as_version=4)
     slider = next(c for c in inspect.cells if "sharpness_slider(" in c.source)
     assert [o for o in slider.outputs if "image/png" in o.get("data", {})]
-    assert "Run the notebook live" in "".join(_outputs_text(inspect))
+    hint = (f"run the source notebook live: `make lab` in {PROJECT_ROOT} opens notebooks/; open 01_inspect.ipynb "
+            f'there and set config_path = "{run_dir.resolve()}/config.yaml" in its parameters cell')
+    assert hint in "".join(_outputs_text(inspect))  # which notebook, how, with which config
     prompts = nbformat.read(run_dir / "notebooks" / "03_prompt_ablation-a.ipynb", as_version=4)
     boxes = next(c for c in prompts.cells if "prompt_group_checkboxes(" in c.source)
     assert "every prompt group" in "".join(o.get("text", "") for o in boxes.outputs)
@@ -217,6 +217,20 @@ def test_a_saved_run_shows_pictures_for_widgets_and_finished_progress(run_dir):
         assert not re.search(r"(?<!\d)0%\|", text) and "VBox(" not in text, name
     encodes = "\n".join(_outputs_text(nbformat.read(run_dir / "notebooks" / "04_inference-a.ipynb", as_version=4)))
     assert re.search(r"encode a \(sharpness 2\.3\): 100%\|\S+\| 38/38 ", encodes)  # the test images' encode, done
+
+
+def test_a_saved_notebook_run_live_writes_beside_its_run_not_into_it(run_dir, tmp_path):
+    """A saved copy opened in JupyterLab and run (papermill here, without the saved-run environment of
+    `python -m helpers run`) has the run folder as its output_dir: it writes beside it, and the run stays as it was."""
+    import papermill as pm
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    pm.execute_notebook(run_dir / "notebooks" / "05_ensemble.ipynb", tmp_path / "live.ipynb",
+                        kernel_name=ensure_kernel(), progress_bar=False, cwd=str(PROJECT_ROOT))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    live = run_dir.parent / f"{run_dir.name}-live"
+    assert (live / "submission.csv").read_bytes() == (run_dir / "submission.csv").read_bytes()
+    assert f"{run_dir} is a saved run" in "".join(_outputs_text(nbformat.read(tmp_path / "live.ipynb", as_version=4)))
 
 
 def test_the_end_of_run_summary_says_where_what_and_how_to_look(run_dir):
@@ -251,30 +265,31 @@ def test_source_notebooks_carry_the_metadata_jupyterlab_fills_in(path):
     assert path.read_text() == nbformat.writes(book) + "\n"  # as Jupyter writes it: no reformatting on save
 
 
-def test_the_demo_config_names_the_dev_set_that_make_builds(tmp_path, scene_dir):
-    """`make demo` builds its dev set first (configs/demo.yaml names it); its make-dev command, run as the Makefile
-    has it (into tmp), gives a dev set that the demo config loads."""
+def test_the_demo_config_builds_its_dev_set_on_first_use(tmp_path, scene_dir):
+    """configs/demo.yaml says how to build its dev set (data.dev.build): the first command or notebook that loads the
+    config builds it, as `make dev-demo` does."""
     require_shared(INTEL)
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-
-    def make_dev_command(*variables: str) -> str:
-        # -n: print the recipes, run none; -B: all of them, as on a first run (data/dev-demo may exist here)
-        printed = subprocess.run(["make", "-n", "-B", "-s", "dev-demo", *variables], cwd=PROJECT_ROOT, check=True,
-                                 capture_output=True, text=True).stdout.replace("\\\n", " ")
-        return next(line for line in printed.splitlines() if " -m helpers make-dev " in line)
-
-    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "demo.yaml").read_text())
-    assert f" --out {raw['data']['dev']['path']} " in make_dev_command()
     out = tmp_path / "dev-demo"
-    command = shlex.split(make_dev_command(f"DEMO_DEV={out}", f"INTEL={INTEL}"))
-    assert command[0].endswith("python") and "--sigma" in command and "--limit-per-class" in command
-    subprocess.run([sys.executable, *command[1:]], cwd=PROJECT_ROOT, check=True, capture_output=True)
-    config = load_config(PROJECT_ROOT / "configs" / "demo.yaml", [f"data.dev.path={out}", f"data.test={scene_dir}"])
-    dev = load_dev_set(config.data.dev.path, read_classes(scene_dir))
+    config = load_config(PROJECT_ROOT / "configs" / "demo.yaml", [f"data.dev.path={out}", f"data.test={scene_dir}",
+                                                                  f"data.dev.build.source={INTEL}"])
+    data = load_run_data(config)
+    dev = data.splits["dev"]
     assert len(dev) == 120 and np.bincount(dev.labels).tolist() == [20] * 6
     degradation = json.loads((out / "degradation.json").read_text())["degradation"]
     assert (degradation["sigma"], degradation["jpeg_quality"]) == (6.26, 75)
+    assert not build_missing_dev_set(config.data.dev, data.classes)  # there now: not built again
+    printed = subprocess.run(["make", "-n", "-s", "dev-demo"], cwd=PROJECT_ROOT, check=True, capture_output=True,
+                             text=True).stdout
+    assert " -m helpers make-dev --config configs/demo.yaml " in printed
+
+
+def test_a_dev_set_that_cannot_be_built_says_where_its_photos_should_be(make_config, tmp_path):
+    config = make_config(data={"test": make_config().data.test, "dev": {
+        "path": str(tmp_path / "dev"), "build": {"source": str(tmp_path / "photos"), "sigma": 6.26, "quality": 75}}})
+    with pytest.raises(DataError, match=rf"^{tmp_path}/dev: no such folder \(data.dev.path\), and the labeled photos "
+                                        rf"to build it from are not there either: {tmp_path}/photos "
+                                        r"\(data.dev.build.source\)"):
+        load_run_data(config)
 
 
 def test_the_dev_set_advice_works_when_followed(run_config, tmp_path):
@@ -304,3 +319,38 @@ def test_install_lab_settings_turns_the_news_off_and_keeps_other_settings(tmp_pa
     assert json.loads(path.read_text()) == {
         "@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
         "@jupyterlab/apputils-extension:notification": {"checkForUpdates": False, "fetchNews": "false"}}
+
+
+def default_parameters(path) -> dict:
+    """The values a notebook's parameters cell assigns (literals)."""
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {t.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Assign) for t in node.targets}
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=lambda p: p.name)
+def test_each_notebook_runs_alone_from_nothing(path, scene_dir, dev_dir, tiny_arch, tiny_checkpoints, tmp_path):
+    """A notebook run alone, first thing on a fresh clone: no dev set yet (the config says how to build it), no other
+    notebook run before (05 runs the inference it needs), nothing in the cache; its defaults name the demo config,
+    which loads and says how to build its dev set. Here with the tiny models, into a fresh folder."""
+    defaults = default_parameters(path)
+    demo = load_config(PROJECT_ROOT / defaults["config_path"])
+    assert demo.data.dev.build is not None and defaults["output_dir"] == "outputs/notebooks"
+    assert defaults.get("model_name") in (None, *demo.models)
+    a, b = tiny_checkpoints
+    entry = {"backend": "open_clip", "arch": str(tiny_arch), "precision": "fp32", "pretrained": str(a)}
+    raw = {"name": "alone", "data": {"test": str(scene_dir), "dev": {
+               "path": str(tmp_path / "dev"), "build": {"source": str(dev_dir), "sigma": 6.26, "quality": 75,
+                                                        "class_map": INTEL_CLASS_MAP}}},
+           "models": {name: {**entry, "sharpness": f, "pretrained": str(w)}
+                      for name, f, w in zip(demo.models, (2.3, 2.0), (a, b))},
+           "cache_dir": str(tmp_path / "cache"), "num_workers": 0,
+           "analysis": {"inspect_images": 2, "sharpness_grid": [1.0, 2.3], "weight_grid": [0.4, 0.5]}}
+    config = tmp_path / "alone.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    execute(path.name, tmp_path / path.name, {"config_path": str(config), "output_dir": str(out)}, ensure_kernel(),
+            progress=False)
+    assert len(list((tmp_path / "dev").rglob("*.jpg"))) == 24  # built on first use
+    if path.name == "05_ensemble.ipynb":
+        assert read_submission(out / "submission.csv")[0] == SCENE_IDS
