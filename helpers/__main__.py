@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .errors import UserError, check_agreement, debug_mode, is_user_error, one_line
+from .errors import UserError, check_agreement, debug_mode, is_user_error, one_line, show_notes
 
 
 def _world(config):
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=bounded(int, 1), help="only the latest N runs")
     p.set_defaults(func=cmd_runs)
     args = parser.parse_args(argv)
+    show_notes(sys.stderr)
     try:
         with debug_mode(args.debug):
             try:

@@ -153,10 +153,15 @@ def two_model_weights(first: str, second: str, steps=(0.3, 0.4, 0.45, 0.5, 0.54,
 
 def ensemble_weight_ablation(scores: dict[str, Scores], labels, prompts: PromptSet, weight_sets: list[dict],
                              reference: dict, drop_below: float | None = None) -> pd.DataFrame:
-    def key(w):
-        return ", ".join(f"{n}={v:g}" for n, v in sorted(w.items()))  # the same weights, one row
+    """A row per weight set (the reference once, wherever it falls), sorted by the first model's weight; the models
+    in the order of `scores` (the config's), whatever the order of each set's keys."""
+    names = list(scores)
 
-    sets = {key(w): w for w in [reference, *weight_sets]}
+    def key(w):
+        return ", ".join(f"{n}={w[n]:g}" for n in names)  # the same weights, one row
+
+    sets = dict(sorted({key(w): w for w in [reference, *weight_sets]}.items(),
+                       key=lambda item: [item[1][n] for n in names]))
     predictions = {k: ensemble_scores(scores, w, prompts.class_index, len(prompts.classes), drop_below).labels
                    for k, w in sets.items()}
     return compare_predictions(labels, predictions, key(reference))

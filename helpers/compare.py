@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ class Side:
     classes: list[str] | None = None  # None: not known (a bare CSV)
     classes_source: str = "the challenge's default classes"
     image_root: Path | None = None  # the run's data.test
+    random_weights: list[str] = field(default_factory=list)  # the run's models with random weights
 
     @property
     def kind(self) -> str:
@@ -153,6 +154,8 @@ def load_side(path: str | Path, name: str | None = None, which: str = "A") -> Si
     side = Side(path, name, read_submission_csv(submission_file), run_dir=path)
     config = _read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
     classes, source, side.image_root = _run_classes(config)
+    models = config.get("models") if isinstance(config.get("models"), dict) else {}
+    side.random_weights = [n for n, m in models.items() if isinstance(m, dict) and m.get("pretrained") == "random"]
     if classes is not None:
         side.classes, side.classes_source = classes, source
     test_file = path / "test_predictions.csv"
@@ -306,11 +309,12 @@ def _gallery(differing: pd.DataFrame, root: Path | None, a: Side, b: Side, outpu
         return None, f"no gallery: none of the differing images is in {root} (moved since the run?)"
     titles = [(p, f"id {r.id_idx}\n{a.name}: {r.class_a}\n{b.name}: {r.class_b}") for r, p in shown]
     fig = changed_gallery(titles)
-    figure = save_figure(fig, output_dir, "changed_images")
+    random = a.random_weights + b.random_weights
+    figure = save_figure(fig, output_dir, "changed_images", random)
     plt.close(fig)
     save_table(pd.DataFrame({"id_idx": [r.id_idx for r, _ in shown], "file": [r.file for r, _ in shown],
                              "path": [str(p) for _, p in shown], "class_a": [r.class_a for r, _ in shown],
-                             "class_b": [r.class_b for r, _ in shown]}), output_dir, "gallery")
+                             "class_b": [r.class_b for r, _ in shown]}), output_dir, "gallery", random)
     note = None
     if len(differing) > len(shown):
         note = (f"the gallery shows {len(shown)} of {len(differing)} differing images"
@@ -353,6 +357,7 @@ def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = N
     if output_dir.exists() and not output_dir.is_dir():
         raise CompareError(f"{output_dir}: a file, not a folder (--output-dir); give a folder")
 
+    random = side_a.random_weights + side_b.random_weights  # named in every table and figure written here
     same = labels_a == labels_b
     lo, hi = bootstrap_ci(same.astype(np.float64))
     table = agreement_table(labels_a, labels_b, classes)
@@ -366,13 +371,13 @@ def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = N
 
     for rel in OUTPUT_FILES:  # what an earlier comparison into this folder wrote
         (output_dir / rel).unlink(missing_ok=True)
-    written = [save_table(table, output_dir, "agreement_table"), save_table(flips, output_dir, "flips"),
-               save_table(differing, output_dir, "differing")]
+    written = [save_table(table, output_dir, "agreement_table", random),
+               save_table(flips, output_dir, "flips", random), save_table(differing, output_dir, "differing", random)]
     fig = confusion_chart(table[classes].to_numpy(), classes,
                           f"{side_a.name} against {side_b.name}: {int(same.sum())} of {same.size} agree")
     fig.axes[0].set_xlabel(f"B: {side_b.name}")
     fig.axes[0].set_ylabel(f"A: {side_a.name}")
-    written.append(save_figure(fig, output_dir, "agreement_table"))
+    written.append(save_figure(fig, output_dir, "agreement_table", random))
     plt.close(fig)
     gallery, gallery_note = _gallery(differing, root, side_a, side_b, output_dir, gallery_max)
     dev, dev_note = compare_dev(side_a, side_b)
@@ -383,7 +388,7 @@ def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = N
         d = dev["b_minus_a"]
         rows.append({"run": "B - A", "accuracy": d["delta"], "images": dev["images"], "ci_low": d["delta_ci95"][0],
                      "ci_high": d["delta_ci95"][1], "mcnemar_p": d["mcnemar_p"], "differs": d["differs"]})
-        written.append(save_table(pd.DataFrame(rows), output_dir, "dev"))
+        written.append(save_table(pd.DataFrame(rows), output_dir, "dev", random))
 
     result: dict = {
         "a": str(side_a.given), "b": str(side_b.given), "names": [side_a.name, side_b.name],
@@ -394,6 +399,11 @@ def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = N
         "gallery": gallery, "output_dir": str(output_dir),
     }
     notes = [n for n in (gallery_note, dev_note) if n]
+    if random:
+        result["random_weights"] = {"a": side_a.random_weights, "b": side_b.random_weights}
+        notes.insert(0, "RANDOM weights (" + "; ".join(f"{s.name}: {', '.join(s.random_weights)}" for s in
+                                                      (side_a, side_b) if s.random_weights)
+                     + "): their labels are meaningless, and so is how well they agree")
     if side_a.skipped or side_b.skipped:
         result["skipped"] = {"a": side_a.skipped, "b": side_b.skipped}
         notes.append(f"skipped images (fallback labels, counted in the agreement): {side_a.name} {side_a.skipped}, "

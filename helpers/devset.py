@@ -144,9 +144,9 @@ def build_missing_dev_set(dev: DevData, classes: list[str], progress: bool = Fal
         raise DataError(f"{path}: no such folder (data.dev.path), and the labeled photos to build it from are not "
                         f"there either: {recipe.source} (data.dev.build.source); put them there, or build a dev set "
                         "with `make dev-data` and name it in data.dev.path")
-    log.warning("building the dev set %s from %s (data.dev.build: sigma %g px, JPEG quality %d%s): first use",
-                path, recipe.source, recipe.sigma, recipe.quality,
-                f", {recipe.limit_per_class} per class" if recipe.limit_per_class else "")
+    log.info("building the dev set %s from %s (data.dev.build: sigma %g px, JPEG quality %d%s): first use",
+             path, recipe.source, recipe.sigma, recipe.quality,
+             f", {recipe.limit_per_class} per class" if recipe.limit_per_class else "")
     try:
         build_dev_set(recipe.source, path, classes, recipe.class_map, recipe.sigma, recipe.quality,
                       provenance={"built_from": "data.dev.build"}, progress=progress,

@@ -119,3 +119,23 @@ def install_notebook_handler() -> None:
         return lines
 
     shell.set_custom_exc((UserError, OSError), show)
+
+
+def show_notes(stream, prefix: str = "", wrap=None) -> None:
+    """Send the workbench's log records (notes such as "every embedding came from the cache", and warnings) to
+    `stream` as plain lines (through `wrap`, a function of the text, if given), from INFO up, once per process."""
+    import logging
+
+    class Notes(logging.Formatter):
+        def format(self, record):
+            text = super().format(record)
+            return wrap(text) if wrap else text
+
+    logger = logging.getLogger("helpers")
+    if not any(getattr(h, "shows_notes", False) for h in logger.handlers):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(Notes(f"{prefix}%(message)s"))
+        handler.shows_notes = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -118,9 +118,26 @@ def read_history(index_path: str | Path | None = None) -> pd.DataFrame:
 
 
 def format_history(frame: pd.DataFrame, limit: int | None = None) -> str:
-    """The history as a table for the terminal (pandas `to_string`), the latest `limit` runs."""
+    """The latest `limit` runs as a table for a terminal: when, what, which models (name#identity), the figures
+    (`-` where a run has none), the run folder last; index.csv has every column in full."""
     shown = frame.head(limit) if limit is not None else frame
-    text = shown.to_string(index=False)
+
+    def figure(digits: int):
+        return lambda value: "-" if pd.isna(value) else f"{value:.{digits}f}"
+
+    table = pd.DataFrame({
+        "time (UTC)": shown["time"].str.slice(0, 16).str.replace("T", " "),
+        "command": shown["command"],
+        "config": shown["config_name"],
+        "models": shown["models"].map(lambda text: " ".join(
+            f"{part.split('=', 1)[0]}#{part.rsplit('#', 1)[-1]}" for part in str(text).split(";") if part)),
+        "random": shown["random_weights"].map(lambda value: "yes" if not pd.isna(value) and bool(value) else ""),
+        "agreement": shown["reference_agreement"].map(figure(4)),
+        "dev acc": shown["dev_accuracy"].map(figure(3)),
+        "seconds": shown["seconds"].map(figure(0)),
+        "run folder": shown["run_folder"],
+    })
+    text = table.to_string(index=False)
     if len(shown) < len(frame):
         text += f"\n({len(shown)} of {len(frame)} runs; --limit shows more)"
     return text

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .ablation import ModelEmbeddings
 from .data import Sharpen, open_image
-from .progress import live_hint, saved_run
+from .progress import live_hint, saved_run, wrapped
 from .scoring import SCORERS
 from .stats import accuracy_summary
 
@@ -148,9 +148,9 @@ def sharpness_slider(files: list[Path], size: int = 224, start: float = 2.3, cro
 
     png, text = draw(start)
     if saved_run():
-        print(text)
+        print(wrapped(text))
         display(ImageOutput(data=png))
-        print(f"Sharpness {start:g}. {live_hint('move the slider')}")
+        print(wrapped(f"Sharpness {start:g}. {live_hint('move the slider')}"))
         return None
     width, height = Image.open(io.BytesIO(png)).size
     # at its own size in pixels: a VBox stretches its children to its width otherwise
@@ -191,9 +191,9 @@ def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0, mo
     run: the accuracy with every group, as text."""
     if saved_run():
         groups = list(emb.prompts.groups)
-        print(f"every prompt group ({', '.join(groups)}), {mode}: "
-              f"{_accuracy_text(group_accuracy(emb, groups, mode, logit_scale))}")
-        print(live_hint("tick prompt groups on and off and change the scoring mode"))
+        print(wrapped(f"{emb.name}, every prompt group ({', '.join(groups)}), {mode}: "
+                      f"{_accuracy_text(group_accuracy(emb, groups, mode, logit_scale))}"))
+        print(wrapped(live_hint("tick prompt groups on and off and change the scoring mode")))
         return None
     boxes = [widgets.Checkbox(value=True, description=g, indent=False) for g in emb.prompts.groups]
     menu = widgets.Dropdown(options=list(SCORERS), value=mode, description="scoring")
@@ -210,7 +210,7 @@ def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0, mo
         ms = (time.perf_counter() - started) * 1000
         text = _accuracy_text(r)
         accuracy, rest = text.split(" ", 1)
-        result.value = f"<b>{accuracy}</b> {rest} ({ms:.0f} ms)"
+        result.value = f"{html.escape(emb.name)}: <b>{accuracy}</b> {rest} ({ms:.0f} ms)"
 
     for w in [*boxes, menu]:
         w.observe(update, names="value")

@@ -235,6 +235,9 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
     finally:
         handle.close()
     write_json(out / "model.json", info)
+    if not info["model_loaded"]:
+        log.info("model %s: every embedding came from the cache %s (nothing encoded, no model loaded)", name,
+                 config.cache_dir)
     return info
 
 

@@ -13,8 +13,19 @@ from PIL import Image
 from .data import Sharpen
 from .files import atomic_write_bytes, atomic_write_csv
 
+# The models with random weights of the run a notebook's kernel works on (`nb.start` sets it): every figure and
+# table saved then says so, since their numbers mean nothing.
+RANDOM_WEIGHTS: list[str] = []
 
-def save_figure(fig, output_dir: str | Path, name: str) -> Path:
+
+def save_figure(fig, output_dir: str | Path, name: str, random_weights: list[str] | None = None) -> Path:
+    """The figure as `<output_dir>/figures/<name>.png`; models with random weights (default: `RANDOM_WEIGHTS`) are
+    named under it, in the figure as shown too."""
+    models = RANDOM_WEIGHTS if random_weights is None else random_weights
+    if models:
+        # below everything else (the tight bounding box grows to take it in)
+        fig.text(0.01, -0.04, f"random weights ({', '.join(models)}): these numbers mean nothing", fontsize=8,
+                 color="#b00020", ha="left", va="top")
     path = Path(output_dir) / "figures" / f"{name}.png"
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -22,7 +33,12 @@ def save_figure(fig, output_dir: str | Path, name: str) -> Path:
     return path
 
 
-def save_table(table: pd.DataFrame, output_dir: str | Path, name: str) -> Path:
+def save_table(table: pd.DataFrame, output_dir: str | Path, name: str, random_weights: list[str] | None = None) -> Path:
+    """The table as `<output_dir>/tables/<name>.csv`, with a `random_weights` column naming the models with random
+    weights (default: `RANDOM_WEIGHTS`) when there are any."""
+    models = RANDOM_WEIGHTS if random_weights is None else random_weights
+    if models:
+        table = table.assign(random_weights=", ".join(models))
     path = Path(output_dir) / "tables" / f"{name}.csv"
     atomic_write_csv(path, table, index=False)
     return path
@@ -115,6 +131,7 @@ def class_counts_chart(counts: dict[str, int], title: str):
     ax.bar(list(counts), list(counts.values()), color="tab:blue")
     for i, v in enumerate(counts.values()):
         ax.text(i, v, str(v), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.15 * max(max(counts.values()), 1))  # room above the tallest bar for its count
     ax.set_ylabel("images")
     ax.set_title(title, fontsize=10)
     return fig

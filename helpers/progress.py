@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def saved_run_kernels(notebook: str, run_dir: Path):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+OUTPUT_WIDTH = 96  # characters of a notebook's output line that a 1,280-pixel window shows beside the file browser
+
+
+def wrapped(text: str) -> str:
+    """`text`, each of its lines wrapped at word boundaries to OUTPUT_WIDTH (paths and other long words whole)."""
+    return "\n".join(textwrap.fill(line, OUTPUT_WIDTH, break_long_words=False, break_on_hyphens=False) or line
+                     for line in text.splitlines())
 
 
 def live_hint(what: str) -> str:

@@ -7,6 +7,7 @@ and tables. Everything lands in one run folder; a rerun reuses the inference of 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from .pipeline import (
     check_world,
     claim_output_dir,
     load_run_data,
+    model_dir,
     model_outputs_match,
 )
 from .progress import saved_run_kernels
@@ -39,6 +41,19 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("outputs") / "runs" / f"{config.name}-{json_digest(config.to_dict())[:8]}"
 
 
+def local_kernel_manager():
+    """A kernel manager that talks to its kernel over local sockets (IPC), not TCP: the kernel and papermill are on
+    one machine, and ipykernel warns on every start, on the terminal, that its TCP traffic is not encrypted."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return LocalKernelManager
+
+
 def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress: bool = True) -> None:
     import papermill as pm
 
@@ -49,7 +64,8 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
             # the kernel is ended at once when the last cell is done (a kernel that imported torch takes about a
             # second to exit by itself, and nothing is left to wait for: the outputs are in, the files written)
             pm.execute_notebook(NOTEBOOKS / notebook, output, parameters=parameters, kernel_name=kernel,
-                                cwd=str(PROJECT_ROOT), progress_bar=progress, shutdown_kernel="immediate")
+                                cwd=str(PROJECT_ROOT), progress_bar=progress, shutdown_kernel="immediate",
+                                kernel_manager_class=local_kernel_manager())
     except pm.PapermillExecutionError as e:
         first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
         # a user error is shown in its cell as the one line the command line prints (errors.install_notebook_handler)
@@ -62,7 +78,6 @@ def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress
 def run_summary(run_dir: str | Path) -> str:
     """What `python -m helpers run` prints at the end: where the run is, what it wrote, and how to look at it (compare
     it with another run, or open its executed notebooks in JupyterLab)."""
-    import json
     import textwrap
 
     run_dir = Path(run_dir)
@@ -151,6 +166,9 @@ def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir:
             continue
         log(f"model {name}: running {INFERENCE}")
         execute(INFERENCE, out, {**base, "model_name": name}, kernel, progress)
+        if not json.loads((model_dir(run_dir, name) / "model.json").read_text())["model_loaded"]:
+            log(f"model {name}: every embedding came from the cache {config.cache_dir} (nothing encoded, no model "
+                "loaded)")
     log(f"ensemble: running {ENSEMBLE}")
     execute(ENSEMBLE, executed / ENSEMBLE, base, kernel, progress)
     if analyses:

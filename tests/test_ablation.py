@@ -93,7 +93,8 @@ def test_ensemble_weight_and_drop_ablations(dev_config, tmp_path):
     scores = {n: load_model_scores(tmp_path / "run", n, "dev", config.scoring) for n in "ab"}
     labels = data.splits["dev"].labels
     weights = ensemble_weight_ablation(scores, labels, data.prompts, two_model_weights("a", "b"), {"a": 0.5, "b": 0.5})
-    assert weights["variant"].iloc[0] == "a=0.5, b=0.5" and weights["reference"].iloc[0]
+    assert weights.loc[weights["reference"], "variant"].tolist() == ["a=0.5, b=0.5"]
+    assert weights["variant"].str.extract(r"a=([0-9.]+),")[0].astype(float).is_monotonic_increasing  # by a
     assert len(weights) == 8  # 0.5 is the reference and also in the grid: listed once
     drops = drop_threshold_ablation(scores, labels, data.prompts, {"a": 0.5, "b": 0.5})
     assert drops["variant"].tolist() == ["none", "0.0005", "0.001", "0.002", "0.005", "0.01"]

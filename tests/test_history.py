@@ -168,8 +168,11 @@ def test_run_record_of_a_predict_run(predict_run, tmp_path, capsys):
     append_run_record(index, later)
     assert main(["runs", "--index", str(index)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == COLUMNS and len(out) == 3 and out[1].split()[0] == "2999-01-01T00:00:00+00:00"
-    assert str(run.resolve()) in out[2] and "predict" in out[2] and ids["a"] in out[2]
+    assert out[0].split() == ["time", "(UTC)", "command", "config", "models", "random", "agreement", "dev", "acc",
+                              "seconds", "run", "folder"]
+    assert len(out) == 3 and out[1].split()[:2] == ["2999-01-01", "00:00"] and "nan" not in "".join(out).lower()
+    assert str(run.resolve()) in out[2] and "predict" in out[2] and f"a#{ids['a']}" in out[2]
+    assert max(map(len, out)) < 160  # a terminal's width (the run folder, last, is as long as its path)
     assert main(["runs", "--index", str(index), "--limit", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 3 and out[-1] == "(1 of 2 runs; --limit shows more)"

@@ -20,6 +20,7 @@ from helpers.devset import build_missing_dev_set
 from helpers.jupyter import KERNEL_NAME, ensure_kernel, install_lab_settings
 from helpers.outputs import read_submission
 from helpers.pipeline import load_run_data, predict
+from helpers.progress import OUTPUT_WIDTH
 from helpers.run import (
     INFERENCE,
     NOTEBOOKS,
@@ -205,10 +206,10 @@ def test_a_saved_run_shows_pictures_for_widgets_and_finished_progress(run_dir):
     assert [o for o in slider.outputs if "image/png" in o.get("data", {})]
     hint = (f"run the source notebook live: `make lab` in {PROJECT_ROOT} opens notebooks/; open 01_inspect.ipynb "
             f'there and set config_path = "{run_dir.resolve()}/config.yaml" in its parameters cell')
-    assert hint in "".join(_outputs_text(inspect))  # which notebook, how, with which config
+    assert hint in " ".join("".join(_outputs_text(inspect)).split())  # which notebook, how, with which config
     prompts = nbformat.read(run_dir / "notebooks" / "03_prompt_ablation-a.ipynb", as_version=4)
     boxes = next(c for c in prompts.cells if "prompt_group_checkboxes(" in c.source)
-    assert "every prompt group" in "".join(o.get("text", "") for o in boxes.outputs)
+    assert "a, every prompt group" in "".join(o.get("text", "") for o in boxes.outputs)  # which model
     for name in EXECUTED:
         book = nbformat.read(run_dir / "notebooks" / name, as_version=4)
         outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
@@ -231,6 +232,22 @@ def test_a_saved_notebook_run_live_writes_beside_its_run_not_into_it(run_dir, tm
     live = run_dir.parent / f"{run_dir.name}-live"
     assert (live / "submission.csv").read_bytes() == (run_dir / "submission.csv").read_bytes()
     assert f"{run_dir} is a saved run" in "".join(_outputs_text(nbformat.read(tmp_path / "live.ipynb", as_version=4)))
+
+
+def test_saved_notebooks_fit_the_window_and_leave_nothing_undefined_unexplained(run_dir):
+    """What a researcher reads in JupyterLab: printed lines wrapped at words to the output's width (a browser breaks
+    longer ones mid-word), tables without NaN or "..." (undefined numbers are "—", with a sentence saying why),
+    no error-coloured stream."""
+    for name in EXECUTED:
+        book = nbformat.read(run_dir / "notebooks" / name, as_version=4)
+        outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"], name
+        for line in "".join(o["text"] for o in outputs if o.output_type == "stream").splitlines():
+            assert len(line) <= OUTPUT_WIDTH or max(map(len, line.split())) > 40, (name, line)  # a path: whole
+        tables = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+        assert "NaN" not in tables and "..." not in tables, name
+    ensemble = "".join(_outputs_text(nbformat.read(run_dir / "notebooks" / "05_ensemble.ipynb", as_version=4)))
+    assert "the ensemble's own row has neither (—)" in " ".join(ensemble.split())
 
 
 def test_the_end_of_run_summary_says_where_what_and_how_to_look(run_dir):
@@ -337,13 +354,13 @@ def test_each_notebook_runs_alone_from_nothing(path, scene_dir, dev_dir, tiny_ar
     demo = load_config(PROJECT_ROOT / defaults["config_path"])
     assert demo.data.dev.build is not None and defaults["output_dir"] == "outputs/notebooks"
     assert defaults.get("model_name") in (None, *demo.models)
-    a, b = tiny_checkpoints
-    entry = {"backend": "open_clip", "arch": str(tiny_arch), "precision": "fp32", "pretrained": str(a)}
+    entry = {"backend": "open_clip", "arch": str(tiny_arch), "precision": "fp32"}
+    first, second = demo.models  # as the demo: the second with random weights
     raw = {"name": "alone", "data": {"test": str(scene_dir), "dev": {
                "path": str(tmp_path / "dev"), "build": {"source": str(dev_dir), "sigma": 6.26, "quality": 75,
                                                         "class_map": INTEL_CLASS_MAP}}},
-           "models": {name: {**entry, "sharpness": f, "pretrained": str(w)}
-                      for name, f, w in zip(demo.models, (2.3, 2.0), (a, b))},
+           "models": {first: {**entry, "sharpness": 2.3, "pretrained": str(tiny_checkpoints[0])},
+                      second: {**entry, "sharpness": 2.0, "pretrained": "random", "seed": 2}},
            "cache_dir": str(tmp_path / "cache"), "num_workers": 0,
            "analysis": {"inspect_images": 2, "sharpness_grid": [1.0, 2.3], "weight_grid": [0.4, 0.5]}}
     config = tmp_path / "alone.yaml"
@@ -354,3 +371,9 @@ def test_each_notebook_runs_alone_from_nothing(path, scene_dir, dev_dir, tiny_ar
     assert len(list((tmp_path / "dev").rglob("*.jpg"))) == 24  # built on first use
     if path.name == "05_ensemble.ipynb":
         assert read_submission(out / "submission.csv")[0] == SCENE_IDS
+    book = nbformat.read(tmp_path / path.name, as_version=4)
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    banners = [i for i, o in enumerate(outputs) if "Random weights" in o.get("data", {}).get("text/markdown", "")]
+    assert banners == [0] and second in outputs[0]["data"]["text/markdown"]  # at the top, once
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]  # no pink box: open_clip's
+    # warning that random weights are random is not logged, the workbench's notes are plain output
