@@ -29,6 +29,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --index-strategy unsafe-best-match \
 		$$($(PYTHON) tools/pip_sources.py) -r requirements.txt --group dev -e .
 	$(BIN)/python -m helpers install-kernel
+	@# headless Chromium for the JupyterLab test (tests/test_lab.py), from Debian's packages where it is missing
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q chromium >/dev/null || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 	touch $@
 
 # One worker per core (pytest-xdist), a test module per worker at a time (its fixtures are built once); the 15

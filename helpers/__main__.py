@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=bounded(int, 1), help="only the latest N runs")
     p.set_defaults(func=cmd_runs)
     args = parser.parse_args(argv)
-    show_notes(sys.stderr)
+    show_notes("stderr")
     try:
         with debug_mode(args.debug):
             try:

@@ -121,21 +121,29 @@ def install_notebook_handler() -> None:
     shell.set_custom_exc((UserError, OSError), show)
 
 
-def show_notes(stream, prefix: str = "", wrap=None) -> None:
+def show_notes(stream: str, prefix: str = "", wrap=None) -> None:
     """Send the workbench's log records (notes such as "every embedding came from the cache", and warnings) to
-    `stream` as plain lines (through `wrap`, a function of the text, if given), from INFO up, once per process."""
+    `sys.<stream>` ("stdout" or "stderr", whichever object it is when a record comes) as plain lines, through `wrap`
+    (a function of the text) if given, from INFO up; once per process."""
     import logging
+    import sys
 
-    class Notes(logging.Formatter):
+    class Notes(logging.StreamHandler):
+        shows_notes = True
+
+        @property
+        def stream(self):
+            return getattr(sys, stream)
+
+        @stream.setter
+        def stream(self, value):  # StreamHandler sets it; the stream is looked up as a record comes
+            pass
+
         def format(self, record):
-            text = super().format(record)
+            text = prefix + super().format(record)
             return wrap(text) if wrap else text
 
     logger = logging.getLogger("helpers")
     if not any(getattr(h, "shows_notes", False) for h in logger.handlers):
-        handler = logging.StreamHandler(stream)
-        handler.setFormatter(Notes(f"{prefix}%(message)s"))
-        handler.shows_notes = True
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+        logger.addHandler(Notes())  # records still propagate (to a test's log capture); with a handler here,
+        logger.setLevel(logging.INFO)  # Python's last-resort one, which printed warnings before, is not used

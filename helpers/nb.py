@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +25,7 @@ def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, Path]:
     run folder), where it would overwrite the run's own outputs: then the folder `<run folder>-live` beside it.
     Says, once, when the models' weights are random."""
     install_notebook_handler()
-    show_notes(sys.stdout, "note: ", wrapped)  # on the error stream a notebook would show them as failures
+    show_notes("stdout", "note: ", wrapped)  # on the error stream a notebook would show them as failures
     os.chdir(PROJECT_ROOT)
     config = load_config(config_path)
     output = Path(output_dir)

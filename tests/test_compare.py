@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from helpers.__main__ import main
 from helpers.compare import DEFAULT_CLASSES, GALLERY_MAX, changed_gallery
@@ -277,3 +278,15 @@ def test_errors_are_one_line(runs, tmp_path, capsys, case):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_random_weights_are_said_in_the_output_tables_and_figures(runs, tmp_path, capsys):
+    random = shutil.copytree(runs["B"], tmp_path / "random")
+    config = yaml.safe_load((random / "config.yaml").read_text())
+    config["models"]["b"]["pretrained"] = "random"  # as a run with random weights records it
+    (random / "config.yaml").write_text(yaml.safe_dump(config))
+    result, lines = run_compare(capsys, runs["A"], random, "--output-dir", tmp_path / "out")
+    assert result["random_weights"] == {"a": [], "b": ["b"]}
+    assert "note: RANDOM weights (random: b): their labels are meaningless, and so is how well they agree" in lines
+    for table in ("agreement_table", "flips", "differing"):
+        assert set(pd.read_csv(tmp_path / "out" / "tables" / f"{table}.csv")["random_weights"]) == {"b"}, table

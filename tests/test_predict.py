@@ -72,10 +72,46 @@ def test_random_weights_are_marked_in_the_manifest(make_config, tiny_arch, tmp_p
     config = make_config(models={"r": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": "random"}},
                          ensemble={}, data={"test": make_config().data.test, "limit": 5})
     assert main(["predict", write_config(tmp_path, config), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 0
-    assert "RANDOM weights" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "RANDOM weights" in err and "note: RANDOM weights (r)" in out
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["models"]["r"]["random_weights"] is True
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["random_weights"] == ["r"]
     assert read_submission(tmp_path / "o" / "submission.csv")[0] == [0, 1, 2, 3, 4]
+
+
+def test_predict_prints_a_summary_says_what_came_from_the_cache_and_keeps_its_folder(make_config, tmp_path,
+                                                                                    capsys):
+    config = write_config(tmp_path, make_config())
+    assert main(["predict", config, "--output-dir", str(tmp_path / "o"), "--quiet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("test: 38 images, predicted Buildings ") and len(out) < 10  # not all of metrics.json
+    assert out[-1] == f"wrote {tmp_path / 'o' / 'submission.csv'} (every figure: {tmp_path / 'o' / 'metrics.json'})"
+    assert main(["predict", config, "--output-dir", str(tmp_path / "o"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "model a: every embedding came from the cache" in err and "model b: every embedding came from" in err
+    other = write_config(tmp_path / "other", make_config(scoring="mean_logit")) if (tmp_path / "other").mkdir() is \
+        None else None
+    before = (tmp_path / "o" / "submission.csv").read_bytes()
+    assert main(["predict", other, "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2  # as run refuses it
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'o'} holds a run of another config; give another "
+                                       "--output-dir\n")
+    assert (tmp_path / "o" / "submission.csv").read_bytes() == before
+
+
+def test_a_device_that_is_not_there_is_one_error_line(make_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    config = write_config(tmp_path, make_config())
+    assert main(["predict", config, "--set", "device=cuda", "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("error: device is 'cuda' but CUDA is not available here (use device: auto or "
+                                       "cpu)\n")
+
+
+def test_help_starts_without_torch():
+    shown = subprocess.run([sys.executable, "-c", "import sys\nfrom helpers.__main__ import main\ntry:\n"
+                            "    main(['--help'])\nexcept SystemExit:\n    print('torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=PROJECT_ROOT, check=True).stdout
+    assert "python -m helpers run CONFIG.yaml" in shown and shown.splitlines()[-1] == "False"
 
 
 def test_bad_input_is_a_clear_error_with_the_path_named(make_config, tmp_path, capsys):

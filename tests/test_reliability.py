@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 import helpers.data
 import helpers.store
@@ -338,3 +339,19 @@ def test_two_configs_on_one_cache_at_once_lose_nothing(scene_dir, tiny_arch, tin
     count_image_batches["n"] = 0
     predict(first, tmp_path / "rerun", progress=False)
     assert count_image_batches["n"] == 0
+
+
+def test_any_image_pillow_opens_is_read_and_any_other_file_is_named(scene_dir, make_config, tmp_path, caplog):
+    """Images by content, not only by extension: a GIF, and a TIFF without one, are test images like the JPEGs; a
+    file that is no image is named in a warning, never left out in silence."""
+    root = tmp_path / "Scene"
+    shutil.copytree(scene_dir, root)
+    with Image.open(root / "0" / "0.jpg") as img:
+        img.save(root / "0" / "9000.gif")
+        img.save(root / "0" / "9001", format="TIFF")
+    (root / "0" / "notes.txt").write_text("not an image")
+    images = load_test_set(root)
+    assert [p.name for p in images.files[-2:]] == ["9000.gif", "9001"] and images.ids[-2:] == [9000, 9001]
+    assert f"data.test: 1 file(s) are not images and are not read: {root / '0' / 'notes.txt'}" in caplog.text
+    predict(make_config(data={"test": str(root)}), tmp_path / "out", progress=False)
+    assert read_submission(tmp_path / "out" / "submission.csv")[0] == [*SCENE_IDS, 9000, 9001]
