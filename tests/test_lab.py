@@ -62,7 +62,11 @@ def lab(tmp_path):
         yield url
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: its kernels take long to shut down
+            server.kill()
+            server.wait()
 
 
 def _saved_ensemble(folder, scene_dir, dev_dir, tiny_arch, tiny_checkpoints):
@@ -79,7 +83,7 @@ def _saved_ensemble(folder, scene_dir, dev_dir, tiny_arch, tiny_checkpoints):
 
 
 def test_jupyterlab_as_a_researcher_meets_it(lab, tmp_path, scene_dir, dev_dir, tiny_arch, tiny_checkpoints):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     root = tmp_path / "root"
     shutil.copytree(PROJECT_ROOT / "notebooks", root / "notebooks")
@@ -90,9 +94,10 @@ def test_jupyterlab_as_a_researcher_meets_it(lab, tmp_path, scene_dir, dev_dir, 
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(f"{lab}/lab/tree/notebooks/01_inspect.ipynb")
+        # "No Kernel" until the kernel has started: on a loaded machine that takes a while
+        expect(page.locator(".jp-Toolbar-kernelName").first).to_have_text(kernel_display_name(), timeout=120_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
         page.screenshot(path=str(tmp_path / "source.png"))
-        assert page.locator(".jp-Toolbar-kernelName").first.inner_text() == kernel_display_name()
         assert page.locator(".jp-mod-dirty").count() == 0  # opening changed nothing
 
         page.goto(f"{lab}/lab/tree/run/05_ensemble.ipynb")
