@@ -4,7 +4,8 @@
     python -m helpers predict CONFIG.yaml --output-dir DIR     the same computation in this process, no notebooks
     python -m helpers encode CONFIG.yaml                       every model's embeddings into the cache, no outputs
     python -m helpers compare RUN_A RUN_B                      how two runs (or submission.csv files) differ
-    python -m helpers runs                                     the run history, latest first
+    python -m helpers sweep CONFIG --grid KEY=V1,V2 [...]      the notebooks over a grid of settings, N at a time
+    python -m helpers runs [--sweep DIR]                       the run history, latest first (one sweep's points)
     torchrun --nproc_per_node N -m helpers predict|encode ...  the same, the encodes shared by N processes
     python -m helpers estimate-blur DIR [--limit N]            blur statistics of a folder of images
     python -m helpers make-dev SRC --out DST --class-map ...   a labeled dev set degraded like the test set
@@ -24,6 +25,14 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import UserError, check_agreement, debug_mode, is_user_error, one_line, show_notes
+
+
+def exit_with_parent() -> None:
+    """A sweep's point ends with the sweep that started it (helpers.sweep.launch.exit_with_parent)."""
+    if os.environ.get("HELPERS_EXIT_WITH_PARENT") == "1":
+        from .sweep.launch import exit_with_parent as set_up
+
+        set_up()
 
 
 def _world(config):
@@ -177,6 +186,21 @@ def make_dev_from_config(args) -> None:
     print(f"{'built' if built else 'already there:'} {dev.path}")
 
 
+# helpers.sweep.launch.EXECUTORS, not imported from there: --help stays quick
+EXECUTOR_CHOICES = ("local", "slurm", "submitit-local")
+SWEEP_HELP = """Each point of the grid is a full `run` (every notebook) of the base config with the point's settings,
+into DIR/points/<point>/, all sharing the config's embedding cache: a point that changes only prompts, scoring or the
+ensemble encodes no image. A rerun skips the points that finished and redoes the others. The report: DIR/sweep.csv,
+DIR/sweep.json, DIR/figures/sweep.png.
+
+exit status: 0 every point finished; 2 bad input (nothing ran); 3 a point below --min-agreement; 4 some points
+failed (the last line says how many; the report names each one's notebook and cell).
+
+examples:
+  python -m helpers sweep configs/demo.yaml --grid models.metaclip.sharpness=2.3,1.0 --jobs 2
+  python -m helpers sweep configs/winner.yaml --grid scoring=joint_softmax_mean,mean_logit --gpus 0,1
+  python -m helpers sweep configs/sweep-demo.yaml --executor slurm --partition gpu --gpus-per-job 1 --time 120
+"""
 MIN_AGREEMENT_HELP = ("for scheduled runs: exit with status 3, after writing everything, when the test set's "
                       "agreement with the config's reference is below X (0..1)")
 
@@ -190,11 +214,23 @@ def cmd_compare(args) -> None:
     print(json.dumps(result))  # the last line: one JSON object
 
 
+def cmd_sweep(args) -> None:
+    from .sweep import log_to_stderr, main_options, make_design, run_sweep
+
+    design = make_design(args.config, args.set, args.grid, args.zip)
+    run_sweep(design, main_options(args), log=log_to_stderr)
+
+
 def cmd_runs(args) -> None:
-    from .history import default_index_path, format_history, read_history
+    from .history import default_index_path, format_history, read_history, runs_under
 
     index = Path(args.index) if args.index else default_index_path()
     history = read_history(index)
+    if args.sweep:
+        history = runs_under(history, Path(args.sweep))
+        if history.empty:
+            print(f"no runs of the sweep {args.sweep} in {index}")
+            return
     if history.empty:
         print(f"no runs recorded yet in {index} (every run and predict adds one)")
         return
@@ -304,11 +340,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--names", metavar="NAME_A,NAME_B", help="what to call A and B (default: their folder names)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("sweep", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="run the notebooks over a grid of settings (each point a run), then report every point",
+                       description=SWEEP_HELP)
+    p.add_argument("config", help="the base run config (YAML), or a sweep file (config:, grid:, zip:, points:)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a config key and its values (read as a YAML list); several: their product (repeatable)")
+    p.add_argument("--zip", action="store_true", help="pair the --grid lists (equal lengths) instead of their product")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the base config")
+    p.add_argument("--output-dir", help="the sweep folder (default: outputs/sweeps/<name>-<base config hash>)")
+    p.add_argument("--jobs", type=bounded(int, 1, 1024), default=1, help="points run at once (default 1)")
+    p.add_argument("--gpus", metavar="0,1,...", help="one point per GPU at a time, each run seeing only its GPU")
+    p.add_argument("--executor", choices=EXECUTOR_CHOICES, default="local",
+                   help="local (default): on this machine; slurm: each point a Slurm job (submitit); submitit-local: "
+                   "the Slurm path on this machine (submitit's local executor)")
+    p.add_argument("--partition", help="slurm: the partition")
+    p.add_argument("--time", type=bounded(int, 1), default=240, metavar="MINUTES", help="slurm: each job's time limit")
+    p.add_argument("--gpus-per-job", type=bounded(int, 0, 64), help="slurm: GPUs per point")
+    p.add_argument("--cpus-per-job", type=bounded(int, 1, 1024), help="slurm: CPUs per point")
+    p.add_argument("--mem-gb", type=bounded(float, 0.1), help="slurm: memory per point, GB")
+    p.add_argument("--sbatch", action="append", default=[], metavar="FLAGS",
+                   help="slurm: more sbatch options, e.g. --sbatch='--account=lab --qos=high' (repeatable)")
+    p.add_argument("--no-analyses", action="store_true", help="each point: only inference and ensemble")
+    p.add_argument("--min-agreement", type=bounded(float, 0, 1), metavar="X",
+                   help="exit with status 3 when a point's agreement with the reference is below X (0..1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("runs", parents=[common], help="the run history (outputs/runs/index.csv), latest first")
     p.add_argument("--index", help="the history file (default: outputs/runs/index.csv, or $HELPERS_RUN_INDEX)")
+    p.add_argument("--sweep", metavar="DIR", help="only the points of the sweep in DIR")
     p.add_argument("--limit", type=bounded(int, 1), help="only the latest N runs")
     p.set_defaults(func=cmd_runs)
     args = parser.parse_args(argv)
+    exit_with_parent()
     show_notes("stderr")
     try:
         with debug_mode(args.debug):

@@ -10,6 +10,7 @@ missing, in the same batches as an uninterrupted run would, so it ends with the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -27,6 +28,17 @@ from .errors import one_line
 from .files import atomic_write_bytes, remove_stale_temporaries
 from .models import ModelHandle
 from .store import EmbeddingStore
+
+ENCODE_LEDGER_ENV = "HELPERS_ENCODE_LEDGER"  # a file: every encode appends a line, how many images it computed
+
+
+def record_encode(store: EmbeddingStore, model: str, images: int) -> None:
+    """A line in the encode ledger ($HELPERS_ENCODE_LEDGER, when set: a sweep counts each point's encodes)."""
+    ledger = os.environ.get(ENCODE_LEDGER_ENV)
+    if ledger and images:
+        line = json.dumps({"model": model, "store": store.root.name, "images": images, "pid": os.getpid()}) + "\n"
+        with open(ledger, "a") as f:  # one short line in append mode: the ranks of a torchrun never interleave
+            f.write(line)
 
 
 def _slug(text: str) -> str:
@@ -175,6 +187,7 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
         pending: list[torch.Tensor] = []  # on the model's device until the flush: no wait for the host per batch
         desc = f"encode {handle.name} (sharpness {preprocess.sharpness:g})"
         bar = tqdm(total=sum(map(len, mine)), unit="img", desc=desc, disable=not (progress and world.is_main))
+        computed = 0
         try:
             for batch, pixels in zip(mine, loader):
                 if isinstance(pixels, UnreadableImage):  # changed or removed since the check
@@ -184,6 +197,7 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
                 pending.append(rows if len(own) == len(batch) else rows[own])
                 pending_keys += [digests[batch[k]] for k in own]
                 bar.update(len(batch))
+                computed += len(batch)
                 if len(pending_keys) >= (flush_every or FLUSH_EVERY):
                     store.add(pending_keys, torch.cat(pending).cpu().numpy())
                     pending_keys, pending = [], []
@@ -191,6 +205,7 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
             bar.close()
             if pending_keys:  # keep what was computed, even when interrupted
                 store.add(pending_keys, torch.cat(pending).cpu().numpy())
+            record_encode(store, handle.name, computed)
     world.barrier()
     if world.size > 1:
         store.refresh()  # the other ranks' rows

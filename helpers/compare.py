@@ -197,7 +197,7 @@ def common_classes(a: Side, b: Side) -> tuple[list[str], str]:
     return list(DEFAULT_CLASSES), "the challenge's default classes (bare submissions say none)"
 
 
-def _aligned_labels(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def aligned_labels(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both sides' labels on the same ids, in A's order."""
     ids_a, ids_b = set(a.submission["id_idx"]), set(b.submission["id_idx"])
     if ids_a != ids_b:
@@ -210,6 +210,14 @@ def _aligned_labels(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray, np.ndarra
     ids = a.submission["id_idx"].to_numpy()
     labels_b = b.submission.set_index("id_idx")["label"].loc[ids].to_numpy()
     return ids, a.submission["label"].to_numpy(), labels_b
+
+
+def label_agreement(labels_a, labels_b) -> dict:
+    """The share of images with the same label on both sides, with its 95% bootstrap interval."""
+    same = np.asarray(labels_a) == np.asarray(labels_b)
+    lo, hi = bootstrap_ci(same.astype(np.float64))
+    return {"agreement": float(same.mean()) if same.size else math.nan, "ci95": [lo, hi],
+            "differing": int((~same).sum()), "images": int(same.size)}
 
 
 def agreement_table(labels_a, labels_b, classes: list[str]) -> pd.DataFrame:
@@ -352,14 +360,14 @@ def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = N
     classes, classes_source = common_classes(side_a, side_b)
     for side in (side_a, side_b):
         _check_labels(side, len(classes))
-    ids, labels_a, labels_b = _aligned_labels(side_a, side_b)
+    ids, labels_a, labels_b = aligned_labels(side_a, side_b)
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(side_a, side_b)
     if output_dir.exists() and not output_dir.is_dir():
         raise CompareError(f"{output_dir}: a file, not a folder (--output-dir); give a folder")
 
     random = side_a.random_weights + side_b.random_weights  # named in every table and figure written here
     same = labels_a == labels_b
-    lo, hi = bootstrap_ci(same.astype(np.float64))
+    agreement = label_agreement(labels_a, labels_b)
     table = agreement_table(labels_a, labels_b, classes)
     flips = flip_table(labels_a, labels_b, classes)
     files, root = _files_of(side_a, side_b)
@@ -393,8 +401,8 @@ def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = N
     result: dict = {
         "a": str(side_a.given), "b": str(side_b.given), "names": [side_a.name, side_b.name],
         "kinds": [side_a.kind, side_b.kind], "classes": classes, "classes_source": classes_source,
-        "images": int(same.size), "agreement": float(same.mean()) if same.size else math.nan,
-        "agreement_ci95": [lo, hi], "differing": int(differ.sum()),
+        "images": agreement["images"], "agreement": agreement["agreement"], "agreement_ci95": agreement["ci95"],
+        "differing": agreement["differing"],
         "flips": {r["class"]: {"a_not_b": r["a_not_b"], "b_not_a": r["b_not_a"]} for r in flips.to_dict("records")},
         "gallery": gallery, "output_dir": str(output_dir),
     }

@@ -117,6 +117,20 @@ def read_history(index_path: str | Path | None = None) -> pd.DataFrame:
     return frame.loc[order].reset_index(drop=True)
 
 
+def runs_under(frame: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """The runs whose folder is inside `folder` (a sweep's points), as the index records folders: relative to the
+    project when inside it, else absolute."""
+    from .outputs import PROJECT_ROOT
+
+    folder = folder.resolve()
+
+    def inside(run_folder: str) -> bool:
+        path = Path(run_folder)
+        return (path if path.is_absolute() else PROJECT_ROOT / path).resolve().is_relative_to(folder)
+
+    return frame[frame["run_folder"].map(inside)].reset_index(drop=True)
+
+
 def format_history(frame: pd.DataFrame, limit: int | None = None) -> str:
     """The latest `limit` runs as a table for a terminal: when, what, which models (name#identity), the figures
     (`-` where a run has none), the run folder last; index.csv has every column in full."""

@@ -43,13 +43,21 @@ def default_run_dir(config: RunConfig) -> Path:
 
 def local_kernel_manager():
     """A kernel manager that talks to its kernel over local sockets (IPC), not TCP: the kernel and papermill are on
-    one machine, and ipykernel warns on every start, on the terminal, that its TCP traffic is not encrypted."""
+    one machine, and ipykernel warns on every start, on the terminal, that its TCP traffic is not encrypted.
+
+    The sockets get a path of their own in the temporary folder: jupyter_client's default, `kernel-ipc-<n>` in the
+    working folder, is taken by whichever of several processes there (a sweep's points) starts a kernel first, and
+    the other kernels then never answer."""
+    import tempfile
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
 
     class LocalKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.transport = "ipc"
+            self.ip = os.path.join(tempfile.gettempdir(), f"helpers-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
     return LocalKernelManager
 
