@@ -7,8 +7,14 @@ torch.
 """
 
 import importlib
+import sys
 
-from . import progress  # noqa: F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.progress)
+# jsonschema's optional IRI format check (rfc3987-syntax, pulled in by Jupyter's event schemas) builds a grammar when
+# imported: 1.5-2 s in every process that imports nbformat (papermill, each run of a sweep, JupyterLab). Nothing here
+# checks IRIs, and jsonschema leaves the format out when the module cannot be imported.
+sys.modules.setdefault("rfc3987_syntax", None)
+
+from . import progress  # noqa: E402, F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.progress)
 
 _SURFACE = {"RunConfig": "config", "config_from_dict": "config", "load_config": "config",
             "load_run_data": "pipeline", "predict": "pipeline", "run_ensemble": "pipeline", "run_model": "pipeline",

@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zip", action="store_true", help="pair the --grid lists (equal lengths) instead of their product")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the base config")
     p.add_argument("--output-dir", help="the sweep folder (default: outputs/sweeps/<name>-<base config hash>)")
-    p.add_argument("--jobs", type=bounded(int, 1, 1024), default=1, help="points run at once (default 1)")
+    p.add_argument("--jobs", type=bounded(int, 1, 1024),
+                   help="points run at once (default: 1 on this machine; every point at once as Slurm jobs)")
     p.add_argument("--gpus", metavar="0,1,...", help="one point per GPU at a time, each run seeing only its GPU")
     p.add_argument("--executor", choices=EXECUTOR_CHOICES, default="local",
                    help="local (default): on this machine; slurm: each point a Slurm job (submitit); submitit-local: "

@@ -54,7 +54,7 @@ class SweepFailed(UserError):
 @dataclass
 class SweepOptions:
     output_dir: str | Path | None = None
-    jobs: int = 1
+    jobs: int | None = None  # points at once (default: 1 here, all at once as submitit jobs)
     gpus: list[str] = field(default_factory=list)
     executor: str = "local"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
@@ -141,9 +141,8 @@ def build_dev_sets(points: list[Point], progress: bool) -> None:
 
 def make_launcher(options: SweepOptions, folder: Path):
     if options.executor == "local":
-        return LocalLauncher(options.jobs, options.gpus)
-    return SubmititLauncher(options.executor, folder / "submitit", options.slurm,
-                            options.jobs if options.jobs > 1 else None)
+        return LocalLauncher(options.jobs or 1, options.gpus)
+    return SubmititLauncher(options.executor, folder / "submitit", options.slurm, options.jobs)
 
 
 def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
@@ -157,7 +156,7 @@ def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
         raise SweepError(f"--gpus lists GPU indices (0,1,...), got '{bad[0]}'")
     if options.gpus and options.executor != "local":
         raise SweepError("--gpus shares this machine's GPUs out; with --executor slurm give --gpus-per-job")
-    if options.gpus and options.jobs not in (1, len(options.gpus)):
+    if options.gpus and options.jobs not in (None, len(options.gpus)):
         raise SweepError(f"--gpus runs one point per GPU at a time ({len(options.gpus)} at once): leave --jobs out")
     points = design_points(design)
     if options.min_agreement is not None and points[0].config.reference is None:

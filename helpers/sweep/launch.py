@@ -118,6 +118,7 @@ def run_point(job: PointJob) -> dict:
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=job.cwd, env=env)
         _RUNNING[job.point] = process
+        _write_status(job, {**status, "run_pid": process.pid})
         try:
             returncode = process.wait()
         finally:
