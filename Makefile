@@ -15,7 +15,7 @@ DEMO_SETS = --set data.test=$(SCENE) --set data.dev.path=$(DEMO_DEV) --set data.
 # `make lab RUN=outputs/demo` opens a run folder (its executed notebooks) instead of the source notebooks.
 RUN ?=
 
-.PHONY: setup test lint demo dev-demo reproduce data dev-data lab bench
+.PHONY: setup test lint demo dev-demo sweep-demo reproduce data dev-data lab bench
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ reproduce: setup
 # minutes (labels meaningless); ends with a summary: the run folder, its figures, how to compare or open it.
 demo: setup
 	$(BIN)/python -m helpers run configs/demo.yaml $(DEMO_SETS) --output-dir outputs/demo
+
+# The demo over a small grid (configs/sweeps/demo.yaml: two sharpening factors, two prompt-group choices), two points
+# at a time on the CPU; ends with the report's table and where the report is (outputs/sweep-demo).
+sweep-demo: setup
+	$(BIN)/python -m helpers sweep configs/sweeps/demo.yaml $(DEMO_SETS) --jobs 2 --output-dir outputs/sweep-demo
 
 dev-demo: setup
 	$(BIN)/python -m helpers make-dev --config configs/demo.yaml $(DEMO_SETS)

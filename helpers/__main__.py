@@ -199,7 +199,7 @@ failed (the last line says how many; the report names each one's notebook and ce
 examples:
   python -m helpers sweep configs/demo.yaml --grid models.metaclip.sharpness=2.3,1.0 --jobs 2
   python -m helpers sweep configs/winner.yaml --grid scoring=joint_softmax_mean,mean_logit --gpus 0,1
-  python -m helpers sweep configs/sweep-demo.yaml --executor slurm --partition gpu --gpus-per-job 1 --time 120
+  python -m helpers sweep configs/sweeps/demo.yaml --executor slurm --partition gpu --gpus-per-job 1 --time 120
 """
 MIN_AGREEMENT_HELP = ("for scheduled runs: exit with status 3, after writing everything, when the test set's "
                       "agreement with the config's reference is below X (0..1)")

@@ -10,7 +10,6 @@ missing, in the same batches as an uninterrupted run would, so it ends with the 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -26,19 +25,9 @@ from .data import DataError, ImageSet, Preprocess, file_digest, open_image, scan
 from .distributed import ONE_PROCESS, World
 from .errors import one_line
 from .files import atomic_write_bytes, remove_stale_temporaries
+from .ledger import record_encode
 from .models import ModelHandle
 from .store import EmbeddingStore
-
-ENCODE_LEDGER_ENV = "HELPERS_ENCODE_LEDGER"  # a file: every encode appends a line, how many images it computed
-
-
-def record_encode(store: EmbeddingStore, model: str, images: int) -> None:
-    """A line in the encode ledger ($HELPERS_ENCODE_LEDGER, when set: a sweep counts each point's encodes)."""
-    ledger = os.environ.get(ENCODE_LEDGER_ENV)
-    if ledger and images:
-        line = json.dumps({"model": model, "store": store.root.name, "images": images, "pid": os.getpid()}) + "\n"
-        with open(ledger, "a") as f:  # one short line in append mode: the ranks of a torchrun never interleave
-            f.write(line)
 
 
 def _slug(text: str) -> str:
@@ -205,7 +194,7 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
             bar.close()
             if pending_keys:  # keep what was computed, even when interrupted
                 store.add(pending_keys, torch.cat(pending).cpu().numpy())
-            record_encode(store, handle.name, computed)
+            record_encode(handle.name, store.root.name, computed)  # a sweep counts a point's encodes
     world.barrier()
     if world.size > 1:
         store.refresh()  # the other ranks' rows

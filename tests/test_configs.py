@@ -12,12 +12,22 @@ from helpers.config import load_config
 from .conftest import PROJECT_ROOT
 
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+SWEEPS = sorted((PROJECT_ROOT / "configs" / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     config = load_config(path)
     assert config.models and config.prompts == "winner"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweeps_give_their_points(path, monkeypatch):
+    from helpers.sweep import design_points, make_design
+
+    monkeypatch.chdir(PROJECT_ROOT)  # a sweep file names its base config from the project's folder
+    points = design_points(make_design(path, [], [], False))
+    assert len(points) > 1 and points[0].settings == {} and len({p.id for p in points}) == len(points)
 
 
 def test_the_winner_config_is_the_winning_solution():

@@ -22,9 +22,10 @@ import yaml
 
 from helpers.__main__ import main
 from helpers.compare import compare_runs
+from helpers.ledger import images_encoded
 from helpers.sweep import design_points, make_design
 from helpers.sweep.design import SweepError, parse_grid, point_id
-from helpers.sweep.launch import dependencies, failure_of, images_encoded, sbatch_parameters
+from helpers.sweep.launch import dependencies, failure_of, sbatch_parameters
 
 from .conftest import INTEL_CLASS_MAP, PROJECT_ROOT
 
@@ -175,17 +176,17 @@ def sweep_command(design: Path, folder: Path, *options: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints):
-    """One sweep, as a researcher meets it: the base, a point that changes the scoring only (no image to encode), one
-    with new images (another sharpness) and one whose weights do not fit the model (it fails in 04). Started one at
-    a time and killed outright while its second point runs; rerun, two points at a time, through submitit's local
-    executor. What each step printed and left is kept."""
+    """One sweep, as a researcher meets it: the base, a point that changes the scoring only (no image to encode) and
+    one whose weights do not fit the model (it fails in 04). Started one at a time and killed outright while its
+    second point runs; rerun, two points at a time, through submitit's local executor. What each step printed and
+    left is kept. (Points that encode new images, and the order they wait in, are tested without running them.)"""
     tmp = tmp_path_factory.mktemp("sweep")
     config = base_config(tmp, scene_dir, dev_dir, tiny_arch, tiny_checkpoints[0], tmp / "cache")
     other = tmp / "other.pt"  # a checkpoint (the checks before the run pass), of no model of this architecture
     torch.save({"other.weight": torch.zeros(2)}, other)
     design = tmp / "sweep.yaml"
     design.write_text(yaml.safe_dump({"config": str(config), "points": [
-        {"scoring": "mean_logit"}, {"models.a.sharpness": 1.0}, {"models.a.pretrained": str(other)}]}))
+        {"scoring": "mean_logit"}, {"models.a.pretrained": str(other)}]}))
     folder, statuses = tmp / "out", tmp / "out" / "status"
     env = {**os.environ, "HELPERS_RUN_INDEX": str(tmp / "index.csv")}
     found = {"config": config, "folder": folder, "index": tmp / "index.csv"}
@@ -215,10 +216,10 @@ def test_a_failing_point_is_named_and_the_others_go_on(swept):
     result = swept["resumed"]
     assert result.returncode == 4, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 1 of 4 points failed (a.pretrained="), last
+    assert last.startswith("error: 1 of 3 points failed (a.pretrained="), last
     report = swept["report"]
     failed = report[report["status"] == "failed"]
-    assert len(failed) == 1 and (report["status"] == "done").sum() == 3
+    assert len(failed) == 1 and (report["status"] == "done").sum() == 2
     assert "04_inference.ipynb failed in cell In [" in failed["error"].iloc[0]
     assert f"point {failed['point'].iloc[0]} failed: 04_inference.ipynb failed in cell" in result.stderr
 
@@ -231,7 +232,7 @@ def test_a_killed_sweep_resumes_where_it_stopped(swept):
     # its run ended with the sweep: nothing left behind to race the rerun
     pid = killed[interrupted]["run_pid"]
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-    assert "4 points (1 finished before, 3 to run), as submitit-local jobs" in swept["resumed"].stderr
+    assert "3 points (1 finished before, 2 to run), as submitit-local jobs" in swept["resumed"].stderr
     assert swept["statuses"][base] == killed[base]  # the finished point was not run again
     assert swept["statuses"][interrupted]["status"] == "done"
 
@@ -241,7 +242,7 @@ def test_two_at_a_time_writes_what_each_point_run_alone_writes_byte_for_byte(swe
     from helpers.pipeline import predict
 
     done = swept["report"].query("status == 'done'")["point"].tolist()
-    assert len(done) == 3
+    assert len(done) == 2
     for point in done:  # each alone, one at a time, from an empty cache of its own
         config = load_config(swept["folder"] / "configs" / f"{point}.yaml", [f"cache_dir={tmp_path / 'cache'}"])
         predict(config, tmp_path / point, progress=False)
@@ -251,7 +252,7 @@ def test_two_at_a_time_writes_what_each_point_run_alone_writes_byte_for_byte(swe
 
 def test_submitit_ran_the_points_as_jobs(swept):
     folder = swept["folder"]
-    assert len(list((folder / "submitit").glob("*_log.out"))) == 3  # submitit's own record of each job
+    assert len(list((folder / "submitit").glob("*_log.out"))) == 2  # submitit's own record of each job
     for point, status in swept["statuses"].items():
         if not point.startswith("base-"):
             assert status["pid"] != swept["killed"][next(iter(swept["killed"]))]["pid"]  # not the sweep's process
@@ -286,7 +287,7 @@ def test_jobs_run_side_by_side_on_this_machine_each_with_its_share_of_the_cores(
 def test_the_report_holds_what_each_point_wrote(swept):
     folder, report = swept["folder"], swept["report"].set_index("point")
     summary = swept["summary"]
-    assert summary["points_total"] == 4 and summary["points_failed"] == 1 and summary["random_weights"] == []
+    assert summary["points_total"] == 3 and summary["points_failed"] == 1 and summary["random_weights"] == []
     assert [p["point"] for p in summary["points"]] == list(report.index)
     assert (folder / "figures" / "sweep.png").is_file()
     base = report.index[report["base"]][0]
@@ -310,7 +311,18 @@ def test_the_report_holds_what_each_point_wrote(swept):
     encoded = report["images_encoded"]
     assert encoded[base] > 0
     assert encoded[report.index.str.startswith("scoring=")].tolist() == [0]  # the base's images: from the cache
-    assert encoded[report.index.str.startswith("a.sharpness=")].tolist()[0] > 0  # another sharpness: encoded
+
+
+def test_min_agreement_names_the_points_below_it(swept):
+    from helpers.errors import BelowMinimumAgreement
+    from helpers.sweep import Sweep, SweepOptions, report
+
+    design = make_design(swept["config"], [], ["scoring=mean_logit"], False)  # the last sweep's: both points done
+    sweep = Sweep(design, design_points(design), swept["folder"])
+    with pytest.raises(BelowMinimumAgreement, match="2 of 2 points agree with the reference below --min-agreement "
+                                                    "0.999"):
+        report(sweep, SweepOptions(min_agreement=0.999), log=lambda message: None)
+    assert report(sweep, SweepOptions(min_agreement=0.0), log=lambda message: None)["points_done"] == 2
 
 
 def test_runs_shows_one_sweeps_points(swept, capsys, monkeypatch):

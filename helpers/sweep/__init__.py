@@ -38,6 +38,7 @@ from .launch import (
     SubmititLauncher,
     dependencies,
     finished,
+    read_status,
     run_points,
 )
 from .report import build_report, random_models, summary_table, write_report
@@ -170,6 +171,12 @@ def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
     jobs = [sweep.job(p, options.analyses) for p in points]
     done_before = {j.point for j in jobs if finished(j)}
     todo = [j for j in jobs if j.point not in done_before]
+    left = [(j.point, s["job_id"]) for j in todo if (s := read_status(j.status_file)).get("job_id")
+            and s.get("status") in ("submitted", "running")]
+    if left:
+        jobs_left = ", ".join(f"{point}: job {job_id}" for point, job_id in left)
+        log(f"note: {len(left)} point(s) were left as Slurm jobs by an earlier sweep ({jobs_left}); they are submitted "
+            "again: if those jobs still run (squeue), stop this sweep and rerun it once they end")
     launcher = make_launcher(options, sweep.folder)
     log(f"sweep {sweep.folder}: {len(points)} points ({len(done_before)} finished before, {len(todo)} to run), "
         f"{launcher.describe()}")

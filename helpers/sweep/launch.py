@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..cache import ENCODE_LEDGER_ENV
 from ..errors import one_line
 from ..files import atomic_write_text
+from ..ledger import ENCODE_LEDGER_ENV, images_encoded
 from .design import Point, SweepError
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -69,21 +69,6 @@ def finished(job: PointJob) -> bool:
             and (run_dir / "metrics.json").is_file())
 
 
-def images_encoded(ledger: Path) -> int:
-    """The images a point's encodes computed (lines the cache appended to its ledger)."""
-    try:
-        lines = ledger.read_text().splitlines()
-    except OSError:
-        return 0
-    total = 0
-    for line in lines:
-        try:
-            total += int(json.loads(line)["images"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a killed run
-    return total
-
-
 def failure_of(log: Path, returncode: int) -> str:
     """What the run said when it failed: its `error:` line (the notebook and the cell), else its last line."""
     try:
@@ -103,7 +88,7 @@ def run_point(job: PointJob) -> dict:
     started = time.time()
     status = {"point": job.point, "status": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"),
               "host": socket.gethostname(), "pid": os.getpid(), "run_dir": job.run_dir, "log": job.log_file,
-              "gpu": job.env.get("CUDA_VISIBLE_DEVICES")}
+              "gpu": job.env.get("CUDA_VISIBLE_DEVICES"), "job_id": os.environ.get("SLURM_JOB_ID")}
     _write_status(job, status)
     ledger = Path(job.ledger_file)
     ledger.parent.mkdir(parents=True, exist_ok=True)
