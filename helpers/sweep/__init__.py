@@ -168,6 +168,9 @@ def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
     check_points(sweep)
     sweep.claim()
     build_dev_sets(points, options.progress)
+    from ..jupyter import ensure_kernel
+
+    ensure_kernel()  # registered once here, not by several points' runs at the same moment
     jobs = [sweep.job(p, options.analyses) for p in points]
     done_before = {j.point for j in jobs if finished(j)}
     todo = [j for j in jobs if j.point not in done_before]
