@@ -322,7 +322,7 @@ def shown(value) -> str:
         return value
     if value is None or isinstance(value, bool | int | float):
         return json.dumps(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
 
 
 def setting_of(config: RunConfig, key: str):

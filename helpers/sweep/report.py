@@ -38,7 +38,9 @@ def _interval(prefix: str, summary: dict | None, value_key: str, ci_key: str = "
 def point_row(point: Point, keys: list[str], status: dict, run_dir: Path, base_side, base_id: str) -> dict:
     """One point's row of the report (its figures from its own metrics.json; against the base from both runs)."""
     row = {"point": point.id, "base": point.id == base_id}
-    row.update({key: shown(setting_of(point.config, key)) for key in keys})
+    # as the grid gives it (`{set: winner, exclude: [...]}`), else as the point's config has it (the base)
+    row.update({key: shown(point.settings[key] if key in point.settings else setting_of(point.config, key))
+                for key in keys})
     row.update(status=status.get("status", "not run"), seconds=status.get("seconds", math.nan),
                images_encoded=status.get("images_encoded", math.nan))
     metrics = _read_metrics(run_dir) if row["status"] == "done" else {}
