@@ -284,6 +284,22 @@ def test_jobs_run_side_by_side_on_this_machine_each_with_its_share_of_the_cores(
     assert all("OMP_NUM_THREADS" not in e for e in started)
 
 
+def test_a_point_that_cannot_start_is_a_failed_point_and_the_others_go_on(monkeypatch, tmp_path):
+    from helpers.sweep import launch
+
+    def run_point(job):
+        if job.point == "x":
+            raise PermissionError(13, "Permission denied", job.log_file)
+        return {"point": job.point, "status": "done"}
+
+    monkeypatch.setattr(launch, "run_point", run_point)
+    jobs = [launch.PointJob(p, "", "", str(tmp_path / f"{p}.json"), f"/logs/{p}.log", "", "") for p in ("x", "y")]
+    results = launch.run_points(jobs, {}, launch.LocalLauncher(1), set(), False)
+    assert results["y"]["status"] == "done" and results["x"]["status"] == "failed"
+    assert results["x"]["error"].startswith("the point could not run: /logs/x.log: permission denied")
+    assert json.loads((tmp_path / "x.json").read_text())["status"] == "failed"  # a rerun redoes it
+
+
 def test_the_report_holds_what_each_point_wrote(swept):
     folder, report = swept["folder"], swept["report"].set_index("point")
     summary = swept["summary"]

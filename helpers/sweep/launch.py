@@ -159,7 +159,15 @@ class LocalLauncher:
     def result(self, job: PointJob, handle) -> dict:
         if job.point in self.gpu_of:
             self.free_gpus.append(self.gpu_of.pop(job.point))
-        return handle.result()
+        try:
+            return handle.result()
+        except Exception as e:  # the job could not even start its run (e.g. its log could not be written)
+            status = {**read_status(job.status_file), "point": job.point, "status": "failed",
+                      "error": f"the point could not run: {one_line(e)}"}
+            try:
+                return _write_status(job, status)
+            except OSError:
+                return status
 
     def close(self, interrupted: bool = False) -> None:
         if interrupted:  # the runs end now; what they finished stays, and a rerun redoes them
