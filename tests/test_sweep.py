@@ -139,6 +139,18 @@ def test_options_that_cannot_work_together_are_refused(two_models, capsys):
     assert "--gpus-per-job" in capsys.readouterr().err
 
 
+def test_a_slurm_sweep_may_be_started_where_its_gpus_are_not(two_models, tmp_path):
+    from helpers.errors import UserError
+    from helpers.sweep import Sweep, check_points
+
+    design = make_design(two_models, ["device=cuda"], ["scoring=mean_logit"], False)
+    sweep = Sweep(design, design_points(design), tmp_path / "sweep")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA"):  # run here, the points would all fail
+            check_points(sweep, here=True)
+    check_points(sweep, here=False)  # the weights are checked; the device is the jobs' machine's
+
+
 def test_points_wait_for_the_base_and_for_whoever_encodes_their_images(two_models):
     points = design_points(make_design(two_models, [], ["models.a.sharpness=2.3,1.0", "scoring=joint_softmax_mean,"
                                                         "mean_logit"], False))

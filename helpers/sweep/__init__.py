@@ -75,6 +75,9 @@ class Sweep:
     def __init__(self, design: Design, points: list[Point], folder: Path):
         self.design, self.points, self.folder = design, points, Path(folder)
 
+    def config_file(self, point: Point) -> Path:
+        return self.folder / "configs" / f"{point.id}.yaml"
+
     def run_dir(self, point: Point) -> Path:
         return self.folder / "points" / point.id
 
@@ -82,15 +85,15 @@ class Sweep:
         return self.folder / "status" / f"{point.id}.json"
 
     def job(self, point: Point, analyses: bool) -> PointJob:
+        """The point's job, its paths absolute: it may run in another folder or on another machine."""
         from ..history import default_index_path
 
-        folder = self.folder.resolve()
-        return PointJob(point=point.id, config_file=str(folder / "configs" / f"{point.id}.yaml"),
-                        run_dir=str(folder / "points" / point.id),
-                        status_file=str(folder / "status" / f"{point.id}.json"),
-                        log_file=str(folder / "logs" / f"{point.id}.log"),
-                        ledger_file=str(folder / "logs" / f"{point.id}.encoded.jsonl"), cwd=str(Path.cwd()),
-                        analyses=analyses, env={"HELPERS_RUN_INDEX": str(default_index_path().resolve())})
+        logs = self.folder.resolve() / "logs"
+        return PointJob(point=point.id, config_file=str(self.config_file(point).resolve()),
+                        run_dir=str(self.run_dir(point).resolve()), status_file=str(self.status_file(point).resolve()),
+                        log_file=str(logs / f"{point.id}.log"), ledger_file=str(logs / f"{point.id}.encoded.jsonl"),
+                        cwd=str(Path.cwd()), analyses=analyses,
+                        env={"HELPERS_RUN_INDEX": str(default_index_path().resolve())})
 
     def claim(self) -> None:
         """Record the base config and the points (a folder holds the sweeps of one base config), and write each
@@ -107,23 +110,25 @@ class Sweep:
                                  "--output-dir")
         self.folder.mkdir(parents=True, exist_ok=True)
         for point in self.points:
-            atomic_write_text(self.folder / "configs" / f"{point.id}.yaml",
-                              yaml.safe_dump(point.config.to_dict(), sort_keys=False))
+            atomic_write_text(self.config_file(point), yaml.safe_dump(point.config.to_dict(), sort_keys=False))
         atomic_write_text(record, yaml.safe_dump({
             "config": str(self.design.config_path), "set": self.design.overrides, "keys": self.design.keys,
             "points": [{"id": p.id, "settings": p.settings} for p in self.points], "base": base}, sort_keys=False))
 
 
-def check_points(sweep: Sweep) -> None:
-    """Before anything runs: every point's weights are there, its folder is usable, and its dev set can be built."""
+def check_points(sweep: Sweep, here: bool) -> None:
+    """Before anything runs: every point's folder is usable and its weights are there. `here`: the points run on
+    this machine, so their device must be here too (a Slurm sweep may be started where the jobs' GPUs are not)."""
+    import dataclasses
+
     from ..pipeline import check_models, check_paths
 
     checked = set()
     for point in sweep.points:
         check_paths(point.config, sweep.run_dir(point))
-        models = json_digest({n: m.__dict__ for n, m in point.config.models.items()})
+        models = json_digest({n: dataclasses.asdict(m) for n, m in point.config.models.items()})
         if models not in checked:
-            check_models(point.config)
+            check_models(point.config if here else dataclasses.replace(point.config, device="cpu"))
             checked.add(models)
 
 
@@ -165,7 +170,7 @@ def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
                          "reference=PATH.csv)")
     folder = Path(options.output_dir) if options.output_dir else default_sweep_dir(points[0].config)
     sweep = Sweep(design, points, folder)
-    check_points(sweep)
+    check_points(sweep, here=options.executor == "local")
     sweep.claim()
     build_dev_sets(points, options.progress)
     from ..jupyter import ensure_kernel
@@ -193,12 +198,12 @@ def report(sweep: Sweep, options: SweepOptions, log=print) -> dict:
     summary = {"sweep": str(sweep.folder), "config": str(sweep.design.config_path), "keys": sweep.design.keys,
                "base": sweep.points[0].id, "points_total": len(frame),
                "points_done": int((frame["status"] == "done").sum()), "points_failed": len(failed)}
-    paths = write_report(sweep.folder, frame, summary, random_models(sweep.points))
+    random = random_models(sweep.points)
+    paths = write_report(sweep.folder, frame, summary, random)
     print(summary_table(frame, sweep.design.keys))
     for row in frame.itertuples():
         if row.status != "done":
             log(f"point {row.point} {row.status}: {row.error} (log: {row.log})")
-    random = random_models(sweep.points)
     if random:
         log(f"note: RANDOM weights ({', '.join(random)}): the labels and accuracies are meaningless")
     log(f"report: {', '.join(str(p) for p in paths.values())}")

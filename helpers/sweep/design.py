@@ -30,7 +30,7 @@ import json
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -60,11 +60,6 @@ class Point:
     id: str  # its folder's name under points/: its settings, short, and the digest of its config
     settings: dict  # key -> value, as the grid gives them ({} for the base)
     config: RunConfig  # resolved
-    sources: list[str] = field(default_factory=list)
-
-    @property
-    def digest(self) -> str:
-        return json_digest(self.config.to_dict())
 
 
 @dataclass
@@ -73,7 +68,7 @@ class Design:
     overrides: list[str]
     axes: list[Axis]
     points: list[dict]  # explicit points (from a sweep file)
-    points_source: str = "points"
+    points_source: str = "points"  # where they were given, for errors
 
     @property
     def keys(self) -> list[str]:
@@ -166,12 +161,13 @@ def is_sweep_file(path: Path) -> bool:
 def make_design(path: str | Path, overrides: list[str], grids: list[str], zipped: bool) -> Design:
     """The design from the command line: CONFIG is a run config or a sweep file; --grid adds axes to the file's."""
     path = Path(path)
-    axes, points = [], []
+    axes, points, points_source = [], [], "points"
     if path.is_file() and is_sweep_file(path):
+        points_source = f"{path}: points"
         path, file_overrides, axes, points = read_sweep_file(path)
         overrides = [*file_overrides, *overrides]
     axes += product_axes([parse_grid(g) for g in grids], zipped, "--grid")
-    design = Design(path, list(overrides), axes, points)
+    design = Design(path, list(overrides), axes, points, points_source)
     known = [k for axis in axes for k in axis.keys]
     for key in design.keys:
         if known.count(key) > 1:
@@ -288,13 +284,13 @@ def design_points(design: Design) -> list[Point]:
         combos += [{k: v for part in row for k, v in part.items()}
                    for row in itertools.product(*(axis.settings for axis in design.axes))]
     combos += design.points
-    points, seen = [], {}
+    points, seen = [], set()
     for settings in combos:
         config = _checked_point(raw, settings, source_of)
         digest = json_digest(config.to_dict())
         if digest in seen:
             continue
-        seen[digest] = True
+        seen.add(digest)
         points.append(Point(point_id(settings, digest), settings, config))
     return points
 

@@ -3,7 +3,7 @@ on this machine (`LocalLauncher`: N at a time, or one per GPU) or as Slurm jobs 
 its local executor runs the same path on one machine).
 
 A point's job writes its own status (`status/<point>.json`: running, then done or failed with the error), its log
-(`logs/<point>.log`) and the number of images it encoded (the encode ledger, `helpers.cache`), so that whoever reruns
+(`logs/<point>.log`) and the number of images it encoded (the encode ledger, `helpers.ledger`), so that whoever reruns
 the sweep, on whichever machine, knows which points finished: a rerun skips them and redoes the rest. The points
 wait for the runs that encode what they need: first the base (which also encodes the analyses' images), then, per
 model, the first point with the same images and preprocessing, so that no two points encode the same images.
@@ -243,17 +243,20 @@ class SubmititLauncher:
 
 
 def image_needs(point: Point) -> set[str]:
-    """What a point's inference encodes: per model, its identity, preprocessing and images (as a config digest)."""
+    """What a point's inference encodes: per model and view, the embedding cache's own key (`helpers.cache.image_store`:
+    the model's identity and the preprocessing) with the images, as digests. The models are described for the CPU:
+    the sweep may run where the points' GPUs are not, and only which points share an entry matters here."""
     from ..config import json_digest
+    from ..models import ModelHandle
 
     data = point.config.data
     images = {"test": data.test, "limit": data.limit, "dev": None if data.dev is None else
               {"path": data.dev.path, "limit": data.dev.limit}}
     needs = set()
-    for entry in point.config.models.values():
-        model = {k: v for k, v in entry.__dict__.items() if k not in ("compile", "batch_size", "device_map",
-                                                                       "max_memory")}
-        needs.add(json_digest({"model": model, "images": images}))
+    for name, entry in point.config.models.items():
+        handle = ModelHandle(name, entry, "cpu")
+        needs |= {json_digest({"model": handle.identity, "preprocess": view.key(), "images": images})
+                  for view in handle.views}
     return needs
 
 
