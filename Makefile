@@ -41,7 +41,7 @@ test: setup
 	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations 15
 
 lint: setup
-	$(BIN)/ruff check helpers tests bench notebooks tools
+	$(BIN)/ruff check helpers tests checks notebooks tools
 
 # The winning solution, exactly: needs a GPU and the models' weights (offline it stops at once and says why).
 reproduce: setup

@@ -14,12 +14,13 @@ import sys
 # checks IRIs, and jsonschema leaves the format out when the module cannot be imported.
 sys.modules.setdefault("rfc3987_syntax", None)
 
-from . import progress  # noqa: E402, F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.progress)
+from .infra import progress  # noqa: E402, F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.infra.progress)
 
 _SURFACE = {"RunConfig": "config", "config_from_dict": "config", "load_config": "config",
-            "load_run_data": "pipeline", "predict": "pipeline", "run_ensemble": "pipeline", "run_model": "pipeline",
-            "list_prompt_sets": "prompts", "load_prompts": "prompts",
-            "SCORERS": "scoring", "ensemble_scores": "scoring", "score": "scoring"}
+            "load_run_data": "runs.pipeline", "predict": "runs.pipeline", "run_ensemble": "runs.pipeline",
+            "run_model": "runs.pipeline",
+            "list_prompt_sets": "research.prompts", "load_prompts": "research.prompts",
+            "SCORERS": "research.scoring", "ensemble_scores": "research.scoring", "score": "research.scoring"}
 __all__ = list(_SURFACE)
 
 

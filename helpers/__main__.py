@@ -24,29 +24,29 @@ import time
 from pathlib import Path
 
 from .config import load_config
-from .errors import UserError, check_agreement, debug_mode, is_user_error, one_line, show_notes
+from .infra.errors import UserError, check_agreement, debug_mode, is_user_error, one_line, show_notes
 
 
 def exit_with_parent() -> None:
-    """A sweep's point ends with the sweep that started it (helpers.sweep.launch.exit_with_parent)."""
+    """A sweep's point ends with the sweep that started it (helpers.runs.sweep.launch.exit_with_parent)."""
     if os.environ.get("HELPERS_EXIT_WITH_PARENT") == "1":
-        from .sweep.launch import exit_with_parent as set_up
+        from .runs.sweep.launch import exit_with_parent as set_up
 
         set_up()
 
 
 def _world(config):
     """This process's rank under torchrun (one process without it)."""
-    from .distributed import init_world
+    from .infra.distributed import init_world
     from .models import resolve_device
 
     return init_world(resolve_device(config.device))
 
 
 def cmd_predict(args) -> None:
-    from .history import record_run
-    from .outputs import metrics_summary
-    from .pipeline import predict
+    from .runs.history import record_run
+    from .runs.outputs import metrics_summary
+    from .runs.pipeline import predict
 
     config = load_config(args.config, args.set)
     if args.min_agreement is not None and config.reference is None:
@@ -69,7 +69,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_encode(args) -> None:
-    from .pipeline import encode_cache
+    from .runs.pipeline import encode_cache
 
     config = load_config(args.config, args.set)
     world = _world(config)
@@ -79,8 +79,8 @@ def cmd_encode(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .history import record_run
-    from .run import run_pipeline, run_summary
+    from .runs.history import record_run
+    from .runs.notebooks import run_pipeline, run_summary
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("`run` under torchrun would run the whole pipeline once per process: run it alone, with "
@@ -98,21 +98,21 @@ def cmd_run(args) -> None:
 
 
 def cmd_install_kernel(args) -> None:
-    from .jupyter import install_kernel
+    from .infra.jupyter import install_kernel
 
     print(f"installed the Jupyter kernel '{install_kernel()}' for {sys.executable} in {sys.prefix} (this checkout's "
           "environment)")
 
 
 def cmd_download_data(args) -> None:
-    from .download import download_challenge_data
+    from .infra.download import download_challenge_data
 
     print(f"challenge test set: {download_challenge_data(Path(args.dest), progress=not args.quiet)}")
 
 
 def cmd_estimate_blur(args) -> None:
-    from .data import require_usable
-    from .devset import list_images, measure_blur, summarize_blur
+    from .research.data import require_usable
+    from .research.devset import list_images, measure_blur, summarize_blur
 
     folder = Path(args.folder)
     files = list_images(folder, args.limit)
@@ -135,8 +135,8 @@ def cmd_estimate_blur(args) -> None:
 
 
 def cmd_make_dev(args) -> None:
-    from .data import DataError, read_classes
-    from .devset import build_dev_set, list_images, match_test_blur, measure_blur, parse_class_map
+    from .research.data import DataError, read_classes
+    from .research.devset import build_dev_set, list_images, match_test_blur, measure_blur, parse_class_map
 
     if args.config:
         make_dev_from_config(args)
@@ -174,8 +174,8 @@ def cmd_make_dev(args) -> None:
 
 def make_dev_from_config(args) -> None:
     """`make-dev --config CONFIG`: build the config's dev folder as its data.dev.build says, if it is not there."""
-    from .data import DataError, read_classes
-    from .devset import build_missing_dev_set
+    from .research.data import DataError, read_classes
+    from .research.devset import build_missing_dev_set
 
     config = load_config(args.config, args.set)
     dev = config.data.dev
@@ -186,7 +186,7 @@ def make_dev_from_config(args) -> None:
     print(f"{'built' if built else 'already there:'} {dev.path}")
 
 
-# helpers.sweep.launch.EXECUTORS, not imported from there: --help stays quick
+# helpers.runs.sweep.launch.EXECUTORS, not imported from there: --help stays quick
 EXECUTOR_CHOICES = ("local", "slurm", "submitit-local")
 SWEEP_HELP = """Each point of the grid is a full `run` (every notebook) of the base config with the point's settings,
 into DIR/points/<point>/, all sharing the config's embedding cache: a point that changes only prompts, scoring or the
@@ -206,7 +206,7 @@ MIN_AGREEMENT_HELP = ("for scheduled runs: exit with status 3, after writing eve
 
 
 def cmd_compare(args) -> None:
-    from .compare import compare_runs, parse_names, summary_lines
+    from .runs.compare import compare_runs, parse_names, summary_lines
 
     result = compare_runs(args.a, args.b, args.output_dir, parse_names(args.names))
     for line in summary_lines(result):
@@ -215,14 +215,14 @@ def cmd_compare(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import log_to_stderr, main_options, make_design, run_sweep
+    from .runs.sweep import log_to_stderr, main_options, make_design, run_sweep
 
     design = make_design(args.config, args.set, args.grid, args.zip)
     run_sweep(design, main_options(args), log=log_to_stderr)
 
 
 def cmd_runs(args) -> None:
-    from .history import default_index_path, format_history, read_history, runs_under
+    from .runs.history import default_index_path, format_history, read_history, runs_under
 
     index = Path(args.index) if args.index else default_index_path()
     history = read_history(index)
@@ -240,7 +240,7 @@ def cmd_runs(args) -> None:
 def _leave_process_group() -> None:
     """Leave torch's process group if this command joined one (torch warns about one left open)."""
     if "torch.distributed" in sys.modules:  # else never imported, never joined: no need to import torch for it
-        from .distributed import leave_process_group
+        from .infra.distributed import leave_process_group
 
         leave_process_group()
 

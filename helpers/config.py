@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError, one_line
+from .infra.errors import UserError, one_line
 
 BACKENDS = ("open_clip", "hf_clip", "eva_clip")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SCORING_MODES = ("joint_softmax_mean", "prototype", "mean_logit")  # helpers.scoring.SCORERS
+SCORING_MODES = ("joint_softmax_mean", "prototype", "mean_logit")  # helpers.research.scoring.SCORERS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -43,8 +43,8 @@ class _BadNumber(ConfigError):
 
 @dataclass
 class DevBuild:
-    """How to build the dev folder on first use, when it is not there (`helpers.devset.build_dev_set`): which labeled
-    photos to degrade, and how (`make dev-data` calibrates sigma and quality against the test set)."""
+    """How to build the dev folder on first use, when it is not there (`helpers.research.devset.build_dev_set`):
+    which labeled photos to degrade, and how (`make dev-data` calibrates sigma and quality against the test set)."""
 
     source: str  # a labeled ImageFolder of photos (e.g. ../shared/data/intel_test)
     sigma: float  # Gaussian blur, px at 224 px

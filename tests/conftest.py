@@ -17,11 +17,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers.cache import image_store
 from helpers.config import config_from_dict
-from helpers.data import file_digest, load_test_set
+from helpers.infra.cache import image_store
 from helpers.models import Encoder, ModelHandle, device
-from helpers.pipeline import predict
+from helpers.research.data import file_digest, load_test_set
+from helpers.runs.pipeline import predict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("WORKBENCH_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))

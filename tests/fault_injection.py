@@ -13,7 +13,7 @@ FAULT is one of
                             yet removed)
     enospc:NAME:K           the K-th such write fails half-way with OSError(ENOSPC), as on a full disk
 Under torchrun, FAULT_RANK=R puts the fault in rank R only. Shards are flushed after every batch
-(helpers.cache.FLUSH_EVERY = 1), so the cache has many points to be hit at.
+(helpers.infra.cache.FLUSH_EVERY = 1), so the cache has many points to be hit at.
 Faults act at the operating-system calls (os.fdopen's writes, os.replace, os.unlink), not inside the workbench.
 """
 
@@ -45,11 +45,11 @@ def main(argv: list[str]) -> int:
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    import helpers.cache
+    import helpers.infra.cache
     from helpers.__main__ import main as cli
     from helpers.models import Encoder
 
-    helpers.cache.FLUSH_EVERY = 1
+    helpers.infra.cache.FLUSH_EVERY = 1
     if kind == "batch":
         original = Encoder.encode_images
 

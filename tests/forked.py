@@ -18,7 +18,7 @@ from pathlib import Path
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 # what the fork server imports before it forks anything: what the commands these tests run need
-_CONTEXT.set_forkserver_preload(["helpers.pipeline", "helpers.__main__", "open_clip", "tests.fault_injection"])
+_CONTEXT.set_forkserver_preload(["helpers.runs.pipeline", "helpers.__main__", "open_clip", "tests.fault_injection"])
 
 
 def _run(main: Callable[[list[str]], int | None], argv: list[str], cwd: str, env: dict[str, str],

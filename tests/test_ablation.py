@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.ablation import (
+from helpers.research.ablation import (
     compare_predictions,
     drop_threshold_ablation,
     ensemble_weight_ablation,
@@ -15,8 +15,8 @@ from helpers.ablation import (
     sharpness_ablation,
     two_model_weights,
 )
-from helpers.pipeline import load_run_data, predict
-from helpers.scoring import joint_softmax_probs, score
+from helpers.research.scoring import joint_softmax_probs, score
+from helpers.runs.pipeline import load_run_data, predict
 
 from .conftest import INTEL_CLASS_MAP
 
@@ -87,7 +87,7 @@ def test_sharpness_ablation_encodes_each_factor_once(dev_config, count_image_bat
 def test_ensemble_weight_and_drop_ablations(dev_config, tmp_path):
     config = dev_config()
     predict(config, tmp_path / "run", progress=False)
-    from helpers.pipeline import load_model_scores
+    from helpers.runs.pipeline import load_model_scores
 
     data = load_run_data(config)
     scores = {n: load_model_scores(tmp_path / "run", n, "dev", config.scoring) for n in "ab"}
@@ -114,7 +114,7 @@ def test_sharpness_views_average_the_probabilities(dev_config, tmp_path):
 
 def test_the_benchmark_ablation_has_ten_variants_of_the_winner_set():
     from helpers.bench.runners import ablation_variants
-    from helpers.prompts import load_prompts
+    from helpers.research.prompts import load_prompts
 
     from .conftest import CLASSES
 

@@ -36,8 +36,8 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 from helpers import config as config_module
 from helpers import models
 from helpers.config import ConfigError, ModelEntry, config_from_dict
-from helpers.data import OPENAI_MEAN
 from helpers.models import BACKENDS, ModelHandle, WeightsUnavailableError
+from helpers.research.data import OPENAI_MEAN
 
 from .conftest import TINY_ARCH, save_open_clip_checkpoint
 from .fixtures.tiny_eva import TinyEvaConfig, TinyEvaModel

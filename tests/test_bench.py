@@ -15,8 +15,8 @@ from helpers import bench
 from helpers.bench import report as bench_report
 from helpers.bench import runners
 from helpers.config import ModelEntry
-from helpers.data import load_test_set
 from helpers.models import ModelHandle, resolve_precision
+from helpers.research.data import load_test_set
 
 from .conftest import TINY_ARCH
 

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from helpers.__main__ import main
-from helpers.blur import calibrate_sigma, degrade, degrade_bytes, estimate_sigma, jpeg_quality
-from helpers.data import DataError, load_dev_set
-from helpers.devset import build_dev_set, list_images
+from helpers.research.blur import calibrate_sigma, degrade, degrade_bytes, estimate_sigma, jpeg_quality
+from helpers.research.data import DataError, load_dev_set
+from helpers.research.devset import build_dev_set, list_images
 
 from .conftest import CLASSES, INTEL_CLASS_MAP
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import helpers.store
-from helpers.cache import default_num_workers, encode_images, image_store
-from helpers.data import load_test_set
+import helpers.infra.store
+from helpers.infra.cache import default_num_workers, encode_images, image_store
+from helpers.infra.store import EmbeddingStore, open_segment
 from helpers.models import ModelHandle
-from helpers.pipeline import predict
-from helpers.store import EmbeddingStore, open_segment
+from helpers.research.data import load_test_set
+from helpers.runs.pipeline import predict
 
 from .conftest import PROJECT_ROOT, Interrupt
 
@@ -199,7 +199,7 @@ def test_a_store_of_the_npz_format_is_read_and_migrated_on_first_open(tmp_path, 
 APPENDER = """
 import sys
 import numpy as np
-from helpers.store import EmbeddingStore
+from helpers.infra.store import EmbeddingStore
 root, who, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 import time
 while time.time() < start:
@@ -238,7 +238,7 @@ def test_a_compaction_interrupted_after_writing_the_merged_segment_leaves_the_sa
     keys = [f"k{i}" for i in range(6)]
     expected = store.get(keys)
     with monkeypatch.context() as m:
-        m.setattr(helpers.store, "_remove_segment", lambda path, rename_if_held=True: None)  # killed right here
+        m.setattr(helpers.infra.store, "_remove_segment", lambda path, rename_if_held=True: None)  # killed right here
         store.compact()
     assert len(list((tmp_path / "s").glob("*.seg"))) == 6  # the merged one beside the five it merged
     again = EmbeddingStore(tmp_path / "s", {})
@@ -250,7 +250,7 @@ def test_a_compaction_interrupted_after_writing_the_merged_segment_leaves_the_sa
 
 
 def test_compaction_merges_only_small_segments_and_like_with_like(tmp_path, monkeypatch):
-    monkeypatch.setattr(helpers.store, "SMALL_SEGMENT_ROWS", 2048)
+    monkeypatch.setattr(helpers.infra.store, "SMALL_SEGMENT_ROWS", 2048)
     store = EmbeddingStore(tmp_path / "s", {})
     store.add([f"big{i}" for i in range(2048)], np.zeros((2048, 2), np.float32))
     big = store.segments[0]

@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from helpers.__main__ import main
-from helpers.compare import DEFAULT_CLASSES, GALLERY_MAX, changed_gallery
 from helpers.config import config_from_dict
-from helpers.pipeline import predict
-from helpers.stats import bootstrap_ci, mcnemar_p
+from helpers.research.stats import bootstrap_ci, mcnemar_p
+from helpers.runs.compare import DEFAULT_CLASSES, GALLERY_MAX, changed_gallery
+from helpers.runs.pipeline import predict
 
 from .conftest import INTEL_CLASS_MAP, SCENE_IDS
 

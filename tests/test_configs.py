@@ -23,7 +23,7 @@ def test_shipped_configs_load(path):
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_shipped_sweeps_give_their_points(path, monkeypatch):
-    from helpers.sweep import design_points, make_design
+    from helpers.runs.sweep import design_points, make_design
 
     monkeypatch.chdir(PROJECT_ROOT)  # a sweep file names its base config from the project's folder
     points = design_points(make_design(path, [], [], False))

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import helpers.pipeline
-import helpers.scoring
+import helpers.research.scoring
+import helpers.runs.pipeline
 from helpers.config import ConfigError
-from helpers.distributed import World
-from helpers.pipeline import predict
-from helpers.run import run_pipeline
+from helpers.infra.distributed import World
+from helpers.runs.notebooks import run_pipeline
+from helpers.runs.pipeline import predict
 
 from .conftest import FAULT_SCRIPT, INTEL_CLASS_MAP, PROJECT_ROOT, fault_config, missing_batches
 
@@ -93,10 +93,10 @@ def test_scoring_and_the_ensemble_in_chunks_equal_one_pass(dev, make_config, sce
         data["dev"] = {"path": str(dev_dir), "class_map": INTEL_CLASS_MAP}
     config = make_config(data=data, models={**{n: vars(m) for n, m in make_config().models.items()},
                                             "b": {**vars(make_config().models["b"]), "sharpness": [1.5, 2.5]}})
-    monkeypatch.setattr(helpers.pipeline, "SCORE_BLOCK_ROWS", 4)  # and so the scoring's blocks, in both runs
-    monkeypatch.setattr(helpers.scoring, "SCORE_BLOCK_ROWS", 4)
+    monkeypatch.setattr(helpers.runs.pipeline, "SCORE_BLOCK_ROWS", 4)  # and so the scoring's blocks, in both runs
+    monkeypatch.setattr(helpers.research.scoring, "SCORE_BLOCK_ROWS", 4)
     predict(config, tmp_path / "whole", progress=False)
-    monkeypatch.setattr(helpers.pipeline, "SCORE_CHUNK_ROWS", 5)  # 38 test images: chunks of 8 rows, the last of 6
+    monkeypatch.setattr(helpers.runs.pipeline, "SCORE_CHUNK_ROWS", 5)  # 38 test images: chunks of 8 rows, the last of 6
     predict(config, tmp_path / "chunks", progress=False)
     whole, chunks = output_files(tmp_path / "whole"), output_files(tmp_path / "chunks")
     assert whole.keys() == chunks.keys() and "models/b/test/image_embeddings.npy" in whole

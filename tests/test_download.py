@@ -15,9 +15,10 @@ import pytest
 from huggingface_hub import HfApi, constants
 from huggingface_hub.hf_api import RepoFile
 
-from helpers import download, models
-from helpers.data import DataError
-from helpers.download import DataUnavailableError, download_challenge_data
+from helpers import models
+from helpers.infra import download
+from helpers.infra.download import DataUnavailableError, download_challenge_data
+from helpers.research.data import DataError
 
 N = 12  # images in the fake zip, standing in for the 8,100
 COMMIT = "c0ffee" * 6 + "c0ff"  # a fake 40-hex commit hash for the cache layout

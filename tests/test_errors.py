@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from helpers.__main__ import main
-from helpers.data import DataError
+from helpers.research.data import DataError
 
 from .conftest import INTEL_CLASS_MAP
 

@@ -15,8 +15,8 @@ from torch._dynamo.utils import counters
 from helpers import models
 from helpers.config import ConfigError, ModelEntry
 from helpers.models import ModelHandle, resolve_precision
-from helpers.pipeline import predict
-from helpers.scoring import FLOAT32, LogitArithmetic
+from helpers.research.scoring import FLOAT32, LogitArithmetic
+from helpers.runs.pipeline import predict
 
 from .conftest import TINY_ARCH
 
@@ -112,7 +112,7 @@ def test_autocast_is_the_winners_cuda_autocast_a_no_op_on_the_cpu(tmp_path):
 
 def test_the_winners_autocast_on_a_gpu_has_its_own_cache_entries_per_batch_size_and_prompt_list(tmp_path):
     """Identities only (nothing loads): under CUDA autocast a feature's last bits can depend on its batch."""
-    from helpers.cache import image_store, text_store
+    from helpers.infra.cache import image_store, text_store
 
     arch = arch_file(tmp_path, {})
     entry = ModelEntry(backend="open_clip", pretrained="random", arch=str(arch), seed=3, autocast=True,

@@ -4,7 +4,7 @@ Under the winner's `torch.cuda.amp.autocast()` its features are fp16, normalised
 norm (so rounded back to fp16), and its logits come from an fp16 matmul, rounded to fp16 before a float32 softmax.
 torch computes fp16 on the CPU too: here CPU autocast to fp16 stands in for CUDA's, given CUDA's float32 policy for
 the two ops of the loop where the two autocasts differ (the norm and the softmax), and the literal loop runs under it.
-On a GPU, `bench/gpu_parity.py` checks the same against the real CUDA autocast.
+On a GPU, `checks/gpu_parity.py` checks the same against the real CUDA autocast.
 """
 
 import json
@@ -15,11 +15,12 @@ import open_clip
 import pytest
 import torch
 
-from helpers import models, oracle
+from helpers import models
 from helpers.models import ModelHandle
-from helpers.outputs import PROJECT_ROOT, read_submission
-from helpers.pipeline import predict
-from helpers.scoring import FLOAT32, LogitArithmetic, joint_softmax_probs, scaled_logits
+from helpers.research import oracle
+from helpers.research.scoring import FLOAT32, LogitArithmetic, joint_softmax_probs, scaled_logits
+from helpers.runs.outputs import PROJECT_ROOT, read_submission
+from helpers.runs.pipeline import predict
 
 from .conftest import CLASSES, SCENE_IDS
 
@@ -124,7 +125,7 @@ def test_fp16_arithmetic_is_only_where_the_winner_had_it(make_config, tiny_arch,
 
 
 def test_the_gpu_parity_script_runs_on_the_cpu_and_prints_the_count_last(scene_dir, tiny_arch, tmp_path, capsys):
-    """bench/gpu_parity.py end to end on the CPU, where the winner's autocast does nothing: no label apart."""
+    """checks/gpu_parity.py end to end on the CPU, where the winner's autocast does nothing: no label apart."""
     script = runpy.run_path(str(PROJECT_ROOT / "bench" / "gpu_parity.py"), run_name="gpu_parity")
     out = tmp_path / "parity.json"
     report = script["main"](["--device", "cpu", "--arch", str(tiny_arch), "--images", "38", "--scene",

@@ -14,7 +14,7 @@ import pytest
 
 from helpers.__main__ import main
 from helpers.config import json_digest
-from helpers.history import (
+from helpers.runs.history import (
     COLUMNS,
     HistoryError,
     append_run_record,
@@ -22,7 +22,7 @@ from helpers.history import (
     record_run,
     run_record,
 )
-from helpers.pipeline import predict
+from helpers.runs.pipeline import predict
 
 from .conftest import INTEL_CLASS_MAP, PROJECT_ROOT
 
@@ -84,11 +84,11 @@ def test_a_file_that_is_not_an_index_is_refused(tmp_path, capsys):
 
 WRITER = textwrap.dedent("""
     import sys, types
-    # helpers.history without the package's __init__ (which imports torch): the writers start in a second, not ten
+    # helpers.runs.history without the package's __init__ (which imports torch): the writers start in a second, not ten
     package = types.ModuleType("helpers")
     package.__path__ = ["helpers"]
     sys.modules["helpers"] = package
-    from helpers.history import append_run_record
+    from helpers.runs.history import append_run_record
 
     index, writer, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     pad = "x" * 20000  # rows larger than a pipe buffer or a page: torn by any writer that appends in pieces
@@ -194,7 +194,7 @@ def test_run_record_without_a_manifest_and_with_random_weights(make_config, tmp_
 def test_record_run_warns_instead_of_failing(make_config, tmp_path, caplog):
     config = make_config()
     (tmp_path / "index.csv").mkdir()  # a folder where the index should be
-    with caplog.at_level(logging.WARNING, logger="helpers.history"):
+    with caplog.at_level(logging.WARNING, logger="helpers.runs.history"):
         assert record_run(config, tmp_path, {}, 1, "predict", 1, index_path=tmp_path / "index.csv") is None
     assert "run history was not updated" in caplog.text
     rec = record_run(config, tmp_path, {}, 1, "predict", 1, index_path=tmp_path / "ok.csv")

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.ablation import load_model_embeddings, prompt_group_ablation
-from helpers.data import Sharpen
-from helpers.interactive import (
+from helpers.display.interactive import (
     change_lines,
     detail_box,
     difference_image,
@@ -20,7 +18,9 @@ from helpers.interactive import (
     sharpness_panel,
     sharpness_slider,
 )
-from helpers.progress import SAVED_RUN_ENV, FinalLineTqdm
+from helpers.infra.progress import SAVED_RUN_ENV, FinalLineTqdm
+from helpers.research.ablation import load_model_embeddings, prompt_group_ablation
+from helpers.research.data import Sharpen
 
 from .conftest import INTEL_CLASS_MAP
 
@@ -107,7 +107,7 @@ def test_sharpness_panel_shows_the_crop_at_an_integer_zoom_and_the_change(scene_
 
 def test_a_saved_run_shows_a_picture_and_says_how_to_move_the_slider(scene_dir, monkeypatch, capsys):
     shown = []
-    monkeypatch.setattr("helpers.interactive.display", shown.append)
+    monkeypatch.setattr("helpers.display.interactive.display", shown.append)
     monkeypatch.setenv(SAVED_RUN_ENV, "1")
     files = sorted((scene_dir / "0").iterdir())[:2]
     assert sharpness_slider(files) is None

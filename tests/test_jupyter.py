@@ -14,8 +14,8 @@ from pathlib import Path
 
 import nbformat
 
-from helpers import jupyter
-from helpers.jupyter import COMMITTED_DISPLAY_NAME, KERNEL_NAME, install_kernel, kernel_display_name
+from helpers.infra import jupyter
+from helpers.infra.jupyter import COMMITTED_DISPLAY_NAME, KERNEL_NAME, install_kernel, kernel_display_name
 
 from .conftest import PROJECT_ROOT
 

@@ -17,8 +17,8 @@ import nbformat
 import pytest
 import yaml
 
-from helpers.jupyter import KERNEL_NAME, ensure_kernel, kernel_display_name
-from helpers.run import execute
+from helpers.infra.jupyter import KERNEL_NAME, ensure_kernel, kernel_display_name
+from helpers.runs.notebooks import execute
 
 from .conftest import INTEL_CLASS_MAP, PROJECT_ROOT
 

@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 from helpers.config import load_config
-from helpers.data import DataError
-from helpers.devset import build_missing_dev_set
-from helpers.jupyter import ensure_kernel
-from helpers.outputs import read_submission
-from helpers.pipeline import load_run_data
-from helpers.run import NOTEBOOKS, execute
+from helpers.infra.jupyter import ensure_kernel
+from helpers.research.data import DataError
+from helpers.research.devset import build_missing_dev_set
+from helpers.runs.notebooks import NOTEBOOKS, execute
+from helpers.runs.outputs import read_submission
+from helpers.runs.pipeline import load_run_data
 
 from .conftest import INTEL, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS, require_shared
 

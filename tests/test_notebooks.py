@@ -12,12 +12,10 @@ import yaml
 from PIL import Image
 
 from helpers.config import load_config
-from helpers.data import DataError
-from helpers.jupyter import KERNEL_NAME, ensure_kernel, install_lab_settings
-from helpers.outputs import read_submission
-from helpers.pipeline import predict
-from helpers.progress import OUTPUT_WIDTH
-from helpers.run import (
+from helpers.infra.jupyter import KERNEL_NAME, ensure_kernel, install_lab_settings
+from helpers.infra.progress import OUTPUT_WIDTH
+from helpers.research.data import DataError
+from helpers.runs.notebooks import (
     INFERENCE,
     NOTEBOOKS,
     SHARPNESS,
@@ -26,6 +24,8 @@ from helpers.run import (
     run_pipeline,
     run_summary,
 )
+from helpers.runs.outputs import read_submission
+from helpers.runs.pipeline import predict
 
 from .conftest import INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS
 

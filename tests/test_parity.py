@@ -1,7 +1,7 @@
 """Exact reproduction: `predict` gives the winner's labels on real challenge images (SPEC 1; issue: core, item 3).
 
 Two randomly initialised open_clip checkpoints stand in for MetaCLIP and EVA-CLIP; the oracle is the winner's
-notebook code, transcribed literally in helpers/oracle.py.
+notebook code, transcribed literally in helpers/research/oracle.py.
 """
 
 import numpy as np
@@ -9,9 +9,9 @@ import open_clip
 import pytest
 import torch
 
-from helpers import oracle
-from helpers.outputs import read_submission
-from helpers.pipeline import predict
+from helpers.research import oracle
+from helpers.runs.outputs import read_submission
+from helpers.runs.pipeline import predict
 
 from .conftest import CLASSES, SCENE_IDS
 
@@ -55,9 +55,9 @@ def test_per_prompt_probabilities_match_the_winners(make_config, oracle_probs, t
 
 def test_drop_changes_the_probabilities_it_should(make_config, tmp_path):
     """The drop zeroes exactly the weighted per-prompt probabilities <= 0.002 and keeps the rest."""
-    from helpers.pipeline import load_model_scores
-    from helpers.prompts import load_prompts
-    from helpers.scoring import ensemble_scores
+    from helpers.research.prompts import load_prompts
+    from helpers.research.scoring import ensemble_scores
+    from helpers.runs.pipeline import load_model_scores
 
     predict(make_config(), tmp_path / "run", progress=False)
     scores = {n: load_model_scores(tmp_path / "run", n, "test", "joint_softmax_mean") for n in "ab"}

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from helpers.__main__ import main
-from helpers.data import DataError, load_dev_set
-from helpers.outputs import SubmissionError, read_submission, validate_submission, write_submission
-from helpers.pipeline import predict
+from helpers.research.data import DataError, load_dev_set
+from helpers.runs.outputs import SubmissionError, read_submission, validate_submission, write_submission
+from helpers.runs.pipeline import predict
 
 from .conftest import CLASSES, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS
 

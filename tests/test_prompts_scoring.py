@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import oracle
 from helpers.config import ConfigError, PromptSpec
-from helpers.prompts import list_prompt_sets, load_prompts
-from helpers.scoring import SCORERS, Scores, ensemble_scores, pool_by_class, score
+from helpers.research import oracle
+from helpers.research.prompts import list_prompt_sets, load_prompts
+from helpers.research.scoring import SCORERS, Scores, ensemble_scores, pool_by_class, score
 
 from .conftest import CLASSES
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from helpers.__main__ import main
-from helpers.history import read_history
-from helpers.outputs import SubmissionError, list_references, read_submission, reference_agreement
-from helpers.pipeline import predict
+from helpers.runs.history import read_history
+from helpers.runs.outputs import SubmissionError, list_references, read_submission, reference_agreement
+from helpers.runs.pipeline import predict
 
 from .conftest import SHARED_DATA, require_shared
 from .test_predict import write_config

@@ -16,15 +16,15 @@ import pytest
 import yaml
 from PIL import Image
 
-import helpers.data
-import helpers.store
+import helpers.infra.store
+import helpers.research.data
 from helpers.__main__ import main
-from helpers.cache import encode_images
-from helpers.data import bad_images_message, image_problem, load_test_set
+from helpers.infra.cache import encode_images
+from helpers.infra.store import EmbeddingStore, open_segment
 from helpers.models import ModelHandle
-from helpers.outputs import read_submission
-from helpers.pipeline import RunStaleError, load_run_data, predict, run_ensemble
-from helpers.store import EmbeddingStore, open_segment
+from helpers.research.data import bad_images_message, image_problem, load_test_set
+from helpers.runs.outputs import read_submission
+from helpers.runs.pipeline import RunStaleError, load_run_data, predict, run_ensemble
 
 from . import fault_injection, forked
 from .conftest import CLASSES, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS, fault_config, missing_batches
@@ -147,7 +147,7 @@ def test_an_image_that_breaks_after_the_check_is_one_line_from_a_worker_too(make
     files = load_test_set(scene_dir).files[:4]
     broken = tmp_path / "gone.jpg"
     broken.write_bytes(b"")
-    with pytest.raises(helpers.data.DataError) as e:
+    with pytest.raises(helpers.research.data.DataError) as e:
         encode_images(handle, [*files, broken], handle.views[0], tmp_path / "cache", num_workers=1, progress=False)
     assert str(e.value) == f"{broken}: cannot read this image (empty file (0 bytes)); replace or remove it"
 
@@ -177,15 +177,16 @@ def test_skipped_dev_images_leave_the_dev_accuracy(make_config, scene_dir, dev_d
 
 def test_an_unreadable_file_is_a_bad_image_too(make_config, scene_dir, deny_reading):
     deny_reading(scene_dir / "0" / "7.jpg")
-    with pytest.raises(helpers.data.DataError, match=r"1 of 38 images .*7\.jpg \(cannot read the file: permission"):
+    with pytest.raises(helpers.research.data.DataError,
+                       match=r"1 of 38 images .*7\.jpg \(cannot read the file: permission"):
         load_run_data(make_config())
 
 
 def test_images_are_checked_once_per_cache(make_config, scene_with_bad_images, monkeypatch):
     root, _ = scene_with_bad_images
     decoded = []
-    check = helpers.data.image_problem
-    monkeypatch.setattr(helpers.data, "image_problem", lambda blob: decoded.append(1) or check(blob))
+    check = helpers.research.data.image_problem
+    monkeypatch.setattr(helpers.research.data, "image_problem", lambda blob: decoded.append(1) or check(blob))
     config = make_config(data={"test": str(root)}, on_bad_image="skip")
     first = load_run_data(config)
     assert len(decoded) == 42
@@ -213,14 +214,14 @@ def test_compaction_keeps_rows_another_process_added_meanwhile(tmp_path, monkeyp
     other = EmbeddingStore(tmp_path / "s", {})  # another process, opened before the next row
     mine.add(["b"], np.full((1, 2), 2, np.float32))
     other.add(["c"], np.full((1, 2), 3, np.float32))
-    write = helpers.store.atomic_write_chunks
+    write = helpers.infra.store.atomic_write_chunks
 
     def meanwhile(path, chunks):  # while the merged segment is written, after the segments to merge were listed
         if path.name.endswith("-merged.seg"):
             other.add(["d"], np.full((1, 2), 4, np.float32))
         write(path, chunks)
 
-    monkeypatch.setattr(helpers.store, "atomic_write_chunks", meanwhile)
+    monkeypatch.setattr(helpers.infra.store, "atomic_write_chunks", meanwhile)
     mine.compact(min_segments=2)  # merges a, b, c; d comes while it writes: removing all it lists then would lose d
     rows = EmbeddingStore(tmp_path / "s", {}).get(["a", "b", "c", "d"])
     assert np.array_equal(rows, [[1, 1], [2, 2], [3, 3], [4, 4]])
@@ -230,7 +231,7 @@ def test_a_store_reads_a_shard_merged_away_while_it_opened(tmp_path, monkeypatch
     store = EmbeddingStore(tmp_path / "s", {})
     store.add(["a"], np.ones((1, 2), np.float32))
     store.add(["b"], np.zeros((1, 2), np.float32))
-    read = helpers.store.open_segment
+    read = helpers.infra.store.open_segment
     compacted = []
 
     def compact_first(segment):  # another process compacts between this one's listing and its reading
@@ -239,7 +240,7 @@ def test_a_store_reads_a_shard_merged_away_while_it_opened(tmp_path, monkeypatch
             store.compact(min_segments=2)
         return read(segment)
 
-    monkeypatch.setattr(helpers.store, "open_segment", compact_first)
+    monkeypatch.setattr(helpers.infra.store, "open_segment", compact_first)
     assert len(EmbeddingStore(tmp_path / "s", {})) == 2
     assert compacted and not compacted[0].exists()  # the shard it listed first was gone when it came to read it
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from helpers.stats import (
+from helpers.research.stats import (
     accuracy_summary,
     bootstrap_ci,
     confusion_matrix,

@@ -21,11 +21,11 @@ import torch
 import yaml
 
 from helpers.__main__ import main
-from helpers.compare import compare_runs
-from helpers.ledger import images_encoded
-from helpers.sweep import design_points, make_design
-from helpers.sweep.design import SweepError, parse_grid, point_id
-from helpers.sweep.launch import dependencies, failure_of, sbatch_parameters
+from helpers.infra.ledger import images_encoded
+from helpers.runs.compare import compare_runs
+from helpers.runs.sweep import design_points, make_design
+from helpers.runs.sweep.design import SweepError, parse_grid, point_id
+from helpers.runs.sweep.launch import dependencies, failure_of, sbatch_parameters
 
 from .conftest import INTEL_CLASS_MAP, PROJECT_ROOT
 
@@ -140,8 +140,8 @@ def test_options_that_cannot_work_together_are_refused(two_models, capsys):
 
 
 def test_a_slurm_sweep_may_be_started_where_its_gpus_are_not(two_models, tmp_path):
-    from helpers.errors import UserError
-    from helpers.sweep import Sweep, check_points
+    from helpers.infra.errors import UserError
+    from helpers.runs.sweep import Sweep, check_points
 
     design = make_design(two_models, ["device=cuda"], ["scoring=mean_logit"], False)
     sweep = Sweep(design, design_points(design), tmp_path / "sweep")
@@ -251,7 +251,7 @@ def test_a_killed_sweep_resumes_where_it_stopped(swept):
 
 def test_two_at_a_time_writes_what_each_point_run_alone_writes_byte_for_byte(swept, tmp_path):
     from helpers.config import load_config
-    from helpers.pipeline import predict
+    from helpers.runs.pipeline import predict
 
     done = swept["report"].query("status == 'done'")["point"].tolist()
     assert len(done) == 2
@@ -271,7 +271,7 @@ def test_submitit_ran_the_points_as_jobs(swept):
 
 
 def test_jobs_run_side_by_side_on_this_machine_each_with_its_share_of_the_cores(monkeypatch):
-    from helpers.sweep import launch
+    from helpers.runs.sweep import launch
 
     started, both = [], threading.Barrier(2, timeout=10)
 
@@ -297,7 +297,7 @@ def test_jobs_run_side_by_side_on_this_machine_each_with_its_share_of_the_cores(
 
 
 def test_a_point_that_cannot_start_is_a_failed_point_and_the_others_go_on(monkeypatch, tmp_path):
-    from helpers.sweep import launch
+    from helpers.runs.sweep import launch
 
     def run_point(job):
         if job.point == "x":
@@ -342,8 +342,8 @@ def test_the_report_holds_what_each_point_wrote(swept):
 
 
 def test_min_agreement_names_the_points_below_it(swept):
-    from helpers.errors import BelowMinimumAgreement
-    from helpers.sweep import Sweep, SweepOptions, report
+    from helpers.infra.errors import BelowMinimumAgreement
+    from helpers.runs.sweep import Sweep, SweepOptions, report
 
     design = make_design(swept["config"], [], ["scoring=mean_logit"], False)  # the last sweep's: both points done
     sweep = Sweep(design, design_points(design), swept["folder"])

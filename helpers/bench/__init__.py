@@ -5,7 +5,7 @@
 
 A randomly initialised model (the compute is the real architecture's) reads the first N challenge images.
 Printed, and written to a JSON file whose copy is the last line of the output:
-- image encoding throughput of the original loop (`helpers/oracle.py`: the winner's code, literally) and of the
+- image encoding throughput of the original loop (`helpers/research/oracle.py`: the winner's code, literally) and of the
   workbench in each variant (a precision, optionally `+compile`, `+autocast`), same model, images, batch size and
   device, the best of `--repeats` rounds; a compiled variant is compiled before its clock starts (as every model is
   loaded before it), its compile time reported beside it;

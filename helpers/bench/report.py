@@ -17,13 +17,14 @@ import numpy as np
 import open_clip
 import torch
 
-from .. import bench, oracle
-from ..cache import default_num_workers, encode_images, encode_texts
+from .. import bench
+from ..infra.cache import default_num_workers, encode_images, encode_texts
+from ..infra.files import PROJECT_ROOT
 from ..models import DTYPES, resolve_device, resolve_precision
 from ..models.device import cpu_computes_bf16_natively
-from ..outputs import PROJECT_ROOT
-from ..prompts import load_prompts
-from ..scoring import score
+from ..research import oracle
+from ..research.prompts import load_prompts
+from ..research.scoring import score
 from . import cpu_model, timed
 from .runners import (
     Variant,

@@ -20,12 +20,12 @@ import torch
 from natsort import natsorted
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..cache import encode_images, image_batches
 from ..config import COMPILE_MODES, PRECISIONS, ModelEntry
-from ..data import Preprocess
+from ..infra.cache import encode_images, image_batches
+from ..infra.files import PROJECT_ROOT
 from ..models import ModelHandle, resolve_precision
 from ..models.device import autocasts_on
-from ..outputs import PROJECT_ROOT
+from ..research.data import Preprocess
 from . import proc_status_bytes, timed
 
 

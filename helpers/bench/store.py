@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import EmbeddingStore
+from ..infra.files import PROJECT_ROOT
+from ..infra.store import EmbeddingStore
 from . import cpu_model, proc_status_bytes, timed
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 STORE_TARGETS = {"open_s": 1.0, "lookup_s": 0.5, "append_s": 1.0, "peak_rss_mb": 300.0}
 

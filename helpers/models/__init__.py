@@ -16,8 +16,8 @@ import time
 import torch
 
 from ..config import ModelEntry
-from ..data import Preprocess
-from ..scoring import FLOAT32, LogitArithmetic
+from ..research.data import Preprocess
+from ..research.scoring import FLOAT32, LogitArithmetic
 from . import hf, openclip  # noqa: F401  each registers its backends (BACKENDS)
 from .backend import BACKENDS, Backend, register_backend
 from .checkpoints import WeightsUnavailableError

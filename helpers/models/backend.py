@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelEntry
-from ..data import Preprocess
+from ..research.data import Preprocess
 from .encoder import Encoder
 
 BACKENDS: dict[str, type[Backend]] = {}

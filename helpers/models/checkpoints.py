@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import UserError
+from ..infra.errors import UserError
 
 
 class WeightsUnavailableError(UserError, RuntimeError):

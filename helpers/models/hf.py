@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import DEVICE_MAP_STRATEGIES, is_hub_id
-from ..data import OPENAI_MEAN, OPENAI_STD
+from ..research.data import OPENAI_MEAN, OPENAI_STD
 from .backend import Backend, register_backend
 from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
 from .device import DTYPES, input_device, placement_record, with_index

@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..data import OPENAI_MEAN, OPENAI_STD
-from ..errors import describe_os_error
+from ..infra.errors import describe_os_error
+from ..research.data import OPENAI_MEAN, OPENAI_STD
 from .backend import Backend, register_backend
 from .checkpoints import (
     NOT_A_CHECKPOINT,

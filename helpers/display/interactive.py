@@ -1,0 +1,220 @@
+"""The notebooks' ipywidgets: a sharpening slider that shows what the factor does to the pixels a model sees, and
+prompt-group checkboxes that recompute from cached embeddings (a few small matrix products: milliseconds).
+
+In a saved run (`helpers.infra.progress.saved_run`: papermill, no live frontend) each widget is shown as what it would
+show at its starting setting, a static picture or text, with a line saying to run the notebook live to change it.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ipywidgets as widgets
+import numpy as np
+from IPython.display import Image as ImageOutput
+from IPython.display import display
+from PIL import Image, ImageDraw, ImageFont
+
+from ..infra.progress import live_hint, saved_run, wrapped
+from ..research.ablation import ModelEmbeddings
+from ..research.data import Sharpen, open_image
+from ..research.scoring import SCORERS
+from ..research.stats import accuracy_summary
+
+
+@dataclass(frozen=True)
+class SharpeningChange:
+    """What sharpening by `factor` does to one model input: the signed change of every value (0-255 levels)."""
+
+    factor: float
+    given: Image.Image  # the image as the model's preprocessing resizes it, before sharpening
+    sharpened: Image.Image
+    difference: np.ndarray  # int16, H x W x 3: sharpened - given
+
+    @property
+    def mean(self) -> float:
+        """Mean absolute change per value, in levels of 255."""
+        return float(np.abs(self.difference).mean())
+
+    @property
+    def max(self) -> int:
+        """Largest absolute change of any value, in levels of 255."""
+        return int(np.abs(self.difference).max())
+
+    @property
+    def changed(self) -> float:
+        """Fraction of the values that changed at all."""
+        return float(np.count_nonzero(self.difference) / self.difference.size)
+
+
+def model_input(path: Path, size: int = 224) -> Image.Image:
+    """The image as the preprocessing gives it to the sharpening step: squash-resized (bicubic) to size x size, RGB
+    (`helpers.research.data.Preprocess`)."""
+    return open_image(path).resize((size, size), Image.BICUBIC).convert("RGB")
+
+
+def sharpening_change(image: Image.Image, factor: float) -> SharpeningChange:
+    """The change that `adjust_sharpness(factor)` makes to an image (RGB, at the size the model sees)."""
+    sharpened = Sharpen(factor)(image)
+    difference = np.asarray(sharpened, dtype=np.int16) - np.asarray(image, dtype=np.int16)
+    return SharpeningChange(factor, image, sharpened, difference)
+
+
+def detail_box(image: Image.Image, crop: int) -> tuple[int, int, int, int]:
+    """The crop x crop window with the most edges (summed gradient magnitude, on an 8-pixel grid): where sharpening
+    changes most, whatever the factor, so the window stays put while the slider moves."""
+    gray = np.asarray(image.convert("L"), dtype=np.float64)
+    edges = np.zeros_like(gray)
+    edges[:, 1:] += np.abs(np.diff(gray, axis=1))
+    edges[1:, :] += np.abs(np.diff(gray, axis=0))
+    integral = np.pad(edges.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = gray.shape
+    crop = min(crop, h, w)
+    best, box = -1.0, (0, 0)
+    for y in list(range(0, h - crop + 1, 8)) + [h - crop]:
+        for x in list(range(0, w - crop + 1, 8)) + [w - crop]:
+            total = integral[y + crop, x + crop] - integral[y, x + crop] - integral[y + crop, x] + integral[y, x]
+            if total > best:
+                best, box = total, (x, y)
+    return box[0], box[1], box[0] + crop, box[1] + crop
+
+
+def difference_image(difference: np.ndarray, gain: float) -> Image.Image:
+    """The signed change, averaged over the channels and amplified: mid-grey is unchanged, lighter is brighter after
+    sharpening, darker is darker; `gain` levels of grey per level of change (clipped)."""
+    signed = difference.astype(np.float64).mean(axis=2)
+    return Image.fromarray(np.clip(128 + gain * signed, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+
+
+@functools.lru_cache
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def sharpness_panel(images: list[Image.Image], factor: float, crop: int = 112, zoom: int = 2,
+                    gain: float = 32.0) -> tuple[bytes, list[SharpeningChange]]:
+    """PNG of what the factor does, one row per model input (`model_input`): the input at native size (the box marks
+    the crop), the crop as given and sharpened at an integer zoom (nearest neighbour: every pixel a `zoom` x `zoom`
+    block), and the change amplified `gain` times; with the change of each image."""
+    changes = [sharpening_change(img, factor) for img in images]
+    size = max(img.width for img in images)
+    tile, header, pad = crop * zoom, 22, 6
+    titles = ["model input (box: crop)", f"crop x{zoom}, as given", f"crop x{zoom}, sharpness {factor:g}",
+              f"change x{gain:g} (grey: none)"]
+    widths = [size, tile, tile, tile]
+    height = max(max(img.height for img in images), tile)
+    panel = Image.new("RGB", (sum(widths) + pad * (len(widths) + 1), header + (height + pad) * len(images)), "white")
+    draw = ImageDraw.Draw(panel)
+    font = _font(13)
+    xs = [pad + sum(widths[:i]) + pad * i for i in range(len(widths))]
+    for x, title in zip(xs, titles):
+        draw.text((x, 4), title, fill="black", font=font)
+    for row, change in enumerate(changes):
+        y = header + row * (height + pad)
+        box = detail_box(change.given, crop)
+        panel.paste(change.given, (xs[0], y))
+        draw.rectangle((xs[0] + box[0], y + box[1], xs[0] + box[2] - 1, y + box[3] - 1), outline=(255, 40, 40))
+        for x, img in zip(xs[1:], (change.given, change.sharpened, difference_image(change.difference, gain))):
+            panel.paste(img.crop(box).resize((tile, tile), Image.NEAREST), (x, y))
+    buf = io.BytesIO()
+    panel.save(buf, format="PNG", compress_level=1)  # a redraw's time is mostly the PNG encode
+    return buf.getvalue(), changes
+
+
+def change_lines(names: list[str], changes: list[SharpeningChange]) -> list[str]:
+    """One line per image: how much the factor changed it, in levels of 255."""
+    return [f"{name}: sharpness {c.factor:g} changes values by {c.mean:.2f} of 255 on average, at most {c.max} "
+            f"({100 * c.changed:.0f}% of values change at all)" for name, c in zip(names, changes)]
+
+
+def sharpness_slider(files: list[Path], size: int = 224, start: float = 2.3, crop: int = 112, zoom: int = 2,
+                     gain: float = 32.0):
+    """The model's input beside a crop of it as given and sharpened (at an integer zoom) and the amplified change,
+    with the mean and largest change printed; the slider sets the factor. (An Image widget, not an Output widget with
+    a figure: it redraws faster and does not stall headless runs.) In a saved run: the picture at `start`."""
+    images = [model_input(p, size) for p in files]
+
+    def draw(factor: float) -> tuple[bytes, str]:
+        png, changes = sharpness_panel(images, factor, crop, zoom, gain)
+        return png, "\n".join(change_lines([p.name for p in files], changes))
+
+    png, text = draw(start)
+    if saved_run():
+        print(wrapped(text))
+        display(ImageOutput(data=png))
+        print(wrapped(f"Sharpness {start:g}. {live_hint('move the slider')}"))
+        return None
+    width, height = Image.open(io.BytesIO(png)).size
+    # at its own size in pixels: a VBox stretches its children to its width otherwise
+    view = widgets.Image(value=png, format="png", layout=widgets.Layout(width=f"{width}px", height=f"{height}px"))
+    lines = widgets.HTML(_pre(text))
+    slider = widgets.FloatSlider(value=start, min=0.0, max=5.0, step=0.1, description="sharpness",
+                                 continuous_update=False)
+
+    def redraw(change) -> None:
+        view.value, text = draw(change["new"])
+        lines.value = _pre(text)
+
+    slider.observe(redraw, names="value")
+    box = widgets.VBox([slider, lines, view], layout=widgets.Layout(align_items="flex-start"))
+    display(box)
+    return box
+
+
+def _pre(text: str) -> str:
+    return f"<pre style='margin: 0'>{html.escape(text)}</pre>"
+
+
+def group_accuracy(emb: ModelEmbeddings, groups: list[str], mode: str, logit_scale: float = 100.0) -> dict:
+    """Accuracy (with its interval) of one prompt-group selection and scoring mode, from cached embeddings."""
+    idx = emb.prompts.group_indices(groups)
+    if not emb.covers_every_class(idx):
+        raise ValueError("every class needs at least one prompt in the chosen groups")
+    return {**accuracy_summary(emb.labels, emb.predict(idx, mode, logit_scale)), "prompts": len(idx)}
+
+
+def _accuracy_text(r: dict) -> str:
+    return (f"{r['accuracy']:.4f} [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] on {r['images']} dev images, "
+            f"{r['prompts']} prompts")
+
+
+def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0, mode: str = "joint_softmax_mean"):
+    """A checkbox per prompt group and a scoring-mode menu; the accuracy is recomputed on every change. In a saved
+    run: the accuracy with every group, as text."""
+    if saved_run():
+        groups = list(emb.prompts.groups)
+        print(wrapped(f"{emb.name}, every prompt group ({', '.join(groups)}), {mode}: "
+                      f"{_accuracy_text(group_accuracy(emb, groups, mode, logit_scale))}"))
+        print(wrapped(live_hint("tick prompt groups on and off and change the scoring mode")))
+        return None
+    boxes = [widgets.Checkbox(value=True, description=g, indent=False) for g in emb.prompts.groups]
+    menu = widgets.Dropdown(options=list(SCORERS), value=mode, description="scoring")
+    result = widgets.HTML()
+
+    def update(_=None) -> None:
+        chosen = [b.description for b in boxes if b.value]
+        started = time.perf_counter()
+        try:
+            r = group_accuracy(emb, chosen, menu.value, logit_scale)
+        except ValueError as e:
+            result.value = f"<b>{e}</b>"
+            return
+        ms = (time.perf_counter() - started) * 1000
+        text = _accuracy_text(r)
+        accuracy, rest = text.split(" ", 1)
+        result.value = f"{html.escape(emb.name)}: <b>{accuracy}</b> {rest} ({ms:.0f} ms)"
+
+    for w in [*boxes, menu]:
+        w.observe(update, names="value")
+    update()
+    box = widgets.VBox([widgets.HBox(boxes), menu, result])
+    display(box)
+    return box

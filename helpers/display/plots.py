@@ -1,0 +1,137 @@
+"""Figures of the notebooks (matplotlib), each also saved as a PNG so that a run can be read without Jupyter."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..infra.files import atomic_write_bytes, atomic_write_csv
+from ..research.data import Sharpen
+
+# The models with random weights of the run a notebook's kernel works on (`nb.start` sets it): every figure and
+# table saved then says so, since their numbers mean nothing.
+RANDOM_WEIGHTS: list[str] = []
+
+
+def save_figure(fig, output_dir: str | Path, name: str, random_weights: list[str] | None = None) -> Path:
+    """The figure as `<output_dir>/figures/<name>.png`; models with random weights (default: `RANDOM_WEIGHTS`) are
+    named under it, in the figure as shown too."""
+    models = RANDOM_WEIGHTS if random_weights is None else random_weights
+    if models:
+        # below everything else (the tight bounding box grows to take it in)
+        fig.text(0.01, -0.04, f"random weights ({', '.join(models)}): these numbers mean nothing", fontsize=8,
+                 color="#b00020", ha="left", va="top")
+    path = Path(output_dir) / "figures" / f"{name}.png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def save_table(table: pd.DataFrame, output_dir: str | Path, name: str, random_weights: list[str] | None = None) -> Path:
+    """The table as `<output_dir>/tables/<name>.csv`, with a `random_weights` column naming the models with random
+    weights (default: `RANDOM_WEIGHTS`) when there are any."""
+    models = RANDOM_WEIGHTS if random_weights is None else random_weights
+    if models:
+        table = table.assign(random_weights=", ".join(models))
+    path = Path(output_dir) / "tables" / f"{name}.csv"
+    atomic_write_csv(path, table, index=False)
+    return path
+
+
+def sharpening_gallery(files: list[Path], factors: list[float], size: int = 224):
+    """Each row one test image, each column a sharpening factor (1.0: the image as given)."""
+    fig, axes = plt.subplots(len(files), len(factors), figsize=(2.2 * len(factors), 2.2 * len(files)), squeeze=False)
+    for row, path in zip(axes, files):
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+            for ax, factor in zip(row, factors):
+                ax.imshow(Sharpen(factor)(img) if factor != 1.0 else img)
+                ax.set_xticks([]), ax.set_yticks([])
+        row[0].set_ylabel(path.name, fontsize=8)
+    for ax, factor in zip(axes[0], factors):
+        ax.set_title(f"sharpness {factor:g}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def blur_histograms(sigmas: dict[str, list[float]]):
+    """Estimated blur (sigma, px) of each set, overlaid."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    values = [np.asarray(v, dtype=float) for v in sigmas.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    bins = np.linspace(finite.min(), finite.max(), 40) if finite.size else 10
+    for name, v in zip(sigmas, values):
+        v = v[np.isfinite(v)]
+        ax.hist(v, bins=bins, alpha=0.55, density=True, label=f"{name} (median {np.median(v):.2f} px, n={v.size})")
+    ax.set_xlabel("estimated Gaussian blur sigma (px at 224)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def variant_chart(table: pd.DataFrame, title: str, label: str = "variant"):
+    """Accuracy of each variant with its 95% interval; the reference in black, variants that differ from it beyond
+    chance (Holm-adjusted McNemar) in red, the rest in grey."""
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1.2))
+    y = np.arange(len(table))[::-1]
+    colors = ["black" if r else ("tab:red" if d else "tab:gray") for r, d in zip(table["reference"], table["differs"])]
+    for yi, color, (_, row) in zip(y, colors, table.iterrows()):
+        err = [[row["accuracy"] - row["ci_low"]], [row["ci_high"] - row["accuracy"]]]
+        ax.errorbar([row["accuracy"]], [yi], xerr=err, fmt="o", color=color, capsize=3)
+    ax.set_yticks(y, table[label].astype(str))
+    ax.set_xlabel("accuracy (95% bootstrap interval)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def sharpness_curve(table: pd.DataFrame):
+    """Accuracy against the sharpening factor, one line per model, with 95% interval bands; multi-factor
+    (test-time view) variants as separate points at the right."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for model, rows in table.groupby("model", sort=False):
+        single = rows[~rows["variant"].str.contains(r"\+")]
+        x = single["variant"].astype(float)
+        line = ax.plot(x, single["accuracy"], marker="o", label=model)[0]
+        ax.fill_between(x, single["ci_low"], single["ci_high"], alpha=0.15, color=line.get_color())
+        for i, (_, r) in enumerate(rows[rows["variant"].str.contains(r"\+")].iterrows()):
+            xv = x.max() + 0.3 * (i + 1)
+            ax.errorbar([xv], [r["accuracy"]], yerr=[[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]],
+                        fmt="s", color=line.get_color(), capsize=3)
+            ax.annotate(r["variant"], (xv, r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("sharpening factor (adjust_sharpness)")
+    ax.set_ylabel("dev accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def confusion_chart(matrix, classes: list[str], title: str):
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def class_counts_chart(counts: dict[str, int], title: str):
+    fig, ax = plt.subplots(figsize=(5.5, 2.8))
+    ax.bar(list(counts), list(counts.values()), color="tab:blue")
+    for i, v in enumerate(counts.values()):
+        ax.text(i, v, str(v), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.15 * max(max(counts.values()), 1))  # room above the tallest bar for its count
+    ax.set_ylabel("images")
+    ax.set_title(title, fontsize=10)
+    return fig

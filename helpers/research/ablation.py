@@ -1,0 +1,177 @@
+"""Ablations on a labeled split, computed from cached embeddings: prompt groups, scoring modes, sharpening
+factors (one encode per factor, cached), ensemble weights and the drop threshold.
+
+Each returns a table with one row per variant: accuracy with its 95% bootstrap interval, the paired difference to
+the reference row with its interval, McNemar's p (Holm-adjusted over the table, since a grid tests many variants
+at once), and whether the variant differs from the reference beyond chance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..config import RunConfig
+from ..infra.cache import encode_texts
+from ..models import ModelHandle
+from ..runs.pipeline import RunData, load_run_data, score_views, split_embeddings
+from .prompts import PromptSet
+from .scoring import FLOAT32, SCORERS, LogitArithmetic, Scores, average_scores, ensemble_scores, score
+from .stats import LEVEL, accuracy_summary, paired_comparison
+
+
+def holm_adjust(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: controls the chance of any false "differs" in a table."""
+    order = np.argsort(p_values)
+    adjusted, running = np.empty(len(p_values)), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def compare_predictions(labels, predictions: dict[str, np.ndarray], reference: str,
+                        extra: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per variant against the reference variant, on the same images."""
+    if reference not in predictions:
+        raise KeyError(f"reference variant '{reference}' is not among {list(predictions)}")
+    rows = []
+    for name, pred in predictions.items():
+        acc = accuracy_summary(labels, pred)
+        paired = paired_comparison(labels, predictions[reference], pred)
+        rows.append({"variant": name, **(extra or {}).get(name, {}), "accuracy": acc["accuracy"],
+                     "ci_low": acc["ci95"][0], "ci_high": acc["ci95"][1], "delta": paired["delta"],
+                     "delta_ci_low": paired["delta_ci95"][0], "delta_ci_high": paired["delta_ci95"][1],
+                     "p_value": paired["mcnemar_p"], "reference": name == reference})
+    table = pd.DataFrame(rows)
+    others = ~table["reference"]
+    table["p_holm"] = 1.0
+    if others.any():
+        table.loc[others, "p_holm"] = holm_adjust(table.loc[others, "p_value"].tolist())
+    table["differs"] = table["p_holm"] < 1 - LEVEL
+    return table
+
+
+@dataclass
+class ModelEmbeddings:
+    """What ablations need of one model on one labeled split."""
+
+    name: str
+    image: list[np.ndarray]  # one (images, dim) array per view
+    text: np.ndarray  # (prompts, dim)
+    prompts: PromptSet
+    labels: np.ndarray
+    arithmetic: LogitArithmetic = FLOAT32  # the model's `logit_arithmetic`: the run's own numbers
+
+    def covers_every_class(self, idx: np.ndarray) -> bool:
+        """Whether the prompts `idx` leave no class without a prompt (else they cannot classify)."""
+        return len(set(self.prompts.class_index[idx].tolist())) == len(self.prompts.classes)
+
+    def predict(self, idx: np.ndarray, mode: str, logit_scale: float) -> np.ndarray:
+        """Labels from the prompts `idx` under a scoring mode, the views' scores averaged."""
+        p = self.prompts
+        views = [score(mode, e, self.text[idx], p.class_index[idx], len(p.classes), logit_scale, self.arithmetic)
+                 for e in self.image]
+        return average_scores(views).labels
+
+
+def load_model_embeddings(config: RunConfig, name: str, split: str = "dev", data: RunData | None = None,
+                          progress: bool = True) -> ModelEmbeddings:
+    """A model's embeddings of a labeled split, from the cache (the model is loaded only for what is missing)."""
+    data = data or load_run_data(config)
+    if split not in data.splits or data.splits[split].labels is None:
+        raise ValueError(f"no labeled split '{split}' in the config (data.dev gives one)")
+    handle = ModelHandle(name, config.models[name], config.device)
+    try:
+        text = encode_texts(handle, data.prompts.texts, config.cache_dir)
+        image = split_embeddings(handle, config, data, split, progress=progress)
+    finally:
+        handle.close()
+    return ModelEmbeddings(name, image, text, data.prompts, data.splits[split].labels, handle.logit_arithmetic)
+
+
+def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_mean",
+                          logit_scale: float = 100.0) -> pd.DataFrame:
+    """All groups (the reference), each group alone, and each group left out."""
+    groups = emb.prompts.groups
+    variants = {"all groups": groups}
+    if len(groups) > 1:
+        variants.update({f"only {g}": [g] for g in groups})
+        variants.update({f"without {g}": [h for h in groups if h != g] for g in groups})
+    predictions, extra = {}, {}
+    for name, chosen in variants.items():
+        idx = emb.prompts.group_indices(chosen)
+        if not emb.covers_every_class(idx):
+            continue  # a group that leaves some class without prompts cannot classify alone
+        predictions[name] = emb.predict(idx, scoring, logit_scale)
+        extra[name] = {"prompts": len(idx)}
+    return compare_predictions(emb.labels, predictions, "all groups", extra)
+
+
+def scoring_mode_ablation(emb: ModelEmbeddings, logit_scale: float = 100.0,
+                          reference: str = "joint_softmax_mean") -> pd.DataFrame:
+    idx = np.arange(len(emb.prompts.prompts))
+    return compare_predictions(emb.labels, {m: emb.predict(idx, m, logit_scale) for m in SCORERS}, reference)
+
+
+def _factor_name(factor) -> str:
+    return "+".join(f"{f:g}" for f in factor) if isinstance(factor, list) else f"{factor:g}"
+
+
+def sharpness_ablation(config: RunConfig, name: str, factors: list, split: str = "dev", data: RunData | None = None,
+                       progress: bool = True) -> pd.DataFrame:
+    """Accuracy per sharpening factor; an entry that is a list of factors is one test-time-view variant (their
+    probabilities averaged). Every factor is encoded once and cached. The reference is the configured factor."""
+    data = data or load_run_data(config)
+    labels = data.splits[split].labels
+    if labels is None:
+        raise ValueError(f"split '{split}' has no labels")
+    configured = config.models[name].sharpness
+    reference = _factor_name(configured) if configured in factors else _factor_name(factors[0])
+    handle = ModelHandle(name, config.models[name], config.device)
+    predictions = {}
+    try:
+        text = encode_texts(handle, data.prompts.texts, config.cache_dir)
+        for factor in factors:
+            views = [handle.preprocess(f) for f in (factor if isinstance(factor, list) else [factor])]
+            embs = split_embeddings(handle, config, data, split, views, progress)
+            predictions[_factor_name(factor)] = score_views(config, embs, text, data.prompts,
+                                                            handle.logit_arithmetic).labels
+    finally:
+        handle.close()
+    table = compare_predictions(labels, predictions, reference)
+    table.insert(0, "model", name)
+    return table
+
+
+def two_model_weights(first: str, second: str, steps=(0.3, 0.4, 0.45, 0.5, 0.54, 0.55, 0.6, 0.7)) -> list[dict]:
+    """A weight grid for two models (by default the winner's 0.5, 0.54 and 0.55 and their surroundings)."""
+    return [{first: w, second: round(1 - w, 10)} for w in steps]
+
+
+def ensemble_weight_ablation(scores: dict[str, Scores], labels, prompts: PromptSet, weight_sets: list[dict],
+                             reference: dict, drop_below: float | None = None) -> pd.DataFrame:
+    """A row per weight set (the reference once, wherever it falls), sorted by the first model's weight; the models
+    in the order of `scores` (the config's), whatever the order of each set's keys."""
+    names = list(scores)
+
+    def key(w):
+        return ", ".join(f"{n}={w[n]:g}" for n in names)  # the same weights, one row
+
+    sets = dict(sorted({key(w): w for w in [reference, *weight_sets]}.items(),
+                       key=lambda item: [item[1][n] for n in names]))
+    predictions = {k: ensemble_scores(scores, w, prompts.class_index, len(prompts.classes), drop_below).labels
+                   for k, w in sets.items()}
+    return compare_predictions(labels, predictions, key(reference))
+
+
+def drop_threshold_ablation(scores: dict[str, Scores], labels, prompts: PromptSet, weights: dict,
+                            thresholds=(None, 0.0005, 0.001, 0.002, 0.005, 0.01)) -> pd.DataFrame:
+    """The winner's "drop per-prompt probabilities <= t" against no drop (the reference)."""
+    n_classes = len(prompts.classes)
+    predictions = {("none" if t is None else f"{t:g}"): ensemble_scores(scores, weights, prompts.class_index,
+                                                                         n_classes, t).labels
+                   for t in dict.fromkeys([None, *thresholds])}
+    return compare_predictions(labels, predictions, "none")

@@ -1,0 +1,190 @@
+"""`python -m helpers run CONFIG`: the workbench's notebooks executed end to end by papermill.
+
+The inference notebook runs once per model, each in a fresh kernel (so a model's GPU memory is freed before the
+next one loads), then the ensemble notebook writes the submission, and the analysis notebooks write their figures
+and tables. Everything lands in one run folder; a rerun reuses the inference of models that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..config import RunConfig, json_digest, load_config
+from ..infra.distributed import World
+from ..infra.files import PROJECT_ROOT, remove_stale_temporaries
+from ..infra.jupyter import ensure_kernel
+from ..infra.progress import saved_run_kernels
+from .pipeline import (
+    RunError,
+    check_models,
+    check_paths,
+    check_world,
+    claim_output_dir,
+    load_run_data,
+    model_dir,
+    model_outputs_match,
+)
+
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+INSPECT, SHARPNESS, PROMPTS, INFERENCE, ENSEMBLE = (
+    "01_inspect.ipynb", "02_preprocessing_ablation.ipynb", "03_prompt_ablation.ipynb", "04_inference.ipynb",
+    "05_ensemble.ipynb")
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """outputs/runs/<name>-<hash of the resolved config>: the same config reruns into the same folder."""
+    return Path("outputs") / "runs" / f"{config.name}-{json_digest(config.to_dict())[:8]}"
+
+
+def local_kernel_manager():
+    """A kernel manager that talks to its kernel over local sockets (IPC), not TCP: the kernel and papermill are on
+    one machine, and ipykernel warns on every start, on the terminal, that its TCP traffic is not encrypted.
+
+    The sockets get a path of their own in the temporary folder: jupyter_client's default, `kernel-ipc-<n>` in the
+    working folder, is taken by whichever of several processes there (a sweep's points) starts a kernel first, and
+    the other kernels then never answer."""
+    import tempfile
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = os.path.join(tempfile.gettempdir(), f"helpers-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    return LocalKernelManager
+
+
+def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress: bool = True) -> None:
+    import papermill as pm
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # no live frontend: text progress, widgets as pictures, how to run the notebook live (helpers.infra.progress)
+        with saved_run_kernels(notebook, Path(parameters.get("output_dir", output.parent))):
+            # the kernel is ended at once when the last cell is done (a kernel that imported torch takes about a
+            # second to exit by itself, and nothing is left to wait for: the outputs are in, the files written)
+            pm.execute_notebook(NOTEBOOKS / notebook, output, parameters=parameters, kernel_name=kernel,
+                                cwd=str(PROJECT_ROOT), progress_bar=progress, shutdown_kernel="immediate",
+                                kernel_manager_class=local_kernel_manager())
+    except pm.PapermillExecutionError as e:
+        first_line = e.source.strip().splitlines()[0] if e.source.strip() else ""
+        # a user error is shown in its cell as the one line the command line prints (errors.install_notebook_handler)
+        shown = e.traceback[-1] if e.traceback and e.traceback[-1].startswith("error: ") else None
+        what = shown.removeprefix("error: ") if shown else " ".join(f"{e.ename}: {e.evalue}".split())
+        raise RunError(f"{notebook} failed in cell In [{e.exec_count}] (`{first_line}`): {what} (the executed "
+                       f"notebook, with the cell's output, is {output})") from None
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """What `python -m helpers run` prints at the end: where the run is, what it wrote, and how to look at it (compare
+    it with another run, or open its executed notebooks in JupyterLab)."""
+    import textwrap
+
+    run_dir = Path(run_dir)
+    outputs = [n for n in ("submission.csv", "metrics.json", "manifest.json", "config.yaml") if (run_dir / n).is_file()]
+    notebooks = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
+    lines = [f"wrote {run_dir}: {', '.join(outputs)}"]
+
+    def listing(what: str, names: list[str]) -> None:
+        if names:
+            lines.extend(textwrap.wrap(", ".join(names), 116, initial_indent=f"  {what} ({len(names)}): ",
+                                       subsequent_indent="    ", break_on_hyphens=False))
+
+    listing("executed notebooks, notebooks/", notebooks)
+    listing("figures, figures/", sorted(p.name for p in (run_dir / "figures").glob("*.png")))
+    listing("tables, tables/", sorted(p.name for p in (run_dir / "tables").glob("*.csv")))
+    try:
+        models = json.loads((run_dir / "manifest.json").read_text()).get("models", {})
+    except (OSError, ValueError):
+        models = {}
+    random = [n for n, m in models.items() if isinstance(m, dict) and m.get("random_weights")]
+    if random:
+        lines.append(f"  note: RANDOM weights ({', '.join(random)}): the labels and accuracies are meaningless")
+    # `make lab RUN=...` runs in the project root: name the folder from there
+    lab_dir = run_dir.resolve()
+    lab_dir = lab_dir.relative_to(PROJECT_ROOT) if lab_dir.is_relative_to(PROJECT_ROOT) else lab_dir
+    lines += ["next:",
+              f"  compare it with another run:  {python_command()} -m helpers compare {run_dir} OTHER_RUN",
+              f"  open it in JupyterLab:        make lab RUN={lab_dir}   (the notebooks under notebooks/)"]
+    return "\n".join(lines)
+
+
+def python_command() -> str:
+    """This interpreter as the user's shell reaches it: relative to the working folder when inside it (the project's
+    `.venv/bin/python`), else its full path; a bare `python` outside the virtual environment has no helpers."""
+    executable = os.path.abspath(sys.executable)  # not resolved: the venv's python is a link to the system's
+    relative = os.path.relpath(executable)
+    return relative if not relative.startswith("..") else executable
+
+
+def _finished(notebook: Path) -> bool:
+    """Whether papermill ran every cell of this executed notebook (it writes the notebook also when a cell fails
+    or the run is interrupted)."""
+    if not notebook.is_file():
+        return False
+    import nbformat
+
+    cells = nbformat.read(notebook, as_version=4).cells
+    return all(cell.metadata.get("papermill", {}).get("status") == "completed" for cell in cells)
+
+
+def encode_with_torchrun(config_file: str | Path, nproc: int, progress: bool) -> None:
+    """`python -m helpers encode` of the run folder's resolved config under torchrun, with `nproc` processes on this
+    machine: the notebooks then find every embedding in the cache."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "helpers", "encode", str(config_file)]
+    if not progress:
+        command.append("--quiet")
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise RunError(f"the encode with {nproc} processes (torchrun) failed with status {result.returncode}; its "
+                       "error is printed above, and a rerun resumes from what every process finished")
+
+
+def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
+                 analyses: bool = True, progress: bool = True, log=print, nproc: int = 1) -> Path:
+    config = load_config(config_path, overrides)
+    run_dir = Path(output_dir) if output_dir else default_run_dir(config)
+    # before any work: bad paths, a missing model or an unusable image fail now, with the clear message
+    check_paths(config, run_dir)
+    check_world(config, World(size=nproc))
+    check_models(config)
+    data = load_run_data(config, progress)
+    config_file = str(claim_output_dir(run_dir, config).resolve())
+    remove_stale_temporaries(run_dir)  # what a killed run was writing: never whole, never read
+    kernel = ensure_kernel()
+    base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}
+    executed = run_dir / "notebooks"
+    if nproc > 1:
+        log(f"encoding with {nproc} processes (torchrun)")
+        encode_with_torchrun(config_file, nproc, progress)
+
+    for name in config.models:
+        out = executed / f"04_inference-{name}.ipynb"
+        if model_outputs_match(run_dir, name, data) and _finished(out):
+            log(f"model {name}: reusing the finished inference in {out}")
+            continue
+        log(f"model {name}: running {INFERENCE}")
+        execute(INFERENCE, out, {**base, "model_name": name}, kernel, progress)
+        if not json.loads((model_dir(run_dir, name) / "model.json").read_text())["model_loaded"]:
+            log(f"model {name}: every embedding came from the cache {config.cache_dir} (nothing encoded, no model "
+                "loaded)")
+    log(f"ensemble: running {ENSEMBLE}")
+    execute(ENSEMBLE, executed / ENSEMBLE, base, kernel, progress)
+    if analyses:
+        execute(INSPECT, executed / INSPECT, base, kernel, progress)
+        if config.data.dev is not None:
+            execute(SHARPNESS, executed / SHARPNESS, base, kernel, progress)
+            for name in config.models:
+                execute(PROMPTS, executed / f"03_prompt_ablation-{name}.ipynb", {**base, "model_name": name},
+                        kernel, progress)
+        else:
+            log("no data.dev: skipping the dev-set ablations (preprocessing and prompts)")
+    return run_dir

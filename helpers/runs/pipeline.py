@@ -1,0 +1,478 @@
+"""A run, in two steps that the notebooks call one by one and `predict` calls in a row:
+
+1. `run_model`: one model encodes the prompts and every split (through the cache) and writes its outputs under
+   `<output>/models/<name>/`.
+2. `run_ensemble`: combines the models' outputs, writes `submission.csv`, `metrics.json` and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from ..config import ConfigError, RunConfig
+from ..infra.cache import EmbeddingStore, check_images, encode_texts, ensure_encoded
+from ..infra.distributed import ONE_PROCESS, World
+from ..infra.errors import UserError
+from ..infra.files import atomic_write_csv, atomic_write_text, npy_rows, remove_stale_temporaries
+from ..models import ModelHandle, WeightsUnavailableError, resolve_device
+from ..research.data import (
+    DataError,
+    ImageSet,
+    Preprocess,
+    bad_images_message,
+    fingerprint,
+    load_dev_set,
+    load_test_set,
+)
+from ..research.prompts import PromptSet, load_prompts
+from ..research.scoring import (
+    FLOAT32,
+    SCORE_BLOCK_ROWS,
+    LogitArithmetic,
+    Scores,
+    average_scores,
+    ensemble_scores,
+    joint_softmax_probs,
+    score,
+)
+from ..research.stats import evaluate, paired_comparison
+from .outputs import build_manifest, reference_agreement, reference_path, write_json, write_npy, write_submission
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """The classes, prompts and image sets ("test", "dev") of a run config, their files read and checked."""
+
+    classes: list[str]
+    prompts: PromptSet
+    splits: dict[str, ImageSet] = field(default_factory=dict)
+
+    @property
+    def digests(self) -> dict[str, list[str]]:
+        return {name: s.digests for name, s in self.splits.items()}
+
+    def fingerprints(self) -> dict:
+        prints = {name: fingerprint(s, s.digests) for name, s in self.splits.items()}
+        for name, s in self.splits.items():
+            if s.skipped:
+                prints[name]["skipped"] = [skip.record(s.root) for skip in s.skipped]
+        return prints
+
+    def skipped(self) -> dict[str, list[dict]]:
+        return {name: [skip.record(s.root) for skip in s.skipped] for name, s in self.splits.items() if s.skipped}
+
+
+class RunError(UserError, RuntimeError):
+    """A run that stopped; the message names the notebook and the cell, or the run folder."""
+
+
+class RunStaleError(UserError, RuntimeError):
+    """Outputs in a run folder that were made from other inputs than the run's."""
+
+
+def load_run_data(config: RunConfig, progress: bool = False) -> RunData:
+    """The run's image sets, every file read once and checked (`check_images`). An unusable image stops the run
+    here, before anything is encoded, with every bad file listed; with `on_bad_image: skip` it is left out."""
+    splits = {}
+    if config.data.test:
+        splits["test"] = load_test_set(config.data.test, config.data.limit)
+    classes = config.data.classes or splits["test"].classes  # the config check asks for one of the two
+    if config.fallback_label is not None and config.fallback_label not in classes:
+        raise ConfigError(f"fallback_label is '{config.fallback_label}', not one of the classes {', '.join(classes)}")
+    if config.data.dev:
+        from ..research.devset import (
+            build_missing_dev_set,  # its blur estimation needs scipy: only when there is a dev set
+        )
+
+        dev = config.data.dev
+        build_missing_dev_set(dev, classes, progress)
+        splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
+    prompts = load_prompts(config.prompts, classes)
+    problems = {name: check_images(images, config.cache_dir, progress) for name, images in splits.items()}
+    bad = [(splits[name].files[i], reason) for name, found in problems.items() for i, reason in found.items()]
+    if bad and config.on_bad_image == "error":
+        raise DataError(bad_images_message(
+            bad, sum(map(len, splits.values())), "so nothing was encoded",
+            ", or set `on_bad_image: skip` in the config (or --set on_bad_image=skip) to leave them out: skipped test "
+            "images get the `fallback_label` class (default: the run's most predicted class)"))
+    for name, found in problems.items():
+        if not found:
+            continue
+        if len(found) == len(splits[name]):
+            raise DataError(f"every image of the {name} set ({splits[name].root}) is unusable, e.g. "
+                            f"{splits[name].files[0]} ({found[0]})")
+        splits[name] = splits[name].without(found)
+        log.warning("%s set: skipping %d unusable image(s) (on_bad_image: skip), e.g. %s (%s)", name, len(found),
+                    splits[name].skipped[0].path, splits[name].skipped[0].reason)
+    return RunData(classes, prompts, splits)
+
+
+def model_dir(output_dir: Path, name: str) -> Path:
+    return Path(output_dir) / "models" / name
+
+
+def split_embeddings(handle: ModelHandle, config: RunConfig, data: RunData, split: str,
+                     views: list[Preprocess] | None = None, progress: bool = True) -> list[np.ndarray]:
+    """Image embeddings of one split, one (images, dim) array per view, through the cache (for analyses: a run's
+    scoring reads them from `split_stores` in chunks)."""
+    return [store.get(data.digests[split]) for store in split_stores(handle, config, data, split, views, progress)]
+
+
+def split_stores(handle: ModelHandle, config: RunConfig, data: RunData, split: str,
+                 views: list[Preprocess] | None = None, progress: bool = True,
+                 world: World = ONE_PROCESS) -> list[EmbeddingStore]:
+    """The embedding store of each view of one split, holding every image of it once this returns (on every rank:
+    each encodes its share of what is missing, then they meet)."""
+    images = data.splits[split]
+    return [ensure_encoded(handle, images.files, view, config.cache_dir, data.digests[split],
+                           num_workers=config.num_workers, progress=progress, world=world)
+            for view in (views or handle.views)]
+
+
+def score_views(config: RunConfig, image_embs: list[np.ndarray], text_emb: np.ndarray, prompts: PromptSet,
+                arithmetic: LogitArithmetic = FLOAT32) -> Scores:
+    """Scores of every view, averaged (one view: its scores); `arithmetic` is the model's `logit_arithmetic`."""
+    return average_scores([score(config.scoring, e, text_emb, prompts.class_index, len(prompts.classes),
+                                 config.logit_scale, arithmetic) for e in image_embs])
+
+
+SCORE_CHUNK_ROWS = 16384  # images scored at once: the arrays of a set of millions never need to fit in memory
+
+
+def row_chunks(n: int, chunk_rows: int | None = None) -> list[slice]:
+    """Slices of `chunk_rows` rows (rounded up to whole scoring blocks, so that chunks change no number)."""
+    step = -(-(chunk_rows or SCORE_CHUNK_ROWS) // SCORE_BLOCK_ROWS) * SCORE_BLOCK_ROWS
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def score_split(config: RunConfig, stores: list[EmbeddingStore], digests: list[str], text_emb: np.ndarray,
+                prompts: PromptSet, split_dir: Path, chunk_rows: int | None = None,
+                arithmetic: LogitArithmetic = FLOAT32) -> np.ndarray:
+    """Score one split in chunks of rows, read from the stores and written into memory-mapped `.npy` files
+    (`image_embeddings`, `prompt_probs`, `class_scores`); returns the labels. Scoring is row by row, so the chunks
+    give what one pass over all rows gives."""
+    n, dim, views = len(digests), text_emb.shape[1], len(stores)
+    emb_shape = (n, dim) if views == 1 else (views, n, dim)
+    labels = np.empty(n, dtype=np.int64)
+    with (npy_rows(split_dir / "image_embeddings.npy", emb_shape) as embeddings,
+          npy_rows(split_dir / "prompt_probs.npy", (n, len(prompts.texts))) as probs,
+          npy_rows(split_dir / "class_scores.npy", (n, len(prompts.classes))) as class_scores):
+        for rows in row_chunks(n, chunk_rows):
+            image_embs = [store.get(digests[rows]) for store in stores]
+            scores = score_views(config, image_embs, text_emb, prompts, arithmetic)
+            chunk_probs = scores.prompt_probs
+            if chunk_probs is None:  # other scoring modes still record the winner's per-prompt probabilities
+                chunk_probs = torch.stack([joint_softmax_probs(e, text_emb, config.logit_scale, arithmetic)
+                                           for e in image_embs]).mean(0)
+            for v, e in enumerate(image_embs):
+                embeddings[(rows,) if views == 1 else (v, rows)] = e
+            probs[rows] = chunk_probs.numpy()
+            class_scores[rows] = scores.class_scores.numpy()
+            labels[rows] = scores.labels
+    return labels
+
+
+def encode_model_images(config: RunConfig, name: str, data: RunData, world: World, progress: bool = False,
+                        prompts: bool = False) -> None:
+    """A rank's share of model `name`'s image encodes, every split and view, in the order `run_model` takes them
+    (and with `prompts`, the prompts too, with the same loaded model)."""
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+    try:
+        for split in data.splits:
+            split_stores(handle, config, data, split, progress=progress, world=world)
+        if prompts:
+            encode_texts(handle, data.prompts.texts, config.cache_dir)
+    finally:
+        handle.close()
+
+
+def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunData | None = None,
+              progress: bool = True, world: World = ONE_PROCESS, chunk_rows: int | None = None) -> dict:
+    """Encode the prompts and every split with model `name`; write its embeddings, probabilities and predictions.
+
+    `image_embeddings.npy` is (images, dim), or (views, images, dim) when `sharpness` lists several factors. Under
+    torchrun this is rank 0's part, while the other ranks run `encode_model_images`.
+    """
+    if name not in config.models:
+        raise KeyError(f"no model '{name}' in the config (models: {', '.join(config.models)})")
+    data = data or load_run_data(config)
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+    out = model_dir(output_dir, name)
+    started = time.perf_counter()
+    try:
+        text_emb = encode_texts(handle, data.prompts.texts, config.cache_dir)
+        write_npy(out / "text_embeddings.npy", text_emb)
+        atomic_write_csv(out / "prompts.csv", data.prompts.to_frame(), index_label="prompt")
+        seconds = {}
+        for split, images in data.splits.items():
+            t0 = time.perf_counter()
+            stores = split_stores(handle, config, data, split, progress=progress, world=world)
+            seconds[split] = round(time.perf_counter() - t0, 3)
+            labels = score_split(config, stores, data.digests[split], text_emb, data.prompts, out / split, chunk_rows,
+                                 handle.logit_arithmetic)
+            atomic_write_csv(out / split / "predictions.csv", _predictions_frame(images, labels, data.classes),
+                             index=False)
+        info = {
+            "name": name,
+            "identity": handle.identity,
+            "random_weights": handle.random_weights,
+            "views": [view.key() for view in handle.views],
+            "precision": handle.entry.precision,
+            "precision_setting": handle.precision_setting,  # `auto` chose `precision` on this machine
+            "logit_arithmetic": handle.logit_arithmetic.record(),  # fp16 on the GPU: the winner's under autocast
+            "device": str(handle.device),
+            "model_loaded": handle.loaded,  # False: everything came from the embedding cache
+            # where each part of the model was placed (device_map), how long loading took, from which weights
+            "placement": handle.encoder.placement if handle.loaded else None,
+            "load_seconds": handle.encoder.load_seconds if handle.loaded else None,
+            "weights_format": handle.encoder.weights_format if handle.loaded else None,
+            "world_size": world.size,  # processes that shared the encode (torchrun)
+            "encode_seconds": seconds,
+            "seconds": round(time.perf_counter() - started, 3),
+            "data": data.fingerprints(),  # which images these outputs are of (the ensemble checks it)
+        }
+    finally:
+        handle.close()
+    write_json(out / "model.json", info)
+    if not info["model_loaded"]:
+        log.info("model %s: every embedding came from the cache %s (nothing encoded, no model loaded)", name,
+                 config.cache_dir)
+    return info
+
+
+def _predictions_frame(images: ImageSet, labels: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame({"file": [str(p.relative_to(images.root)) for p in images.files], "label": labels,
+                          "class": [classes[i] for i in labels]})
+    if images.ids is not None:
+        frame.insert(0, "id_idx", images.ids)
+    if images.labels is not None:
+        frame["true_label"] = images.labels
+    return frame
+
+
+def run_missing_models(config: RunConfig, output_dir: str | Path, data: RunData, progress: bool = True) -> list[str]:
+    """Run the inference of every model whose outputs in `output_dir` are missing or of other images (through the
+    embedding cache, as `run` does: what is cached is not encoded again); returns their names."""
+    missing = [name for name in config.models if not model_outputs_match(output_dir, name, data)]
+    for name in missing:
+        run_model(config, name, output_dir, data, progress)
+    return missing
+
+
+def model_outputs_match(output_dir: str | Path, name: str, data: RunData) -> bool:
+    """Whether model `name`'s outputs in the run folder are of exactly this run's images (a rerun after images were
+    fixed or broke, with `on_bad_image: skip`, has others)."""
+    path = model_dir(output_dir, name) / "model.json"
+    return path.is_file() and json.loads(path.read_text()).get("data") == data.fingerprints()
+
+
+def model_outputs(output_dir: str | Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model `name`'s per-prompt probabilities and class scores of one split, memory-mapped."""
+    split_dir = model_dir(output_dir, name) / split
+    if not (split_dir / "class_scores.npy").is_file():
+        raise FileNotFoundError(f"{split_dir}: no outputs of model '{name}' (run its inference first)")
+    return (np.load(split_dir / "prompt_probs.npy", mmap_mode="r"),
+            np.load(split_dir / "class_scores.npy", mmap_mode="r"))
+
+
+def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: str,
+                      rows: slice = slice(None)) -> Scores:
+    """Model `name`'s scores of one split (of `rows` of it), in memory."""
+    probs, class_scores = model_outputs(output_dir, name, split)
+    return Scores(torch.from_numpy(np.array(class_scores[rows])),
+                  torch.from_numpy(np.array(probs[rows])) if scoring == "joint_softmax_mean" else None)
+
+
+def ensemble_split(config: RunConfig, output_dir: str | Path, split: str, n: int, prompts: PromptSet,
+                   chunk_rows: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The ensemble's labels of one split and each model's, over chunks of rows of the models' outputs (a set of
+    millions never needs to fit in memory; each row is combined alone, so the chunks change nothing)."""
+    labels, per_model = np.empty(n, dtype=np.int64), {name: np.empty(n, dtype=np.int64) for name in config.models}
+    for rows in row_chunks(n, chunk_rows):
+        scores = {name: load_model_scores(output_dir, name, split, config.scoring, rows) for name in config.models}
+        labels[rows] = ensemble_scores(scores, ensemble_weights(config), prompts.class_index, len(prompts.classes),
+                                       config.ensemble.drop_below).labels
+        for name, s in scores.items():
+            per_model[name][rows] = s.labels
+    return labels, per_model
+
+
+def ensemble_weights(config: RunConfig) -> dict[str, float]:
+    return config.ensemble.weights or {n: 1 / len(config.models) for n in config.models}
+
+
+def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None = None,
+                 chunk_rows: int | None = None) -> dict:
+    """Combine the models' outputs; write submission.csv (when there is a test split) and metrics.json."""
+    data = data or load_run_data(config)
+    output_dir = Path(output_dir)
+    weights = ensemble_weights(config)
+    n_classes = len(data.classes)
+    metrics: dict = {"weights": weights, "drop_below": config.ensemble.drop_below, "scoring": config.scoring}
+    for name in config.models:
+        if (model_dir(output_dir, name) / "model.json").is_file() and not model_outputs_match(output_dir, name, data):
+            raise RunStaleError(f"{model_dir(output_dir, name)} holds model {name}'s outputs for other images than "
+                                "this run's (which images are usable changed since): run its inference again")
+    for split, images in data.splits.items():
+        labels, per_model = ensemble_split(config, output_dir, split, len(images), data.prompts, chunk_rows)
+        frame = _predictions_frame(images, labels, data.classes)
+        summary: dict = {"images": len(images),
+                         "predicted_counts": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)}}
+        if split == "test" and images.skipped:
+            fallback = fallback_label(config, data.classes, labels)
+            frame = _with_skipped(frame, images, fallback, data.classes)
+            summary["fallback_label"] = fallback
+        atomic_write_csv(output_dir / f"{split}_predictions.csv", frame, index=False)
+        if split == "test":
+            write_submission(output_dir / "submission.csv", frame["id_idx"].tolist(), frame["label"].to_numpy(),
+                             n_classes)
+            if config.reference is not None:
+                summary["reference"] = reference_agreement(config.reference, frame["id_idx"].tolist(),
+                                                           frame["label"].to_numpy())
+        if images.labels is not None:
+            summary["models"] = {n: evaluate(images.labels, y, data.classes) for n, y in per_model.items()}
+            summary["ensemble"] = evaluate(images.labels, labels, data.classes)
+            # the ensemble against each model alone, on the same images: is the gain beyond chance?
+            summary["ensemble_vs_model"] = {n: paired_comparison(images.labels, y, labels)
+                                            for n, y in per_model.items()}
+        metrics[split] = summary
+    if data.skipped():
+        metrics["skipped_images"] = data.skipped()
+    random = [name for name, entry in config.models.items() if entry.pretrained == "random"]
+    if random:  # the labels and accuracies of these models mean nothing
+        metrics["random_weights"] = random
+    write_json(output_dir / "metrics.json", metrics)
+    return metrics
+
+
+def fallback_label(config: RunConfig, classes: list[str], labels: np.ndarray) -> dict:
+    """The class that skipped test images get: the config's `fallback_label`, else the most predicted class."""
+    if config.fallback_label is not None:
+        index, source = classes.index(config.fallback_label), "fallback_label in the config"
+    else:
+        index, source = int(np.bincount(labels, minlength=len(classes)).argmax()), "the run's most predicted class"
+    return {"label": index, "class": classes[index], "source": source}
+
+
+def _with_skipped(frame: pd.DataFrame, images: ImageSet, fallback: dict, classes: list[str]) -> pd.DataFrame:
+    """The predictions with a row for every skipped image too (its fallback label), in the set's order."""
+    skipped = pd.DataFrame({"file": [str(s.path.relative_to(images.root)) for s in images.skipped],
+                            "label": fallback["label"], "class": fallback["class"]})
+    skipped.insert(0, "id_idx", [s.id for s in images.skipped])
+    frame = frame.assign(skipped=False, position=images.kept_positions())
+    skipped = skipped.assign(skipped=True, position=[s.index for s in images.skipped])
+    log.warning("test set: %d skipped image(s) get label %d (%s: %s)", len(skipped), fallback["label"],
+                fallback["source"], fallback["class"])
+    return pd.concat([frame, skipped]).sort_values("position").drop(columns="position").reset_index(drop=True)
+
+
+def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, world: World = ONE_PROCESS) -> None:
+    """The config used (resolved) and the manifest, with what each model's inference recorded."""
+    output_dir = Path(output_dir)
+    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    models = {n: json.loads((model_dir(output_dir, n) / "model.json").read_text()) for n in config.models}
+    manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
+    manifest["world_size"] = world.size  # processes that shared the encodes (torchrun); the results do not depend on it
+    write_json(output_dir / "manifest.json", manifest)
+
+
+def claim_output_dir(output_dir: Path, config: RunConfig) -> Path:
+    """Write the resolved config into a run folder, or check that the folder holds a run of this config: a folder
+    belongs to one config, so that its outputs never mix two. Returns the config file's path."""
+    path = Path(output_dir) / "config.yaml"
+    resolved = config.to_dict()
+    if _recorded_config(path) not in (None, resolved):
+        raise RunError(f"{output_dir} holds a run of another config; give another --output-dir")
+    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+    return path
+
+
+def _recorded_config(path: Path) -> dict | None:
+    """The config a run folder records; None when there is none (files are written whole, but one written by hand or
+    by an older version may be damaged: then the folder is taken as unclaimed)."""
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+
+
+def check_models(config: RunConfig) -> None:
+    """Before any work: every model's weights are on disk or downloadable, else one error that says, for each
+    model that lacks them, what to do."""
+    problems = []
+    for name, entry in config.models.items():
+        try:
+            ModelHandle(name, entry, config.device).check_weights()
+        except (WeightsUnavailableError, FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+    if problems:
+        raise WeightsUnavailableError(" | ".join(problems))
+
+
+def check_paths(config: RunConfig, output_dir: str | Path) -> None:
+    """Before any work: the run folder and the cache are folders (or can be made), and the run folder is outside
+    the input folders, where its files (figures are PNG images) would be read as input next time."""
+    if config.reference is not None:
+        reference_path(config.reference)
+    for what, path in (("the run folder (--output-dir)", Path(output_dir)), ("cache_dir", Path(config.cache_dir))):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{what} {path} is a file, not a folder: give a folder")
+    out = Path(output_dir).resolve()
+    inputs = {"data.test": config.data.test, "data.dev.path": config.data.dev.path if config.data.dev else None}
+    for key, folder in inputs.items():
+        if folder is not None and out.is_relative_to(Path(folder).resolve()):
+            raise ConfigError(f"the run folder {output_dir} is inside the input folder {folder} ({key}): its files "
+                              "would be read as input images next time; give an --output-dir outside it")
+
+
+def check_world(config: RunConfig, world: World) -> None:
+    """A model spread over GPUs (`device_map`) takes every GPU it sees: one rank per GPU cannot hold it."""
+    spread = [n for n, m in config.models.items() if m.device_map is not None]
+    if world.size > 1 and spread:
+        raise ConfigError(f"models.{spread[0]}.device_map spreads the model over the GPUs, which the {world.size} "
+                          "torchrun processes each want one of: run it in one process (without torchrun), or drop "
+                          "device_map to give each process a copy on its own GPU")
+
+
+def predict(config: RunConfig, output_dir: str | Path, progress: bool = True,
+            world: World = ONE_PROCESS) -> dict | None:
+    """Every model, then the ensemble: the whole run. Under torchrun every rank calls this: they share the encodes,
+    and rank 0 alone writes the outputs and returns the metrics (the others return None)."""
+    check_paths(config, output_dir)
+    check_world(config, world)
+    check_models(config)
+    output_dir = Path(output_dir)
+    data = load_run_data(config, progress and world.is_main)
+    if not world.is_main:
+        for name in config.models:
+            encode_model_images(config, name, data, world)
+        return None
+    claim_output_dir(output_dir, config)
+    remove_stale_temporaries(output_dir)  # what a killed run was writing: never whole, never read
+    for name in config.models:
+        run_model(config, name, output_dir, data, progress, world)
+    metrics = run_ensemble(config, output_dir, data)
+    write_run_files(config, output_dir, data, world)
+    return metrics
+
+
+def encode_cache(config: RunConfig, progress: bool = True, world: World = ONE_PROCESS) -> None:
+    """Every model's image embeddings of every split and view, and (on rank 0) its prompt embeddings, into the
+    cache, without writing a run: `python -m helpers run --nproc N` does this under torchrun before its notebooks,
+    which then find everything cached."""
+    check_world(config, world)
+    check_models(config)
+    data = load_run_data(config, progress and world.is_main)
+    for name in config.models:
+        encode_model_images(config, name, data, world, progress, prompts=world.is_main)

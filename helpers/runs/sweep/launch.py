@@ -1,0 +1,307 @@
+"""Running a sweep's points: each a `python -m helpers run` of its config into its own run folder, several at once
+on this machine (`LocalLauncher`: N at a time, or one per GPU) or as Slurm jobs through submitit (`SubmititLauncher`;
+its local executor runs the same path on one machine).
+
+A point's job writes its own status (`status/<point>.json`: running, then done or failed with the error), its log
+(`logs/<point>.log`) and the number of images it encoded (the encode ledger, `helpers.infra.ledger`), so that whoever
+reruns the sweep, on whichever machine, knows which points finished: a rerun skips them and redoes the rest. The points
+wait for the runs that encode what they need: first the base (which also encodes the analyses' images), then, per
+model, the first point with the same images and preprocessing, so that no two points encode the same images.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ...infra.errors import one_line
+from ...infra.files import atomic_write_text
+from ...infra.ledger import ENCODE_LEDGER_ENV, images_encoded
+from .design import Point, SweepError
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+EXIT_WITH_PARENT_ENV = "HELPERS_EXIT_WITH_PARENT"  # a point's run ends when the process that started it ends
+_RUNNING: dict[str, subprocess.Popen] = {}  # this process's points' runs, by point
+
+
+@dataclass
+class PointJob:
+    """What a point's job needs (plain data: submitit pickles it for the job)."""
+
+    point: str
+    config_file: str
+    run_dir: str
+    status_file: str
+    log_file: str
+    ledger_file: str
+    cwd: str
+    analyses: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def read_status(path: str | Path) -> dict:
+    try:
+        status = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _write_status(job: PointJob, status: dict) -> dict:
+    atomic_write_text(Path(job.status_file), json.dumps(status, indent=2) + "\n")
+    return status
+
+
+def finished(job: PointJob) -> bool:
+    """Done, and its outputs still there (a point whose folder was emptied since runs again)."""
+    run_dir = Path(job.run_dir)
+    return (read_status(job.status_file).get("status") == "done" and (run_dir / "submission.csv").is_file()
+            and (run_dir / "metrics.json").is_file())
+
+
+def failure_of(log: Path, returncode: int) -> str:
+    """What the run said when it failed: its `error:` line (the notebook and the cell), else its last line."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1].removeprefix("error: ")
+    last = lines[-1] if lines else "no output"
+    return f"exit status {returncode}: {last}"
+
+
+def run_point(job: PointJob) -> dict:
+    """Run one point (`python -m helpers run` of its config into its folder), writing its status as it goes; returns
+    the final status."""
+    started = time.time()
+    status = {"point": job.point, "status": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"),
+              "host": socket.gethostname(), "pid": os.getpid(), "run_dir": job.run_dir, "log": job.log_file,
+              "gpu": job.env.get("CUDA_VISIBLE_DEVICES"), "job_id": os.environ.get("SLURM_JOB_ID")}
+    _write_status(job, status)
+    ledger = Path(job.ledger_file)
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text("")  # this attempt's encodes only
+    command = [sys.executable, "-m", "helpers", "run", job.config_file, "--output-dir", job.run_dir, "--quiet"]
+    if not job.analyses:
+        command.append("--no-analyses")
+    env = {**os.environ, **job.env, ENCODE_LEDGER_ENV: str(ledger), EXIT_WITH_PARENT_ENV: "1"}
+    Path(job.log_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(job.log_file, "w") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=job.cwd, env=env)
+        _RUNNING[job.point] = process
+        _write_status(job, {**status, "run_pid": process.pid})
+        try:
+            returncode = process.wait()
+        finally:
+            _RUNNING.pop(job.point, None)
+    done = returncode == 0 and (Path(job.run_dir) / "submission.csv").is_file()
+    status.update(status="done" if done else "failed", returncode=returncode, seconds=round(time.time() - started, 1),
+                  images_encoded=images_encoded(ledger), error=None if done else failure_of(Path(job.log_file),
+                                                                                              returncode))
+    return _write_status(job, status)
+
+
+def exit_with_parent() -> None:
+    """In a point's run (EXIT_WITH_PARENT_ENV set, on Linux): end when the sweep (or job) that started it ends, even
+    when that one is killed outright, so that a rerun never races a run left behind."""
+    if os.environ.get(EXIT_WITH_PARENT_ENV) != "1" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent ended before the call
+        sys.exit(143)
+
+
+# --- launchers: start a job, say when it is done
+
+
+class LocalLauncher:
+    """N points at a time on this machine; with GPUs, one point per GPU, each run seeing only its own."""
+
+    def __init__(self, jobs: int, gpus: list[str] | None = None):
+        self.gpus = list(gpus or [])
+        self.slots = len(self.gpus) if self.gpus else jobs
+        self.free_gpus = list(self.gpus)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.slots)
+        self.gpu_of: dict[str, str] = {}
+        # on the CPU, the cores are shared out: N runs with every core each would only slow each other down
+        self.threads = None if self.gpus or "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // jobs)
+
+    def describe(self) -> str:
+        return f"on GPUs {', '.join(self.gpus)}, one point each" if self.gpus else f"{self.slots} at a time"
+
+    def start(self, job: PointJob):
+        if self.gpus:
+            gpu = self.free_gpus.pop(0)
+            self.gpu_of[job.point] = gpu
+            job.env["CUDA_VISIBLE_DEVICES"] = gpu
+        elif self.threads is not None and self.slots > 1:
+            job.env["OMP_NUM_THREADS"] = str(self.threads)
+        return self.pool.submit(run_point, job)
+
+    def result(self, job: PointJob, handle) -> dict:
+        if job.point in self.gpu_of:
+            self.free_gpus.append(self.gpu_of.pop(job.point))
+        try:
+            return handle.result()
+        except Exception as e:  # the job could not even start its run (e.g. its log could not be written)
+            status = {**read_status(job.status_file), "point": job.point, "status": "failed",
+                      "error": f"the point could not run: {one_line(e)}"}
+            try:
+                return _write_status(job, status)
+            except OSError:
+                return status
+
+    def close(self, interrupted: bool = False) -> None:
+        if interrupted:  # the runs end now; what they finished stays, and a rerun redoes them
+            for process in list(_RUNNING.values()):
+                process.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    time_min: int = 240
+    gpus_per_job: int | None = None
+    cpus_per_job: int | None = None
+    mem_gb: float | None = None
+    sbatch: list[str] = field(default_factory=list)  # extra sbatch flags, e.g. --account=lab --qos=high
+
+
+def sbatch_parameters(flags: list[str]) -> dict[str, str | bool]:
+    """`--key=value` / `--flag` sbatch options as submitit's slurm_additional_parameters ({key: value})."""
+    params: dict[str, str | bool] = {}
+    for flag in flags:
+        for item in flag.split():
+            if not item.startswith("--") or len(item) < 3:
+                raise SweepError(f"--sbatch {flag}: expected sbatch's long options, e.g. --account=lab --qos=high")
+            key, sep, value = item[2:].partition("=")
+            params[key.replace("-", "_")] = value if sep else True
+    return params
+
+
+class SubmititLauncher:
+    """Each point a job of submitit's executor: Slurm (`slurm`), or its local executor (`submitit-local`: the same
+    path, on this machine). The jobs write their statuses; this process only submits and waits."""
+
+    def __init__(self, kind: str, folder: Path, options: SlurmOptions, jobs: int | None):
+        import submitit
+
+        cluster = "slurm" if kind == "slurm" else "local"
+        self.kind, self.slots = kind, jobs or 1 << 30
+        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        params = {"name": "helpers-sweep", "timeout_min": options.time_min, "gpus_per_node": options.gpus_per_job,
+                  "cpus_per_task": options.cpus_per_job, "mem_gb": options.mem_gb}
+        if cluster == "slurm":
+            params["slurm_partition"] = options.partition
+            extra = sbatch_parameters(options.sbatch)
+            if extra:
+                params["slurm_additional_parameters"] = extra
+        self.executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+
+    def describe(self) -> str:
+        return f"as {self.kind} jobs (submitit, logs in {self.executor.folder})"
+
+    def start(self, job: PointJob):
+        submitted = self.executor.submit(run_point, job)
+        status = read_status(job.status_file)
+        if status.get("status") != "running":  # the job may already have started and written its own
+            _write_status(job, {"point": job.point, "status": "submitted", "job_id": submitted.job_id})
+        return submitted
+
+    def result(self, job: PointJob, handle) -> dict:
+        try:
+            return handle.result()
+        except Exception as e:  # the job itself failed: cancelled, out of time, out of memory
+            status = {**read_status(job.status_file), "point": job.point, "status": "failed", "job_id": handle.job_id,
+                      "error": f"job {handle.job_id} failed: {one_line(e)}"}
+            return _write_status(job, status)
+
+    def close(self, interrupted: bool = False) -> None:
+        """The jobs go on when this process ends (a rerun of the sweep gathers them)."""
+
+
+# --- the schedule
+
+
+def image_needs(point: Point) -> set[str]:
+    """What a point's inference encodes: per model and view, the embedding cache's own key
+    (`helpers.infra.cache.image_store`: the model's identity and the preprocessing) with the images, as digests.
+    The models are described for the CPU: the sweep may run where the points' GPUs are not, and only which points
+    share an entry matters here."""
+    from ...config import json_digest
+    from ...models import ModelHandle
+
+    data = point.config.data
+    images = {"test": data.test, "limit": data.limit, "dev": None if data.dev is None else
+              {"path": data.dev.path, "limit": data.dev.limit}}
+    needs = set()
+    for name, entry in point.config.models.items():
+        handle = ModelHandle(name, entry, "cpu")
+        needs |= {json_digest({"model": handle.identity, "preprocess": view.key(), "images": images})
+                  for view in handle.views}
+    return needs
+
+
+def dependencies(points: list[Point]) -> dict[str, set[str]]:
+    """Each point waits for the base and for the first point that encodes what it needs."""
+    base = points[0].id
+    first_with = dict.fromkeys(image_needs(points[0]), base)
+    waits: dict[str, set[str]] = {base: set()}
+    for point in points[1:]:
+        needs = image_needs(point)
+        waits[point.id] = {base} | {first_with[n] for n in needs if n in first_with}
+        for need in needs:
+            first_with.setdefault(need, point.id)
+    return waits
+
+
+def run_points(jobs: list[PointJob], waits: dict[str, set[str]], launcher, done_before: set[str],
+               progress: bool) -> dict:
+    """Start the jobs whose waits are over (the points they wait for ended now or `done_before`), as many at once as
+    the launcher takes, until all have ended; returns their final statuses by point."""
+    pending, running, results = list(jobs), {}, {}
+    bar = tqdm(total=len(jobs) + len(done_before), initial=len(done_before), unit="point", desc="sweep",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        while pending or running:
+            for job in list(pending):
+                if len(running) < launcher.slots and waits.get(job.point, set()) <= done_before | set(results):
+                    running[job.point] = (job, launcher.start(job))
+                    pending.remove(job)
+            ended = [p for p, (_, handle) in running.items() if handle.done()]
+            for point in ended:
+                job, handle = running.pop(point)
+                results[point] = launcher.result(job, handle)
+                bar.update(1)
+            failed = sum(r.get("status") != "done" for r in results.values())
+            bar.set_postfix_str(f"running {', '.join(running) or '-'}" + (f"; failed {failed}" if failed else ""),
+                                refresh=bool(ended))
+            if not ended:
+                time.sleep(0.2)
+    except BaseException:
+        bar.close()
+        launcher.close(interrupted=True)
+        raise
+    bar.close()
+    launcher.close()
+    return results
+
