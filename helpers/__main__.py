@@ -52,7 +52,7 @@ def cmd_predict(args) -> None:
     if args.min_agreement is not None and config.reference is None:
         check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
     world = _world(config)
-    random = [n for n, m in config.models.items() if m.pretrained == "random"]
+    random = [n for n, m in config.models.items() if m.random_weights]
     if random and world.is_main:
         print(f"note: model(s) {', '.join(random)} use RANDOM weights (pretrained: random): "
               "their predictions are meaningless", file=sys.stderr)

@@ -22,9 +22,9 @@ import yaml
 
 from .infra.errors import UserError, one_line
 
-BACKENDS = ("open_clip", "hf_clip", "eva_clip")
+# the backends (helpers.models.backend.BACKENDS), scoring modes (helpers.research.scoring.SCORERS) and
+# preprocessing steps (helpers.research.steps.STEPS) are registries: their names are checked against them
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SCORING_MODES = ("joint_softmax_mean", "prototype", "mean_logit")  # helpers.research.scoring.SCORERS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -76,6 +76,10 @@ class PromptSpec:
     exclude: list[str] | None = None  # drop these groups
 
 
+# a preprocessing step in a config: its name alone, or {name: {parameter: value, ...}}
+StepSpec = str | dict[str, dict[str, bool | int | float | str] | None]
+
+
 @dataclass
 class ModelEntry:
     backend: str
@@ -83,6 +87,9 @@ class ModelEntry:
     arch: str | None = None  # open_clip architecture name or the path of an architecture JSON file
     revision: str | None = None  # hub revision; required for eva_clip hub ids
     sharpness: float | list[float] = 1.0  # adjust_sharpness factor (1.0: unchanged); a list averages the views
+    # the preprocessing as registered steps (helpers.research.steps), after the model's resize, crop and RGB unless
+    # a step sets the size; a list of such lists gives test-time views. Default: the `sharpness` shorthand's steps
+    preprocess: list[StepSpec] | list[list[StepSpec]] | None = None
     # the weights' dtype; auto: fp16 on a GPU, on a CPU bf16 where it computes bf16 natively, else fp32
     precision: str = "auto"
     batch_size: int = 32
@@ -105,6 +112,11 @@ class ModelEntry:
     def sharpness_factors(self) -> list[float]:
         """The sharpening factors: one, or the test-time views of a list."""
         return self.sharpness if isinstance(self.sharpness, list) else [self.sharpness]
+
+    @property
+    def random_weights(self) -> bool:
+        """Randomly initialised weights (`pretrained: random`, from `seed`): every label they give means nothing."""
+        return self.pretrained == "random"
 
 
 @dataclass
@@ -312,7 +324,9 @@ INT64_MAX = 2**63 - 1  # image counts end up in numpy and torch indices
 
 
 def _check(config: RunConfig) -> None:
-    _one_of(config.scoring, SCORING_MODES, "scoring")
+    from .research.scoring import SCORERS
+
+    _one_of(config.scoring, SCORERS.names(), "scoring")
     _one_of(config.on_bad_image, ON_BAD_IMAGE, "on_bad_image")
     if config.fallback_label is not None and config.data.classes and config.fallback_label not in config.data.classes:
         _one_of(config.fallback_label, config.data.classes, "fallback_label")
@@ -374,21 +388,60 @@ def _check_factors(value: float | list[float], where: str) -> None:
         _in_range(f, f"{where}[{i}]" if isinstance(value, list) else where, 0, 100)
 
 
+def model_views(m: ModelEntry, where: str = "model") -> list[list]:
+    """The steps of each view of a model entry (several: test-time views, averaged), as the config gives them:
+    `preprocess`, else the `sharpness` shorthand. The backend puts the model's resize, crop and RGB before them
+    (`helpers.research.steps.view`)."""
+    from .research.steps import sharpened
+
+    if m.preprocess is None:
+        return [sharpened(f) for f in m.sharpness_factors]
+    nested = bool(m.preprocess) and isinstance(m.preprocess[0], list)
+    specs = m.preprocess if nested else [m.preprocess]
+    views = [[build_step(spec, f"{where}.preprocess" + (f"[{v}]" if nested else "") + f"[{i}]")
+              for i, spec in enumerate(steps)] for v, steps in enumerate(specs)]
+    for v, steps in enumerate(views):
+        if any(step.sets_size for step in steps) and not any(step.name == "rgb" for step in steps):
+            raise ConfigError(f"{where}.preprocess{f'[{v}]' if nested else ''} sets the size itself, so it lists "
+                              "every step: add rgb (the model takes three channels)")
+    if len({repr(steps) for steps in views}) != len(views):
+        raise ConfigError(f"{where}.preprocess lists the same view twice")
+    return views
+
+
+def build_step(spec, where: str):
+    """A registered preprocessing step from its config form (`name` or `{name: {parameter: value}}`), checked."""
+    from .research.steps import STEPS
+
+    if isinstance(spec, dict) and len(spec) != 1:
+        raise ConfigError(f"{where} must name one step ({{name: {{parameter: value}}}}), got {spec}")
+    name, params = (spec, None) if isinstance(spec, str) else next(iter(spec.items()))
+    if name not in STEPS:
+        raise ConfigError(f"{where}: {STEPS.unknown(name)}")
+    step = _build(STEPS[name], params or {}, f"{where}.{name}")
+
+    def fail(message: str):
+        raise ConfigError(message)
+
+    step.check(f"{where}.{name}", fail)
+    return step
+
+
 def _check_model(m: ModelEntry, where: str) -> None:
-    _one_of(m.backend, BACKENDS, f"{where}.backend")
+    from .models.backend import BACKENDS
+
+    _one_of(m.backend, BACKENDS.names(), f"{where}.backend")
     _one_of(m.precision, PRECISIONS, f"{where}.precision")
     if isinstance(m.compile, str):
         _one_of(m.compile, COMPILE_MODES, f"{where}.compile")
     _check_factors(m.sharpness, f"{where}.sharpness")
+    if m.preprocess is not None and m.sharpness != 1.0:
+        raise ConfigError(f"{where}: give sharpness or preprocess, not both (write the sharpening as a step: "
+                          f"{{sharpen: {{factor: {m.sharpness}}}}})")
+    model_views(m, where)
     _in_range(m.batch_size, f"{where}.batch_size", 1, 65536)
     _in_range(m.seed, f"{where}.seed", 0, 2**32 - 1)
-    if m.backend == "open_clip" and m.arch is None and not m.pretrained.startswith(("local-dir:", "hf-hub:")):
-        raise ConfigError(f"{where}.arch is required for backend open_clip (e.g. ViT-bigG-14-quickgelu)")
-    if m.backend != "open_clip" and m.arch is not None:
-        raise ConfigError(f"{where}.arch is for backend open_clip only; {m.backend} reads it from the model folder")
-    if m.backend == "eva_clip" and is_hub_id(m.pretrained) and not m.revision:
-        raise ConfigError(f"{where}.revision is required: eva_clip runs remote code, so the hub id "
-                          f"'{m.pretrained}' must be pinned to a commit")
+    BACKENDS[m.backend].check_entry(m, where)
     if (m.mean is None) != (m.std is None) or any(len(v) != 3 for v in (m.mean or [0] * 3, m.std or [0] * 3)):
         raise ConfigError(f"{where}: mean and std go together, three numbers each")
     if m.std is not None and any(s <= 0 for s in m.std):
@@ -412,11 +465,7 @@ def _is_memory_size(size: str) -> bool:
 
 
 def _check_placement(m: ModelEntry, where: str) -> None:
-    """device_map and max_memory: for the transformers backends, whose from_pretrained places the weights."""
-    for key in ("device_map", "max_memory"):
-        if m.backend == "open_clip" and getattr(m, key) is not None:
-            raise ConfigError(f"{where}.{key} is for backends hf_clip and eva_clip only; open_clip loads the whole "
-                              f"model onto the run's device")
+    """device_map and max_memory, for the backends that take them (whose from_pretrained places the weights)."""
     if m.device_map is not None and m.device_map not in DEVICE_MAP_STRATEGIES and not _is_device(m.device_map):
         near = difflib.get_close_matches(m.device_map, DEVICE_MAP_STRATEGIES, n=1)
         raise ConfigError(f"{where}.device_map is '{m.device_map}', expected one of {', '.join(DEVICE_MAP_STRATEGIES)} "
@@ -459,9 +508,12 @@ def _check_ensemble(config: RunConfig) -> None:
     if drop is not None:
         if not 0 <= drop < 1:
             raise ConfigError(f"ensemble.drop_below must be in [0, 1), got {drop}")
-        if config.scoring != "joint_softmax_mean":
-            raise ConfigError("ensemble.drop_below acts on per-prompt probabilities, so it needs "
-                              f"scoring: joint_softmax_mean (got {config.scoring})")
+        from .research.scoring import SCORERS
+
+        if not SCORERS[config.scoring].per_prompt_probabilities:
+            modes = [name for name, scorer in SCORERS.items() if scorer.per_prompt_probabilities]
+            raise ConfigError("ensemble.drop_below acts on per-prompt probabilities, so it needs a scoring mode "
+                              f"that gives them ({', '.join(modes)}), not {config.scoring}")
 
 
 def _check_analysis(analysis: Analysis) -> None:
@@ -500,5 +552,5 @@ def _resolve_paths(config: RunConfig) -> None:
             m.arch = _resolve(m.arch)
         if m.pretrained.startswith("local-dir:"):
             m.pretrained = "local-dir:" + _resolve(m.pretrained.removeprefix("local-dir:"))
-        elif m.pretrained != "random" and Path(m.pretrained).expanduser().exists():
+        elif not m.random_weights and Path(m.pretrained).expanduser().exists():
             m.pretrained = _resolve(m.pretrained)

@@ -33,11 +33,10 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedModel, dynamic_module_utils
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-from helpers import config as config_module
 from helpers import models
 from helpers.config import ConfigError, ModelEntry, config_from_dict
 from helpers.models import BACKENDS, ModelHandle, WeightsUnavailableError
-from helpers.research.data import OPENAI_MEAN
+from helpers.research.steps import OPENAI_MEAN
 
 from .conftest import TINY_ARCH, save_open_clip_checkpoint
 from .fixtures.tiny_eva import TinyEvaConfig, TinyEvaModel
@@ -190,10 +189,6 @@ def entry_for(backend: str, request) -> ModelEntry:
 
 
 # --- every backend ----------------------------------------------------------------------------------------------
-
-
-def test_config_and_models_know_the_same_backends():
-    assert set(config_module.BACKENDS) == set(BACKENDS)
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -20,7 +20,7 @@ from helpers.display.interactive import (
 )
 from helpers.infra.progress import SAVED_RUN_ENV, FinalLineTqdm
 from helpers.research.ablation import load_model_embeddings, prompt_group_ablation
-from helpers.research.data import Sharpen
+from helpers.research.steps.standard import Sharpen
 
 from .conftest import INTEL_CLASS_MAP
 

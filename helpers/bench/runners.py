@@ -25,7 +25,7 @@ from ..infra.cache import encode_images, image_batches
 from ..infra.files import PROJECT_ROOT
 from ..models import ModelHandle, resolve_precision
 from ..models.device import autocasts_on
-from ..research.data import Preprocess
+from ..research.steps import Preprocess
 from . import proc_status_bytes, timed
 
 

@@ -22,9 +22,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..infra.progress import live_hint, saved_run, wrapped
 from ..research.ablation import ModelEmbeddings
-from ..research.data import Sharpen, open_image
+from ..research.data import open_image
 from ..research.scoring import SCORERS
 from ..research.stats import accuracy_summary
+from ..research.steps.standard import Sharpen
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class SharpeningChange:
 
 def model_input(path: Path, size: int = 224) -> Image.Image:
     """The image as the preprocessing gives it to the sharpening step: squash-resized (bicubic) to size x size, RGB
-    (`helpers.research.data.Preprocess`)."""
+    (`helpers.research.steps.Preprocess`)."""
     return open_image(path).resize((size, size), Image.BICUBIC).convert("RGB")
 
 
@@ -196,7 +197,7 @@ def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0, mo
         print(wrapped(live_hint("tick prompt groups on and off and change the scoring mode")))
         return None
     boxes = [widgets.Checkbox(value=True, description=g, indent=False) for g in emb.prompts.groups]
-    menu = widgets.Dropdown(options=list(SCORERS), value=mode, description="scoring")
+    menu = widgets.Dropdown(options=SCORERS.names(), value=mode, description="scoring")
     result = widgets.HTML()
 
     def update(_=None) -> None:

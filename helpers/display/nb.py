@@ -34,7 +34,7 @@ def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, Path]:
         say(f"{output} is a saved run (python -m helpers run), which a live run does not change: this one writes "
             f"to {live}")
         output = live
-    random = [name for name, entry in config.models.items() if entry.pretrained == "random"]
+    random = [name for name, entry in config.models.items() if entry.random_weights]
     plots.RANDOM_WEIGHTS[:] = random  # named in every figure and table this notebook saves
     if random:
         display(Markdown(random_weights_note(random)))

@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from ..infra.files import atomic_write_bytes, atomic_write_csv
-from ..research.data import Sharpen
+from ..research.steps.standard import Sharpen
 
 # The models with random weights of the run a notebook's kernel works on (`nb.start` sets it): every figure and
 # table saved then says so, since their numbers mean nothing.

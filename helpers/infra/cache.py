@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..config import json_digest
 from ..models import ModelHandle
-from ..research.data import DataError, ImageSet, Preprocess, file_digest, open_image, scan_images
+from ..research.data import DataError, ImageSet, file_digest, open_image, scan_images
+from ..research.steps import Preprocess
 from .distributed import ONE_PROCESS, World
 from .errors import one_line
 from .files import atomic_write_bytes, remove_stale_temporaries
@@ -174,7 +175,7 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
         loader = image_batches(files, preprocess, mine, num_workers, pin_memory=handle.device.type == "cuda")
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []  # on the model's device until the flush: no wait for the host per batch
-        desc = f"encode {handle.name} (sharpness {preprocess.sharpness:g})"
+        desc = f"encode {handle.name} ({preprocess.describe()})"
         bar = tqdm(total=sum(map(len, mine)), unit="img", desc=desc, disable=not (progress and world.is_main))
         computed = 0
         try:

@@ -16,9 +16,8 @@ import time
 import torch
 
 from ..config import ModelEntry
-from ..research.data import Preprocess
 from ..research.scoring import FLOAT32, LogitArithmetic
-from . import hf, openclip  # noqa: F401  each registers its backends (BACKENDS)
+from ..research.steps import Preprocess, sharpened
 from .backend import BACKENDS, Backend, register_backend
 from .checkpoints import WeightsUnavailableError
 from .device import DTYPES, autocasts_on, resolve_device, resolve_precision, weights_device, with_index
@@ -66,16 +65,20 @@ class ModelHandle:
 
     @property
     def views(self) -> list[Preprocess]:
-        """One preprocessing per sharpening factor of the entry (several: test-time views, averaged)."""
-        return [self.backend.preprocess(f) for f in self.entry.sharpness_factors]
+        """The entry's preprocessing, one per test-time view (several: their scores are averaged)."""
+        return self.backend.views()
 
-    def preprocess(self, sharpness: float) -> Preprocess:
-        """This model's preprocessing at another sharpening factor (for sharpness ablations)."""
-        return self.backend.preprocess(sharpness)
+    def view(self, steps: list) -> Preprocess:
+        """This model's preprocessing with other steps (for ablations): after its resize, crop and RGB."""
+        return self.backend.view(steps)
+
+    def sharpened_view(self, factor: float) -> Preprocess:
+        """This model's preprocessing at another sharpening factor (the `sharpness` shorthand's steps)."""
+        return self.backend.view(sharpened(factor))
 
     @property
     def random_weights(self) -> bool:
-        return self.backend.random_weights
+        return self.entry.random_weights
 
     def check_weights(self) -> None:
         self.backend.check_weights()

@@ -1,4 +1,7 @@
-"""The backend registry: what a model entry means for one backend (`Backend`), by its config name (`BACKENDS`)."""
+"""The backend registry: what a model entry means for one backend (`Backend`), by its config name (`BACKENDS`).
+
+A new backend is a module in `helpers/models/` with one `@register_backend("name")` class: its config rules
+(`check_entry`), what identifies its weights, its preprocessing defaults, and how it loads an `Encoder`."""
 
 from __future__ import annotations
 
@@ -6,19 +9,17 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelEntry
-from ..research.data import Preprocess
+from ..config import ConfigError, ModelEntry, model_views
+from ..registry import Registry
+from ..research.steps import Preprocess, Step, view
 from .encoder import Encoder
 
-BACKENDS: dict[str, type[Backend]] = {}
+# every module of helpers.models is imported on the first lookup, so a backend registers itself where it is defined
+BACKENDS = Registry("backend", "helpers.models")
 
 
 def register_backend(name: str):
-    def add(cls):
-        BACKENDS[name] = cls
-        return cls
-
-    return add
+    return BACKENDS.register(name)
 
 
 def _file_stamps(path: Path) -> dict:
@@ -31,12 +32,26 @@ def _file_stamps(path: Path) -> dict:
 class Backend:
     """What a model entry means for one backend. `name` is the entry's key in the run config."""
 
+    # the entry keys only some backends take: each backend that takes one says so
+    places_weights = False  # device_map and max_memory: from_pretrained places the weights on the devices
+
     def __init__(self, name: str, entry: ModelEntry):
         self.name, self.entry = name, entry
 
+    @classmethod
+    def check_entry(cls, entry: ModelEntry, where: str) -> None:
+        """This backend's own rules for a model entry, checked with the config (loads nothing, imports nothing
+        more): a ConfigError naming `where` (e.g. models.a) and the key."""
+        if not cls.places_weights:
+            for key in ("device_map", "max_memory"):
+                if getattr(entry, key) is not None:
+                    takers = [name for name, b in BACKENDS.items() if b.places_weights]
+                    raise ConfigError(f"{where}.{key} is for backends {' and '.join(takers)} only; {entry.backend} "
+                                      "loads the whole model onto the run's device")
+
     @property
     def random_weights(self) -> bool:
-        return self.entry.pretrained == "random"
+        return self.entry.random_weights
 
     def identity(self) -> dict:
         """What determines the features, for cache keys: backend, weights, precision."""
@@ -51,10 +66,16 @@ class Backend:
             ident["files"] = _file_stamps(Path(e.pretrained.removeprefix("local-dir:")))
         return ident
 
-    def preprocess(self, sharpness: float) -> Preprocess:
+    def views(self) -> list[Preprocess]:
+        """The entry's preprocessing, one per test-time view (`preprocess`, or the `sharpness` shorthand)."""
+        return [self.view(steps) for steps in model_views(self.entry, f"models.{self.name}")]
+
+    def view(self, steps: list[Step]) -> Preprocess:
+        """`steps` as this model's preprocessing: after its resize, crop and RGB (unless they set the size), then
+        normalised by its mean and std (the entry's, else the model's own)."""
         size, mean, std = self._defaults()
         mean, std = (tuple(self.entry.mean), tuple(self.entry.std)) if self.entry.mean else (mean, std)
-        return Preprocess(size=size, sharpness=sharpness, mean=mean, std=std)
+        return view(steps, size, mean, std)
 
     def _defaults(self) -> tuple[int, tuple, tuple]:
         raise NotImplementedError

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEVICE_MAP_STRATEGIES, is_hub_id
-from ..research.data import OPENAI_MEAN, OPENAI_STD
+from ..config import DEVICE_MAP_STRATEGIES, ConfigError, ModelEntry, is_hub_id
+from ..research.steps import OPENAI_MEAN, OPENAI_STD
 from .backend import Backend, register_backend
 from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
 from .device import DTYPES, input_device, placement_record, with_index
@@ -60,6 +60,14 @@ class TransformersBackend(Backend):
     """
 
     trust_remote_code = False
+    places_weights = True
+
+    @classmethod
+    def check_entry(cls, entry: ModelEntry, where: str) -> None:
+        super().check_entry(entry, where)
+        if entry.arch is not None:
+            raise ConfigError(f"{where}.arch is for backend open_clip only; {entry.backend} reads it from the model "
+                              "folder")
 
     @property
     def local_dir(self) -> Path | None:
@@ -180,6 +188,13 @@ class HfClipBackend(TransformersBackend):
 @register_backend("eva_clip")
 class EvaClipBackend(TransformersBackend):
     trust_remote_code = True
+
+    @classmethod
+    def check_entry(cls, entry: ModelEntry, where: str) -> None:
+        super().check_entry(entry, where)
+        if is_hub_id(entry.pretrained) and not entry.revision:
+            raise ConfigError(f"{where}.revision is required: eva_clip runs remote code, so the hub id "
+                              f"'{entry.pretrained}' must be pinned to a commit")
 
     def load(self, device):
         from transformers import AutoModel, CLIPTokenizer

@@ -14,8 +14,9 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..config import ConfigError, ModelEntry
 from ..infra.errors import describe_os_error
-from ..research.data import OPENAI_MEAN, OPENAI_STD
+from ..research.steps import OPENAI_MEAN, OPENAI_STD
 from .backend import Backend, register_backend
 from .checkpoints import (
     NOT_A_CHECKPOINT,
@@ -98,6 +99,12 @@ class OpenClipEncoder(Encoder):
 
 @register_backend("open_clip")
 class OpenClipBackend(Backend):
+    @classmethod
+    def check_entry(cls, entry: ModelEntry, where: str) -> None:
+        super().check_entry(entry, where)
+        if entry.arch is None and not entry.pretrained.startswith(("local-dir:", "hf-hub:")):
+            raise ConfigError(f"{where}.arch is required for backend open_clip (e.g. ViT-bigG-14-quickgelu)")
+
     @property
     def local_dir(self) -> Path | None:
         """The folder of `pretrained: local-dir:PATH`, whether it exists or not."""

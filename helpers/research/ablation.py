@@ -113,7 +113,7 @@ def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_me
 def scoring_mode_ablation(emb: ModelEmbeddings, logit_scale: float = 100.0,
                           reference: str = "joint_softmax_mean") -> pd.DataFrame:
     idx = np.arange(len(emb.prompts.prompts))
-    return compare_predictions(emb.labels, {m: emb.predict(idx, m, logit_scale) for m in SCORERS}, reference)
+    return compare_predictions(emb.labels, {m: emb.predict(idx, m, logit_scale) for m in SCORERS.names()}, reference)
 
 
 def _factor_name(factor) -> str:
@@ -135,7 +135,7 @@ def sharpness_ablation(config: RunConfig, name: str, factors: list, split: str =
     try:
         text = encode_texts(handle, data.prompts.texts, config.cache_dir)
         for factor in factors:
-            views = [handle.preprocess(f) for f in (factor if isinstance(factor, list) else [factor])]
+            views = [handle.sharpened_view(f) for f in (factor if isinstance(factor, list) else [factor])]
             embs = split_embeddings(handle, config, data, split, views, progress)
             predictions[_factor_name(factor)] = score_views(config, embs, text, data.prompts,
                                                             handle.logit_arithmetic).labels

@@ -1,4 +1,4 @@
-"""Image sets (the challenge test folder, labeled dev folders), their fingerprints, and the preprocessing."""
+"""Image sets (the challenge test folder, labeled dev folders), their files' checks and fingerprints."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 # torchvision's ImageFolder extensions, which the winner's loader accepted
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class DataError(UserError, ValueError):
@@ -283,46 +281,3 @@ def fingerprint(image_set: ImageSet, digests: list[str] | None = None) -> dict:
     for p, d, y in zip(image_set.files, digests, labels):
         h.update(f"{p.relative_to(image_set.root)}\t{d}\t{y}\n".encode())
     return {"root": str(image_set.root), "images": len(image_set), "sha256": h.hexdigest()}
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return img.convert("RGB")
-
-
-@dataclass(frozen=True)
-class Sharpen:
-    """RandomAdjustSharpness(factor, p=1) as the winner used it: always adjust_sharpness(factor)."""
-
-    factor: float
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        import torchvision.transforms.functional as TF  # on first use: torchvision takes a second to import
-
-        return TF.adjust_sharpness(img, self.factor)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The winner's per-model preprocessing: squash-resize, crop, RGB, sharpen, normalise (SPEC 1, step 2)."""
-
-    size: int = 224
-    sharpness: float = 1.0
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-
-    def transform(self):
-        """The torchvision transform: a PIL image in, a normalised (3, size, size) float32 tensor out."""
-        import torchvision.transforms as T
-
-        steps = [
-            T.Resize((self.size, self.size), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(self.size),
-            T.Lambda(_to_rgb),
-        ]
-        if self.sharpness != 1.0:
-            steps.append(Sharpen(self.sharpness))
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
-
-    def key(self) -> dict:
-        return {"recipe": "resize-bicubic/center-crop/rgb/adjust-sharpness/normalize", "size": self.size,
-                "sharpness": self.sharpness, "mean": list(self.mean), "std": list(self.std)}

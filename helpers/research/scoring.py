@@ -8,10 +8,17 @@ match it exactly, in float32 or, for features computed under the winner's CUDA a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..registry import Registry
+
+# scoring modes by config name (`scoring:`): a new mode is a function here (or in a module of its own) and one
+# `@register_scorer` line
+SCORERS = Registry("scoring mode", __name__)
 
 
 @dataclass
@@ -67,6 +74,25 @@ class LogitArithmetic:
 FLOAT32 = LogitArithmetic()
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """A registered scoring mode: `score(image_emb, text_emb, class_index, n_classes, logit_scale, arithmetic)`
+    returns `Scores`, with per-prompt probabilities exactly when `per_prompt_probabilities` (then the ensemble can
+    combine them and drop the small ones, as the winner did)."""
+
+    name: str
+    score: Callable[..., Scores]
+    per_prompt_probabilities: bool
+
+
+def register_scorer(name: str, per_prompt_probabilities: bool = False):
+    def add(fn):
+        SCORERS.register(name)(Scorer(name, fn, per_prompt_probabilities))
+        return fn
+
+    return add
+
+
 def scaled_logits(image_emb, text_emb, logit_scale: float = 100.0,
                   arithmetic: LogitArithmetic = FLOAT32) -> torch.Tensor:
     """scale * cos(image, prompt), in blocks of SCORE_BLOCK_ROWS images, in the arithmetic's dtype and on its
@@ -91,12 +117,14 @@ def joint_softmax_probs(image_emb, text_emb, logit_scale: float = 100.0,
     return _softmax(scaled_logits(image_emb, text_emb, logit_scale, arithmetic))
 
 
+@register_scorer("joint_softmax_mean", per_prompt_probabilities=True)
 def joint_softmax_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
                          arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     probs = joint_softmax_probs(image_emb, text_emb, logit_scale, arithmetic)
     return Scores(pool_by_class(probs, class_index, n_classes), probs)
 
 
+@register_scorer("prototype")
 def prototype_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
                      arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     """CLIP's usual practice: one prototype per class, the renormalised mean of its prompt embeddings."""
@@ -105,6 +133,7 @@ def prototype_scores(image_emb, text_emb, class_index, n_classes, logit_scale=10
     return Scores(_softmax(scaled_logits(image_emb, prototypes, logit_scale, arithmetic)))
 
 
+@register_scorer("mean_logit")
 def mean_logit_scores(image_emb, text_emb, class_index, n_classes, logit_scale=100.0,
                       arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     """Mean of each class's logits, then softmax over classes."""
@@ -112,18 +141,11 @@ def mean_logit_scores(image_emb, text_emb, class_index, n_classes, logit_scale=1
     return Scores(pool_by_class(logits, class_index, n_classes).softmax(dim=-1))
 
 
-SCORERS = {
-    "joint_softmax_mean": joint_softmax_scores,
-    "prototype": prototype_scores,
-    "mean_logit": mean_logit_scores,
-}
-
-
 def score(mode: str, image_emb, text_emb, class_index, n_classes: int, logit_scale: float = 100.0,
           arithmetic: LogitArithmetic = FLOAT32) -> Scores:
     if mode not in SCORERS:
-        raise ValueError(f"unknown scoring mode '{mode}' (modes: {', '.join(SCORERS)})")
-    return SCORERS[mode](image_emb, text_emb, class_index, n_classes, logit_scale, arithmetic)
+        raise ValueError(SCORERS.unknown(mode))
+    return SCORERS[mode].score(image_emb, text_emb, class_index, n_classes, logit_scale, arithmetic)
 
 
 def average_scores(views: list[Scores]) -> Scores:
@@ -145,7 +167,7 @@ def ensemble_scores(scores: dict[str, Scores], weights: dict[str, float], class_
         raise ValueError("ensemble: every weight is 0")
     per_prompt = all(scores[n].prompt_probs is not None for n in names)
     if drop_below is not None and not per_prompt:
-        raise ValueError("ensemble: drop_below needs per-prompt probabilities (scoring: joint_softmax_mean)")
+        raise ValueError("ensemble: drop_below needs per-prompt probabilities, which this scoring mode does not give")
     if per_prompt:
         combined = scores[names[0]].prompt_probs * weights[names[0]]
         for n in names[1:]:

@@ -202,7 +202,7 @@ def _fallback_identity(entry) -> dict:
     `precision` as the config says it: what `auto` became is known only where the model ran)."""
     ident = {"backend": entry.backend, "arch": entry.arch, "pretrained": entry.pretrained, "revision": entry.revision,
              "precision": entry.precision}
-    if entry.pretrained == "random":
+    if entry.random_weights:
         ident["seed"] = entry.seed
     return ident
 
@@ -236,7 +236,7 @@ def run_record(config, output_dir: str | Path, metrics: dict | None, seconds: fl
         if not isinstance(info, dict):
             info = _read_json(output_dir / "models" / name / "model.json")
         identity = info.get("identity") if isinstance(info.get("identity"), dict) else _fallback_identity(entry)
-        random_any |= bool(info.get("random_weights", entry.pretrained == "random"))
+        random_any |= bool(info.get("random_weights", entry.random_weights))
         parts.append(model_summary(name, identity))
     if "git" in manifest:
         git = manifest["git"]

@@ -27,7 +27,6 @@ from ..models import ModelHandle, WeightsUnavailableError, resolve_device
 from ..research.data import (
     DataError,
     ImageSet,
-    Preprocess,
     bad_images_message,
     fingerprint,
     load_dev_set,
@@ -37,6 +36,7 @@ from ..research.prompts import PromptSet, load_prompts
 from ..research.scoring import (
     FLOAT32,
     SCORE_BLOCK_ROWS,
+    SCORERS,
     LogitArithmetic,
     Scores,
     average_scores,
@@ -45,6 +45,7 @@ from ..research.scoring import (
     score,
 )
 from ..research.stats import evaluate, paired_comparison
+from ..research.steps import Preprocess
 from .outputs import build_manifest, reference_agreement, reference_path, write_json, write_npy, write_submission
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: st
     """Model `name`'s scores of one split (of `rows` of it), in memory."""
     probs, class_scores = model_outputs(output_dir, name, split)
     return Scores(torch.from_numpy(np.array(class_scores[rows])),
-                  torch.from_numpy(np.array(probs[rows])) if scoring == "joint_softmax_mean" else None)
+                  torch.from_numpy(np.array(probs[rows])) if SCORERS[scoring].per_prompt_probabilities else None)
 
 
 def ensemble_split(config: RunConfig, output_dir: str | Path, split: str, n: int, prompts: PromptSet,
@@ -349,7 +350,7 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
         metrics[split] = summary
     if data.skipped():
         metrics["skipped_images"] = data.skipped()
-    random = [name for name, entry in config.models.items() if entry.pretrained == "random"]
+    random = [name for name, entry in config.models.items() if entry.random_weights]
     if random:  # the labels and accuracies of these models mean nothing
         metrics["random_weights"] = random
     write_json(output_dir / "metrics.json", metrics)
