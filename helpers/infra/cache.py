@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,9 @@ from ..research.data import DataError, ImageSet, file_digest, open_image, scan_i
 from ..research.steps import Preprocess
 from .distributed import ONE_PROCESS, World
 from .errors import one_line
-from .files import atomic_write_bytes, remove_stale_temporaries
+from .files import atomic_write_bytes, remove_stale_temporaries, slug
 from .ledger import record_encode
 from .store import EmbeddingStore
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[-48:].strip("_") or "model"
-
 
 
 class CheckedImages:
@@ -68,7 +62,7 @@ def check_images(images: ImageSet, cache_dir: str | Path, progress: bool = False
 
 def image_store(cache_dir: str | Path, handle: ModelHandle, preprocess: Preprocess) -> EmbeddingStore:
     description = {"model": handle.identity, "preprocess": preprocess.key()}
-    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{json_digest(description)}"
+    name = f"{slug(handle.entry.arch or handle.entry.pretrained, 48, default='model')}-{json_digest(description)}"
     return EmbeddingStore(Path(cache_dir) / "images" / name, description)
 
 
@@ -77,7 +71,7 @@ def text_store(cache_dir: str | Path, handle: ModelHandle, texts: list[str]) -> 
     description = {"model": handle.text_identity}
     if handle.exact_batches:
         description["prompt_list"] = json_digest(texts)
-    name = f"{_slug(str(handle.entry.arch or handle.entry.pretrained))}-{json_digest(description)}"
+    name = f"{slug(handle.entry.arch or handle.entry.pretrained, 48, default='model')}-{json_digest(description)}"
     return EmbeddingStore(Path(cache_dir) / "texts" / name, description)
 
 

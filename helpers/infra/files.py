@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 # the checkout: its notebooks/, configs/ and outputs/ (helpers/infra/files.py is two folders below it)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once: mkstemp creates 0600 files, which a cache shared by a group could not read
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status); elsewhere it is set
+    and put back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -34,7 +50,8 @@ def atomic_file(path: Path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~", suffix=".tmp")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        # mkstemp creates 0600 files, which a cache shared by a group could not read
+        os.fchmod(fd, 0o666 & ~current_umask())
         yield fd, tmp
         os.fsync(fd)
         os.replace(tmp, path)  # while the lock is held
@@ -92,6 +109,36 @@ def atomic_write_csv(path: Path, frame, **kwargs) -> None:
     buf = io.StringIO()
     frame.to_csv(buf, **kwargs)
     atomic_write_text(path, buf.getvalue())
+
+
+def slug(text, max_len: int | None = None, keep: str = "._-", default: str = "x") -> str:
+    """`text` as part of a file name: each run of characters other than ASCII letters, digits and those in `keep`
+    becomes one `_`; then the last `max_len` characters (the end of a path names it best), `_` stripped from both
+    ends; `default` when nothing is left. Cache folders are named with it: the same text must give the same name."""
+    name = re.sub(f"[^A-Za-z0-9{re.escape(keep)}]+", "_", str(text))
+    if max_len is not None:
+        name = name[-max_len:]
+    return name.strip("_") or default
+
+
+def read_json_or_none(path: str | Path, of_type: type | None = None):
+    """The JSON value in `path`; None when the file is missing, unreadable or damaged (not JSON, not UTF-8), or, with
+    `of_type`, holds a value of another type: for files that may be absent, or written by hand or by an older
+    version, where the caller goes on without them."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return value if of_type is None or isinstance(value, of_type) else None
+
+
+def read_yaml_or_none(path: str | Path, of_type: type | None = None):
+    """The YAML value in `path`, as `read_json_or_none` reads JSON (None when missing, unreadable or damaged)."""
+    try:
+        value = yaml.safe_load(Path(path).read_bytes().decode("utf-8-sig"))  # as config.read_yaml reads
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8, or a date such as 2024-13-01
+        return None
+    return value if of_type is None or isinstance(value, of_type) else None
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

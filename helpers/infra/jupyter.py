@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .files import PROJECT_ROOT, atomic_write_text
+from .files import PROJECT_ROOT, atomic_write_text, read_json_or_none
 
 KERNEL_NAME = "blur-zeroshot"  # the committed notebooks name it; each checkout's environment has its own
 COMMITTED_DISPLAY_NAME = "Python (blur-zeroshot workbench)"
@@ -84,10 +84,7 @@ def install_kernel(prefix: str | Path = sys.prefix) -> str:
 
 def _merged_json(path: Path, values: dict) -> None:
     """Merge `values` (two levels: section -> settings) into the JSON file at `path`, keeping what else it sets."""
-    try:
-        settings = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        settings = {}  # a damaged file: Jupyter could not read it either
+    settings = read_json_or_none(path, dict) or {}  # a damaged file: Jupyter could not read it either
     for section, section_values in values.items():
         settings[section] = {**settings.get(section, {}), **section_values}
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ..infra.errors import UserError
-from ..infra.files import atomic_write_text
+from ..infra.files import atomic_write_text, read_json_or_none, read_yaml_or_none, slug
 from ..research.stats import accuracy_summary, bootstrap_ci, confusion_matrix, paired_comparison
 
 DEFAULT_CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]  # the challenge's, label = index
@@ -106,14 +105,6 @@ def read_submission_csv(path: Path) -> pd.DataFrame:
     return pd.DataFrame({"id_idx": ids, "label": labels})
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
-
-
 def _run_classes(config: dict) -> tuple[list[str] | None, str, Path | None]:
     """The classes of a run (its config's data.classes, else its test folder's classes.json) and its test folder."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
@@ -121,12 +112,9 @@ def _run_classes(config: dict) -> tuple[list[str] | None, str, Path | None]:
     classes = data.get("classes")
     if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
         return list(classes), "the run's config (data.classes)", root
-    if root is not None and (root / "classes.json").is_file():
-        try:
-            found = json.loads((root / "classes.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            found = None
-        if isinstance(found, list) and found and all(isinstance(c, str) for c in found):
+    if root is not None:
+        found = read_json_or_none(root / "classes.json", list)
+        if found and all(isinstance(c, str) for c in found):
             return found, f"{root / 'classes.json'}", root
     return None, "the challenge's default classes", root
 
@@ -152,7 +140,7 @@ def load_side(path: str | Path, name: str | None = None, which: str = "A") -> Si
         raise CompareError(f"{path}: no submission.csv in this folder ({which}), so it is not a finished run folder; "
                            "give the folder of a run or predict, or a submission.csv")
     side = Side(path, name, read_submission_csv(submission_file), run_dir=path)
-    config = _read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
+    config = read_yaml_or_none(path / "config.yaml", dict) or {}
     classes, source, side.image_root = _run_classes(config)
     models = config.get("models") if isinstance(config.get("models"), dict) else {}
     side.random_weights = [n for n, m in models.items() if isinstance(m, dict) and m.get("pretrained") == "random"]
@@ -330,10 +318,6 @@ def _gallery(differing: pd.DataFrame, root: Path | None, a: Side, b: Side, outpu
     return {"figure": str(figure), "images": len(shown)}, note
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
-
-
 def parse_names(text: str | None) -> tuple[str | None, str | None]:
     if text is None:
         return None, None
@@ -344,7 +328,7 @@ def parse_names(text: str | None) -> tuple[str | None, str | None]:
 
 
 def default_output_dir(a: Side, b: Side) -> Path:
-    return Path("outputs") / "compare" / f"{_slug(a.name)}-vs-{_slug(b.name)}"
+    return Path("outputs") / "compare" / f"{slug(a.name, default='run')}-vs-{slug(b.name, default='run')}"
 
 
 def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = None,

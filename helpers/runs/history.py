@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from filelock import FileLock, Timeout
 
 from ..config import json_digest
 from ..infra.errors import UserError
+from ..infra.files import read_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,6 @@ def format_history(frame: pd.DataFrame, limit: int | None = None) -> str:
 # --- building a record from a finished run
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _number(obj, *keys) -> float | None:
     """obj[k1][k2]... when every step is there and the end is a number, else None (keys another version may lack)."""
     for key in keys:
@@ -228,13 +220,13 @@ def run_record(config, output_dir: str | Path, metrics: dict | None, seconds: fl
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
     output_dir = Path(output_dir)
-    manifest = _read_json(output_dir / "manifest.json")
+    manifest = read_json_or_none(output_dir / "manifest.json", dict) or {}
     recorded = manifest.get("models") if isinstance(manifest.get("models"), dict) else {}
     parts, random_any = [], False
     for name, entry in config.models.items():
         info = recorded.get(name)
         if not isinstance(info, dict):
-            info = _read_json(output_dir / "models" / name / "model.json")
+            info = read_json_or_none(output_dir / "models" / name / "model.json", dict) or {}
         identity = info.get("identity") if isinstance(info.get("identity"), dict) else _fallback_identity(entry)
         random_any |= bool(info.get("random_weights", entry.random_weights))
         parts.append(model_summary(name, identity))

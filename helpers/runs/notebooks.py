@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import RunConfig, json_digest, load_config
 from ..infra.distributed import World
-from ..infra.files import PROJECT_ROOT, remove_stale_temporaries
+from ..infra.files import PROJECT_ROOT, read_json_or_none, remove_stale_temporaries
 from ..infra.jupyter import ensure_kernel
 from ..infra.progress import saved_run_kernels
 from .pipeline import (
@@ -100,10 +100,7 @@ def run_summary(run_dir: str | Path) -> str:
     listing("executed notebooks, notebooks/", notebooks)
     listing("figures, figures/", sorted(p.name for p in (run_dir / "figures").glob("*.png")))
     listing("tables, tables/", sorted(p.name for p in (run_dir / "tables").glob("*.csv")))
-    try:
-        models = json.loads((run_dir / "manifest.json").read_text()).get("models", {})
-    except (OSError, ValueError):
-        models = {}
+    models = (read_json_or_none(run_dir / "manifest.json", dict) or {}).get("models", {})
     random = [n for n, m in models.items() if isinstance(m, dict) and m.get("random_weights")]
     if random:
         lines.append(f"  note: RANDOM weights ({', '.join(random)}): the labels and accuracies are meaningless")

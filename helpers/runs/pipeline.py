@@ -22,7 +22,7 @@ from ..config import ConfigError, RunConfig
 from ..infra.cache import EmbeddingStore, check_images, encode_texts, ensure_encoded
 from ..infra.distributed import ONE_PROCESS, World
 from ..infra.errors import UserError
-from ..infra.files import atomic_write_csv, atomic_write_text, npy_rows, remove_stale_temporaries
+from ..infra.files import atomic_write_csv, atomic_write_text, npy_rows, read_yaml_or_none, remove_stale_temporaries
 from ..models import ModelHandle, WeightsUnavailableError, resolve_device
 from ..research.data import (
     DataError,
@@ -402,10 +402,7 @@ def claim_output_dir(output_dir: Path, config: RunConfig) -> Path:
 def _recorded_config(path: Path) -> dict | None:
     """The config a run folder records; None when there is none (files are written whole, but one written by hand or
     by an older version may be damaged: then the folder is taken as unclaimed)."""
-    try:
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        return None
+    return read_yaml_or_none(path)
 
 
 def check_models(config: RunConfig) -> None:

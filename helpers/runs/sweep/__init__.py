@@ -28,7 +28,7 @@ import yaml
 
 from ...config import RunConfig, json_digest
 from ...infra.errors import BelowMinimumAgreement, UserError
-from ...infra.files import atomic_write_text
+from ...infra.files import atomic_write_text, read_yaml_or_none
 from .design import Design, Point, SweepError, design_points, make_design  # noqa: F401  the package's surface
 from .launch import (
     EXECUTORS,
@@ -100,14 +100,10 @@ class Sweep:
         point's config."""
         record = self.folder / "sweep.yaml"
         base = self.points[0].config.to_dict()
-        if record.is_file():
-            try:
-                recorded = yaml.safe_load(record.read_text())
-            except (yaml.YAMLError, UnicodeDecodeError):
-                recorded = None
-            if isinstance(recorded, dict) and recorded.get("base") not in (None, base):
-                raise SweepError(f"{self.folder} holds a sweep of another base config (its sweep.yaml); give another "
-                                 "--output-dir")
+        recorded = read_yaml_or_none(record, dict)
+        if recorded is not None and recorded.get("base") not in (None, base):
+            raise SweepError(f"{self.folder} holds a sweep of another base config (its sweep.yaml); give another "
+                             "--output-dir")
         self.folder.mkdir(parents=True, exist_ok=True)
         for point in self.points:
             atomic_write_text(self.config_file(point), yaml.safe_dump(point.config.to_dict(), sort_keys=False))

@@ -27,7 +27,6 @@ import dataclasses
 import difflib
 import itertools
 import json
-import re
 import types
 import typing
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from ...config import ConfigError, RunConfig, apply_override, checked_config, json_digest, read_yaml, yaml_problem
+from ...infra.files import read_yaml_or_none, slug
 
 SWEEP_FILE_KEYS = ("config", "set", "grid", "zip", "points")
 MODEL_SELECTION = "models"  # the grid key whose values are lists of model names
@@ -151,11 +151,8 @@ def read_sweep_file(path: Path) -> tuple[Path, list[str], list[Axis], list[dict]
 
 def is_sweep_file(path: Path) -> bool:
     """A sweep file names its base config; a run config has models and data."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(raw, dict) and "config" in raw and "models" not in raw
+    raw = read_yaml_or_none(path, dict)
+    return raw is not None and "config" in raw and "models" not in raw
 
 
 def make_design(path: str | Path, overrides: list[str], grids: list[str], zipped: bool) -> Design:
@@ -245,10 +242,6 @@ def apply_settings(raw: dict, settings: dict, sources: dict) -> dict:
     return changed
 
 
-def _slug(value) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", shown(value)).strip("_") or "none"
-
-
 def point_id(settings: dict, digest: str) -> str:
     """`<key>=<value>_...-<digest>`, short keys (the last part, with the model's name where there is one)."""
     if not settings:
@@ -257,7 +250,7 @@ def point_id(settings: dict, digest: str) -> str:
     for key, value in settings.items():
         names = key.split(".")
         short = ".".join(names[1:]) if names[0] == "models" and len(names) > 1 else names[-1]
-        parts.append(f"{short}={_slug(value)}")
+        parts.append(f"{short}={slug(shown(value), keep='.', default='none')}")  # `-` and `_` part the id
     return f"{'_'.join(parts)[:64]}-{digest[:8]}"
 
 

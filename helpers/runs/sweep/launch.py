@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ...infra.errors import one_line
-from ...infra.files import atomic_write_text
+from ...infra.files import atomic_write_text, read_json_or_none
 from ...infra.ledger import ENCODE_LEDGER_ENV, images_encoded
 from .design import Point, SweepError
 
@@ -50,11 +50,7 @@ class PointJob:
 
 
 def read_status(path: str | Path) -> dict:
-    try:
-        status = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
+    return read_json_or_none(path, dict) or {}
 
 
 def _write_status(job: PointJob, status: dict) -> dict:

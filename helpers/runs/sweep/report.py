@@ -14,18 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ...infra.files import atomic_write_csv, atomic_write_text
+from ...infra.files import atomic_write_csv, atomic_write_text, read_json_or_none
 from ..compare import CompareError, aligned_labels, compare_dev, label_agreement, load_side
 from .design import Point, setting_of, shown
 from .launch import read_status
-
-
-def _read_metrics(run_dir: Path) -> dict:
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return metrics if isinstance(metrics, dict) else {}
 
 
 def _interval(prefix: str, summary: dict | None, value_key: str, ci_key: str = "ci95") -> dict:
@@ -43,7 +35,7 @@ def point_row(point: Point, keys: list[str], status: dict, run_dir: Path, base_s
                 for key in keys})
     row.update(status=status.get("status", "not run"), seconds=status.get("seconds", math.nan),
                images_encoded=status.get("images_encoded", math.nan))
-    metrics = _read_metrics(run_dir) if row["status"] == "done" else {}
+    metrics = (read_json_or_none(run_dir / "metrics.json", dict) or {}) if row["status"] == "done" else {}
     row.update(_interval("dev_accuracy", metrics.get("dev", {}).get("ensemble"), "accuracy"))
     row.update(_interval("reference_agreement", metrics.get("test", {}).get("reference"), "agreement"))
     if metrics and base_side is not None and point.id != base_id:
