@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 from .config import load_config
+from .infra.env import env_flag
 from .infra.errors import UserError, check_agreement, debug_mode, is_user_error, one_line, show_notes
 
 
 def exit_with_parent() -> None:
     """A sweep's point ends with the sweep that started it (helpers.runs.sweep.launch.exit_with_parent)."""
-    if os.environ.get("HELPERS_EXIT_WITH_PARENT") == "1":
+    if env_flag("HELPERS_EXIT_WITH_PARENT"):
         from .runs.sweep.launch import exit_with_parent as set_up
 
         set_up()

@@ -15,8 +15,9 @@ import yaml
 
 from helpers.__main__ import main
 from helpers.config import config_from_dict
+from helpers.research.data import CHALLENGE_CLASSES
 from helpers.research.stats import bootstrap_ci, mcnemar_p
-from helpers.runs.compare import DEFAULT_CLASSES, GALLERY_MAX, changed_gallery
+from helpers.runs.compare import GALLERY_MAX, changed_gallery
 from helpers.runs.pipeline import predict
 
 from .conftest import INTEL_CLASS_MAP, SCENE_IDS
@@ -57,12 +58,12 @@ def edited_copy(run: Path, dest: Path, changes: dict[int, int], dev_changes: dic
         for i, label in changes.items():
             frame.loc[frame["id_idx"] == i, "label"] = label
             if "class" in frame:
-                frame.loc[frame["id_idx"] == i, "class"] = DEFAULT_CLASSES[label]
+                frame.loc[frame["id_idx"] == i, "class"] = CHALLENGE_CLASSES[label]
         frame.to_csv(dest / name, index=False)
     if dev_changes:
         dev = pd.read_csv(dest / "dev_predictions.csv")
         for row, label in dev_changes.items():
-            dev.loc[row, ["label", "class"]] = [label, DEFAULT_CLASSES[label]]
+            dev.loc[row, ["label", "class"]] = [label, CHALLENGE_CLASSES[label]]
         dev.to_csv(dest / "dev_predictions.csv", index=False)
     return dest
 
@@ -81,8 +82,8 @@ def direct(a_csv: Path, b_csv: Path) -> pd.DataFrame:
 def check_tables(out: Path, joined: pd.DataFrame) -> None:
     """The 6x6 table, the flips and the list of differing images against a direct count."""
     table = pd.read_csv(out / "tables" / "agreement_table.csv")
-    assert list(table.columns) == ["a_class", *DEFAULT_CLASSES] and list(table["a_class"]) == DEFAULT_CLASSES
-    matrix = table[DEFAULT_CLASSES].to_numpy()
+    assert list(table.columns) == ["a_class", *CHALLENGE_CLASSES] and list(table["a_class"]) == CHALLENGE_CLASSES
+    matrix = table[CHALLENGE_CLASSES].to_numpy()
     assert matrix.shape == (6, 6) and matrix.sum() == len(joined)
     expected = pd.crosstab(joined["label_a"], joined["label_b"]).reindex(index=range(6), columns=range(6),
                                                                         fill_value=0).to_numpy()
@@ -108,7 +109,7 @@ def test_two_predict_runs_agree_as_a_direct_count_says(runs, tmp_path, capsys):
     assert result["agreement"] == pytest.approx(same.mean())
     assert result["differing"] == int((~same).sum())
     assert result["agreement_ci95"] == pytest.approx(list(bootstrap_ci(same.astype(float))))
-    assert result["names"] == ["A", "B"] and result["classes"] == DEFAULT_CLASSES
+    assert result["names"] == ["A", "B"] and result["classes"] == CHALLENGE_CLASSES
     check_tables(out, joined)
     assert (out / "figures" / "agreement_table.png").stat().st_size > 0
     assert json.loads((out / "comparison.json").read_text()) == result
@@ -128,7 +129,7 @@ def test_changed_labels_give_flips_tables_and_a_capped_gallery(runs, tmp_path, c
     assert result["names"] == ["base", "edited"]
     check_tables(out, joined)
     for c, f in result["flips"].items():
-        i = DEFAULT_CLASSES.index(c)
+        i = CHALLENGE_CLASSES.index(c)
         assert f["a_not_b"] == sum(original[k] == i for k in changes)
         assert f["b_not_a"] == sum(v == i for v in changes.values())
     differing = pd.read_csv(out / "tables" / "differing.csv")
@@ -152,7 +153,7 @@ def test_a_gallery_has_one_panel_per_changed_image(runs, tmp_path, capsys, scene
     result, _ = run_compare(capsys, runs["A"], edited, "--output-dir", out)
     gallery = pd.read_csv(out / "tables" / "gallery.csv")
     assert result["gallery"]["images"] == 3 and sorted(gallery["id_idx"]) == [3, 17, 148]
-    assert list(gallery["class_b"]) == [DEFAULT_CLASSES[changes[i]] for i in gallery["id_idx"]]
+    assert list(gallery["class_b"]) == [CHALLENGE_CLASSES[changes[i]] for i in gallery["id_idx"]]
     images = [(scene_dir / "0" / f"{i}.jpg", f"id {i}") for i in gallery["id_idx"]]
     for n in (1, 3, 7):
         fig = changed_gallery(images[:1] * n)
@@ -178,7 +179,7 @@ def test_bare_submission_csvs(runs, tmp_path, capsys, monkeypatch):
     result, summary = run_compare(capsys, "one/submission.csv", "two/submission.csv")
     out = tmp_path / "outputs" / "compare" / "one-vs-two"  # the default: named by the folders
     assert result["output_dir"] == "outputs/compare/one-vs-two" and result["names"] == ["one", "two"]
-    assert result["kinds"] == ["submission file", "submission file"] and result["classes"] == DEFAULT_CLASSES
+    assert result["kinds"] == ["submission file", "submission file"] and result["classes"] == CHALLENGE_CLASSES
     joined = direct(tmp_path / "one" / "submission.csv", tmp_path / "two" / "submission.csv")
     assert result["differing"] == int((original["id_idx"] % 4 == 0).sum()) > 0
     assert result["agreement"] == pytest.approx((joined["label_a"] == joined["label_b"]).mean())

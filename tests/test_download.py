@@ -18,7 +18,7 @@ from huggingface_hub.hf_api import RepoFile
 from helpers import models
 from helpers.infra import download
 from helpers.infra.download import DataUnavailableError, download_challenge_data
-from helpers.research.data import DataError
+from helpers.research.data import CHALLENGE_CLASSES, DataError
 
 N = 12  # images in the fake zip, standing in for the 8,100
 COMMIT = "c0ffee" * 6 + "c0ff"  # a fake 40-hex commit hash for the cache layout
@@ -27,7 +27,7 @@ COMMIT = "c0ffee" * 6 + "c0ff"  # a fake 40-hex commit hash for the cache layout
 def make_zip(path: Path, prefix: str = "data/Scene/", n: int = N, classes: list[str] | None = None) -> Path:
     """A challenge-shaped zip: PREFIX/classes.json, PREFIX/0/<id>.jpg (the bytes need not decode), some noise."""
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(f"{prefix}classes.json", json.dumps(classes or download.CLASSES))
+        z.writestr(f"{prefix}classes.json", json.dumps(classes or CHALLENGE_CLASSES))
         for i in range(n):
             z.writestr(f"{prefix}0/{i}.jpg", f"jpeg {i}".encode())
         z.writestr(f"__MACOSX/{prefix}0/._0.jpg", b"resource fork")  # as macOS zips have them
@@ -89,7 +89,7 @@ def test_downloads_verifies_and_places_scene(hub, prefix):
     hub.sha = sha256(hub.zip)
     scene = download_challenge_data(hub.dest, progress=False)
     assert scene == hub.dest / "Scene"
-    assert json.loads((scene / "classes.json").read_text()) == download.CLASSES
+    assert json.loads((scene / "classes.json").read_text()) == CHALLENGE_CLASSES
     assert sorted(int(p.stem) for p in (scene / "0").iterdir()) == list(range(N))
     assert (scene / "0" / "7.jpg").read_bytes() == b"jpeg 7"
     assert leftovers(scene) == ["0", "classes.json"]  # nor macOS's __MACOSX folder when the zip's root is Scene
@@ -154,7 +154,7 @@ def test_find_scene_wherever_it_is(tmp_path):
 def test_invalid_existing_scene_is_an_error(hub):
     scene = hub.dest / "Scene"
     (scene / "0").mkdir(parents=True)
-    (scene / "classes.json").write_text(json.dumps(download.CLASSES))
+    (scene / "classes.json").write_text(json.dumps(CHALLENGE_CLASSES))
     (scene / "0" / "0.jpg").write_bytes(b"jpeg")
     with pytest.raises(DataError, match="exists but is not the challenge test set .*remove it"):
         download_challenge_data(hub.dest, progress=False)

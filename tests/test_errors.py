@@ -145,3 +145,18 @@ def test_debug_shows_the_traceback(case, scene_dir, tmp_path):
     with pytest.raises(DataError, match="not valid JSON") as e:
         main(["predict", case(data={"test": str(root)}), "--debug"])
     assert isinstance(e.value.__cause__, json.JSONDecodeError)
+
+
+@pytest.mark.parametrize("value, on", [(None, False), ("", False), ("0", False), ("false", False), ("False", False),
+                                       ("no", False), ("off", False), ("1", True), ("true", True), ("yes", True)])
+def test_environment_flags_read_alike(value, on, monkeypatch):
+    from helpers.infra.env import env_flag
+    from helpers.infra.errors import DEBUG_ENV, debug_enabled
+    from helpers.infra.progress import SAVED_RUN_ENV, saved_run
+
+    for name in (DEBUG_ENV, SAVED_RUN_ENV, "SOME_FLAG"):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert env_flag("SOME_FLAG") is on and debug_enabled() is on and saved_run() is on

@@ -21,14 +21,13 @@ from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_b
 from tqdm.auto import tqdm
 
 from ..models.checkpoints import hf_cache_dir, host_reachable, hub_host
-from ..research.data import DataError, ImageSet, load_test_set
+from ..research.data import CHALLENGE_CLASSES, DataError, ImageSet, load_test_set
 from .errors import UserError
 
 DATA_REPO = "sw24/sw24"  # a dataset repo (repo_type="dataset")
 DATA_FILE = "data.zip"
 # The branch, for now: replace it by the repo's commit hash once it is known, so that the download cannot change.
 DATA_REVISION = "main"
-CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
 N_IMAGES = 8100
 CHECKSUM_FILE = "data.zip.sha256"  # beside Scene: what the zip was verified as, for later offline runs
 
@@ -55,8 +54,8 @@ def validate_scene(root: Path, expected_images: int | None = None) -> ImageSet:
     """The challenge test folder, or a DataError saying how `root` differs from it."""
     expected_images = N_IMAGES if expected_images is None else expected_images
     images = load_test_set(root)
-    if images.classes != CLASSES:
-        raise DataError(f"{root}/classes.json: expected {CLASSES}, found {images.classes}")
+    if images.classes != CHALLENGE_CLASSES:
+        raise DataError(f"{root}/classes.json: expected {CHALLENGE_CLASSES}, found {images.classes}")
     if sorted(images.ids) != list(range(expected_images)):
         missing = sorted(set(range(expected_images)) - set(images.ids))
         extra = sorted(set(images.ids) - set(range(expected_images)))

@@ -12,6 +12,8 @@ import errno
 import os
 from contextlib import contextmanager
 
+from .env import env_flag
+
 DEBUG_ENV = "HELPERS_DEBUG"  # set (e.g. by --debug) to see full tracebacks in the notebooks too
 
 
@@ -75,7 +77,7 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "False")
+    return env_flag(DEBUG_ENV)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 import tqdm.auto
 import tqdm.std
 
+from .env import env_flag
 from .errors import environment_flag
 from .files import PROJECT_ROOT
 
@@ -31,7 +32,7 @@ SOURCE_NOTEBOOK_ENV, RUN_DIR_ENV = "HELPERS_SOURCE_NOTEBOOK", "HELPERS_RUN_DIR"
 
 def saved_run() -> bool:
     """Whether this process is a kernel that papermill executes for a saved run (no live frontend)."""
-    return os.environ.get(SAVED_RUN_ENV, "") not in ("", "0", "false", "False")
+    return env_flag(SAVED_RUN_ENV)
 
 
 @contextmanager

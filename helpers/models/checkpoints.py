@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..infra.env import env_flag
 from ..infra.errors import UserError
 
 
@@ -33,7 +34,7 @@ _reachable: dict[str, bool] = {}
 
 def host_reachable(host: str, timeout: float = 3.0) -> bool:
     """One quick connection attempt, so that an offline machine fails at once instead of retrying for minutes."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if env_flag("HF_HUB_OFFLINE"):
         return False
     if host not in _reachable:
         try:

@@ -107,6 +107,10 @@ def warn_ignored(files: list[Path], what: str) -> None:
         log.warning("%s: %d file(s) are not images and are not read: %s%s", what, len(files), names, more)
 
 
+# the challenge's classes (label = index): what its test folder's classes.json holds
+CHALLENGE_CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
+
+
 def read_classes(root: Path) -> list[str]:
     path = Path(root) / "classes.json"
     if not path.is_file():
@@ -115,7 +119,7 @@ def read_classes(root: Path) -> list[str]:
         classes = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e}); it must be a list of the class names, e.g. "
-                        '["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]') from e
+                        f"{json.dumps(CHALLENGE_CLASSES)}") from e
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
         raise DataError(f"{path}: expected a JSON list of class names (non-empty strings), got {classes!r:.80}")
     if len(set(classes)) != len(classes):

@@ -33,9 +33,9 @@ import pandas as pd
 
 from ..infra.errors import UserError
 from ..infra.files import atomic_write_text, read_json_or_none, read_yaml_or_none, slug
+from ..research.data import CHALLENGE_CLASSES
 from ..research.stats import accuracy_summary, bootstrap_ci, confusion_matrix, paired_comparison
 
-DEFAULT_CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]  # the challenge's, label = index
 GALLERY_MAX = 24  # differing images shown in the gallery
 GALLERY_COLUMNS = 6
 _INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
@@ -182,7 +182,7 @@ def common_classes(a: Side, b: Side) -> tuple[list[str], str]:
     for side in (a, b):
         if side.classes is not None:
             return side.classes, side.classes_source
-    return list(DEFAULT_CLASSES), "the challenge's default classes (bare submissions say none)"
+    return list(CHALLENGE_CLASSES), "the challenge's default classes (bare submissions say none)"
 
 
 def aligned_labels(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

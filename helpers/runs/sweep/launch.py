@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ...infra.env import env_flag
 from ...infra.errors import one_line
 from ...infra.files import atomic_write_text, read_json_or_none
 from ...infra.ledger import ENCODE_LEDGER_ENV, images_encoded
@@ -114,7 +115,7 @@ def run_point(job: PointJob) -> dict:
 def exit_with_parent() -> None:
     """In a point's run (EXIT_WITH_PARENT_ENV set, on Linux): end when the sweep (or job) that started it ends, even
     when that one is killed outright, so that a rerun never races a run left behind."""
-    if os.environ.get(EXIT_WITH_PARENT_ENV) != "1" or not sys.platform.startswith("linux"):
+    if not env_flag(EXIT_WITH_PARENT_ENV) or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
