@@ -117,6 +117,8 @@ def install_notebook_handler() -> None:
     def show(shell, etype, value, tb, tb_offset=None):
         # IPython discards what a custom handler returns: show it as the error output (papermill reads that)
         lines = [f"error: {one_line(value)}"]
+        # private, but the one hook that shows given lines as the error (the public showtraceback formats its own);
+        # ipykernel overrides it to send the error message (pinned in tests/test_library_contracts.py)
         shell._showtraceback(etype, value, lines)
         return lines
 

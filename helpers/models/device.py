@@ -28,7 +28,8 @@ def resolve_device(device: str) -> torch.device:
 def cpu_computes_bf16_natively() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as torch reports them. Elsewhere torch emulates
     bf16, slower than fp32: 7.0 images/s against 27.2 on a 2-core Xeon with AVX-512 but neither (BENCHMARKS.md)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_tile"))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -206,6 +206,8 @@ class OpenClipBackend(Backend):
     def _find_weights(self, download: bool) -> str | None:
         p = self.entry.pretrained
         if self.local_dir is not None:
+            # private, and no public function says which file open_clip will load from a folder (pinned in
+            # tests/test_library_contracts.py)
             from open_clip.factory import _find_checkpoint_in_dir
 
             if not self.local_dir.is_dir():
