@@ -7,14 +7,8 @@ torch.
 """
 
 import importlib
-import sys
 
-# jsonschema's optional IRI format check (rfc3987-syntax, pulled in by Jupyter's event schemas) builds a grammar when
-# imported: 1.5-2 s in every process that imports nbformat (papermill, each run of a sweep, JupyterLab). Nothing here
-# checks IRIs, and jsonschema leaves the format out when the module cannot be imported.
-sys.modules.setdefault("rfc3987_syntax", None)
-
-from .infra import progress  # noqa: E402, F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.infra.progress)
+from .infra import progress  # noqa: F401  first: in a saved run's kernel, tqdm.auto bars become text (helpers.infra.progress)
 
 _SURFACE = {"RunConfig": "config", "config_from_dict": "config", "load_config": "config",
             "load_run_data": "runs.pipeline", "predict": "runs.pipeline", "run_ensemble": "runs.pipeline",

@@ -67,3 +67,15 @@ def test_torch_error_texts_the_checkpoint_messages_read():
         torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     assert "Unsupported global" in str(pickled.value)
     assert unpickling_reason(pickled.value).startswith("Unsupported global: GLOBAL ")
+
+
+def test_nbformat_is_imported_without_jsonschemas_iri_grammar():
+    # helpers.runs.notebooks.import_nbformat: jsonschema leaves the iri format out when rfc3987_syntax cannot be
+    # imported; the module is blanked for that import only
+    import subprocess
+    import sys
+
+    code = ("import sys; from helpers.runs.notebooks import import_nbformat; import_nbformat(); import jsonschema; "
+            "print('iri' in jsonschema.FormatChecker.checkers, 'rfc3987_syntax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

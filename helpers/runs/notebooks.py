@@ -52,7 +52,25 @@ def local_kernel_manager():
 
     from jupyter_client.manager import AsyncKernelManager
 
+def import_nbformat() -> None:
+    """Import nbformat (which papermill imports) without jsonschema's optional IRI format check. That check
+    (rfc3987-syntax, pulled in by Jupyter's event schemas) builds a grammar when imported: 1.5-2 s in every process
+    that imports nbformat (each run, each point of a sweep). Nothing here checks IRIs, and jsonschema leaves the
+    format out when the module cannot be imported: it is blanked while jsonschema is first imported, and only then."""
+    if "nbformat" in sys.modules:
+        return
+    blanked = "rfc3987_syntax" not in sys.modules
+    if blanked:
+        sys.modules["rfc3987_syntax"] = None
+    try:
+        import nbformat  # noqa: F401  imports jsonschema
+    finally:
+        if blanked:
+            del sys.modules["rfc3987_syntax"]
+
+
     class LocalKernelManager(AsyncKernelManager):
+    import_nbformat()
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.transport = "ipc"
@@ -117,6 +135,7 @@ def python_command() -> str:
     """This interpreter as the user's shell reaches it: relative to the working folder when inside it (the project's
     `.venv/bin/python`), else its full path; a bare `python` outside the virtual environment has no helpers."""
     executable = os.path.abspath(sys.executable)  # not resolved: the venv's python is a link to the system's
+    import_nbformat()
     relative = os.path.relpath(executable)
     return relative if not relative.startswith("..") else executable
 
