@@ -90,8 +90,8 @@ def cmd_run(args) -> None:
     if args.min_agreement is not None and config.reference is None:
         check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
     started = time.perf_counter()
-    run_dir = run_pipeline(args.config, args.set, args.output_dir, analyses=not args.no_analyses,
-                           progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), nproc=args.nproc)
+    run_dir = run_pipeline(config, args.output_dir, analyses=not args.no_analyses, progress=not args.quiet,
+                           log=lambda m: print(m, file=sys.stderr), nproc=args.nproc)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     record_run(config, run_dir, metrics, time.perf_counter() - started, "run", args.nproc)
     print(run_summary(run_dir))  # where the run is, what it wrote, how to compare it or open it

@@ -14,7 +14,7 @@ import pytest
 
 import helpers.research.scoring
 import helpers.runs.pipeline
-from helpers.config import ConfigError
+from helpers.config import ConfigError, load_config
 from helpers.infra.distributed import World
 from helpers.runs.notebooks import run_pipeline
 from helpers.runs.pipeline import predict
@@ -77,8 +77,8 @@ def test_run_with_two_processes_encodes_first_and_its_notebooks_load_no_model(sc
                                                                               tmp_path):
     config = fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp_path / "cache")
     logs = []
-    run_dir = run_pipeline(write(config, tmp_path / "run.yaml"), output_dir=tmp_path / "run", analyses=False,
-                           progress=False, log=logs.append, nproc=2)
+    run_dir = run_pipeline(load_config(write(config, tmp_path / "run.yaml")), output_dir=tmp_path / "run",
+                           analyses=False, progress=False, log=logs.append, nproc=2)
     assert logs[0] == "encoding with 2 processes (torchrun)"
     assert (run_dir / "submission.csv").read_bytes() == clean_submission
     for name in "ab":

@@ -72,7 +72,8 @@ def run_config(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints
 @pytest.fixture(scope="module")
 def run_dir(run_config, tmp_path_factory):
     logs = []
-    out = run_pipeline(run_config, output_dir=tmp_path_factory.mktemp("run") / "r", progress=False, log=logs.append)
+    out = run_pipeline(load_config(run_config), output_dir=tmp_path_factory.mktemp("run") / "r", progress=False,
+                       log=logs.append)
     assert logs[:2] == ["model a: running 04_inference.ipynb", "model b: running 04_inference.ipynb"]
     return out
 
@@ -130,7 +131,7 @@ def test_run_and_predict_give_byte_identical_submissions(run_dir, run_config, tm
 def test_a_rerun_reuses_finished_inference(run_dir, run_config):
     before = {n: (run_dir / "notebooks" / n).stat().st_mtime_ns for n in EXECUTED[:2]}
     logs = []
-    run_pipeline(run_config, output_dir=run_dir, analyses=False, progress=False, log=logs.append)
+    run_pipeline(load_config(run_config), output_dir=run_dir, analyses=False, progress=False, log=logs.append)
     assert logs[:2] == [f"model {n}: reusing the finished inference in {run_dir}/notebooks/04_inference-{n}.ipynb"
                         for n in "ab"]
     assert {n: (run_dir / "notebooks" / n).stat().st_mtime_ns for n in EXECUTED[:2]} == before
@@ -145,7 +146,7 @@ def test_a_rerun_runs_again_an_inference_notebook_that_failed(run_dir, run_confi
     notebook.cells[-1].metadata.papermill["status"] = "failed"
     nbformat.write(notebook, path)
     logs = []
-    run_pipeline(run_config, output_dir=run_dir, analyses=False, progress=False, log=logs.append)
+    run_pipeline(load_config(run_config), output_dir=run_dir, analyses=False, progress=False, log=logs.append)
     assert logs[:2] == [f"model a: reusing the finished inference in {run_dir}/notebooks/04_inference-a.ipynb",
                         "model b: running 04_inference.ipynb"]
     assert nbformat.read(path, as_version=4).cells[-1].metadata.papermill["status"] == "completed"
@@ -153,7 +154,8 @@ def test_a_rerun_runs_again_an_inference_notebook_that_failed(run_dir, run_confi
 
 def test_a_run_folder_of_another_config_is_refused(run_dir, run_config):
     with pytest.raises(RunError, match="holds a run of another config"):
-        run_pipeline(run_config, ["ensemble.drop_below=null"], output_dir=run_dir, progress=False, log=print)
+        run_pipeline(load_config(run_config, ["ensemble.drop_below=null"]), output_dir=run_dir, progress=False,
+                     log=print)
 
 
 def test_an_unusable_image_stops_the_run_before_any_notebook(run_config, dev_dir, tmp_path):
@@ -164,8 +166,8 @@ def test_an_unusable_image_stops_the_run_before_any_notebook(run_config, dev_dir
             (broken / folder / p.name).write_bytes(p.read_bytes())
     (broken / "sea" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=r"1 of 45 images cannot be used, so nothing was encoded: .*broken\.jpg"):
-        run_pipeline(run_config, [f"data.dev.path={broken}"], output_dir=tmp_path / "run", progress=False,
-                     log=lambda m: None)
+        run_pipeline(load_config(run_config, [f"data.dev.path={broken}"]), output_dir=tmp_path / "run",
+                     progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()
 
 

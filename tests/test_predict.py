@@ -10,8 +10,9 @@ import yaml
 
 from helpers.__main__ import main
 from helpers.research.data import DataError, load_dev_set
+from helpers.runs import pipeline as pipeline_module
 from helpers.runs.outputs import SubmissionError, read_submission, validate_submission, write_submission
-from helpers.runs.pipeline import predict
+from helpers.runs.pipeline import load_run_data, predict
 
 from .conftest import CLASSES, INTEL_CLASS_MAP, PROJECT_ROOT, SCENE_IDS
 
@@ -89,7 +90,8 @@ def test_predict_prints_a_summary_says_what_came_from_the_cache_and_keeps_its_fo
     assert out[-1] == f"wrote {tmp_path / 'o' / 'submission.csv'} (every figure: {tmp_path / 'o' / 'metrics.json'})"
     assert main(["predict", config, "--output-dir", str(tmp_path / "o"), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "model a: every embedding came from the cache" in err and "model b: every embedding came from" in err
+    # the outputs of the first are done (model.json: of these images and prompts), so nothing runs again
+    assert "model a: its outputs in" in err and "model b: its outputs in" in err and "are done" in err
     other = write_config(tmp_path / "other", make_config(scoring="mean_logit")) if (tmp_path / "other").mkdir() is \
         None else None
     before = (tmp_path / "o" / "submission.csv").read_bytes()
@@ -158,3 +160,22 @@ def test_dev_sets_map_folder_names_and_stay_balanced_when_limited(dev_dir):
     assert np.bincount(small.labels).tolist() == [2] * 6
     with pytest.raises(DataError, match="forest: folder maps to 'forest'"):
         load_dev_set(dev_dir, CLASSES, {k: v for k, v in INTEL_CLASS_MAP.items() if k != "forest"})
+
+
+def test_a_prepared_run_folder_records_the_images_so_kernels_do_not_read_them_again(make_config, tmp_path,
+                                                                                     monkeypatch):
+    """predict/run read and hash every image once (prepare_run) and record it in run_data.json; a notebook's kernel
+    (load_run_data with recorded_in) lists and stats the files and reads none of them, unless one changed."""
+    config = make_config(data={"test": make_config().data.test, "limit": 8})
+    predict(config, tmp_path / "o", progress=False)
+    first = load_run_data(config)
+    reads = []
+    original = pipeline_module.check_images
+    monkeypatch.setattr(pipeline_module, "check_images",
+                        lambda images, *args: reads.append(images) or original(images, *args))
+    again = load_run_data(config, recorded_in=tmp_path / "o")
+    assert reads == [] and again.digests == first.digests and again.fingerprints() == first.fingerprints()
+    changed = again.splits["test"].files[3]
+    changed.touch()  # a new modification time: the record no longer vouches for the set
+    assert load_run_data(config, recorded_in=tmp_path / "o").digests == first.digests and len(reads) == 1
+    assert load_run_data(config, recorded_in=tmp_path / "elsewhere").digests == first.digests and len(reads) == 2

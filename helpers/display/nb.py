@@ -38,7 +38,8 @@ def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, Path]:
     plots.RANDOM_WEIGHTS[:] = random  # named in every figure and table this notebook saves
     if random:
         display(Markdown(random_weights_note(random)))
-    return config, load_run_data(config), output
+    # the images as the command that started this run found them (run_data.json): listed and stat'ed, not read again
+    return config, load_run_data(config, recorded_in=output_dir), output
 
 
 def random_weights_note(models: list[str]) -> str:

@@ -13,21 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import RunConfig, json_digest, load_config
+from ..config import RunConfig, json_digest
 from ..infra.distributed import World
-from ..infra.files import PROJECT_ROOT, read_json_or_none, remove_stale_temporaries
+from ..infra.files import PROJECT_ROOT, read_json_or_none
 from ..infra.jupyter import ensure_kernel
 from ..infra.progress import saved_run_kernels
-from .pipeline import (
-    RunError,
-    check_models,
-    check_paths,
-    check_world,
-    claim_output_dir,
-    load_run_data,
-    model_dir,
-    model_outputs_match,
-)
+from .pipeline import RunError, model_dir, model_outputs_done, prepare_run
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 INSPECT, SHARPNESS, PROMPTS, INFERENCE, ENSEMBLE = (
@@ -164,17 +155,14 @@ def encode_with_torchrun(config_file: str | Path, nproc: int, progress: bool) ->
                        "error is printed above, and a rerun resumes from what every process finished")
 
 
-def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir: str | Path | None = None,
-                 analyses: bool = True, progress: bool = True, log=print, nproc: int = 1) -> Path:
-    config = load_config(config_path, overrides)
+def run_pipeline(config: RunConfig, output_dir: str | Path | None = None, analyses: bool = True,
+                 progress: bool = True, log=print, nproc: int = 1) -> Path:
+    """The notebooks of a loaded config into a run folder (default: `default_run_dir`); returns the folder. The
+    preparation (checks, the images read once, the folder claimed) is `prepare_run`'s, as for `predict`; the kernels
+    read the run folder's resolved config and what was found of the images."""
     run_dir = Path(output_dir) if output_dir else default_run_dir(config)
-    # before any work: bad paths, a missing model or an unusable image fail now, with the clear message
-    check_paths(config, run_dir)
-    check_world(config, World(size=nproc))
-    check_models(config)
-    data = load_run_data(config, progress)
-    config_file = str(claim_output_dir(run_dir, config).resolve())
-    remove_stale_temporaries(run_dir)  # what a killed run was writing: never whole, never read
+    data = prepare_run(config, run_dir, World(size=nproc), progress)
+    config_file = str((run_dir / "config.yaml").resolve())
     kernel = ensure_kernel()
     base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}
     executed = run_dir / "notebooks"
@@ -184,7 +172,7 @@ def run_pipeline(config_path: str | Path, overrides: list[str] = (), output_dir:
 
     for name in config.models:
         out = executed / f"04_inference-{name}.ipynb"
-        if model_outputs_match(run_dir, name, data) and _finished(out):
+        if model_outputs_done(run_dir, name, data) and _finished(out):
             log(f"model {name}: reusing the finished inference in {out}")
             continue
         log(f"model {name}: running {INFERENCE}")

@@ -1,8 +1,25 @@
-"""A run, in two steps that the notebooks call one by one and `predict` calls in a row:
+"""A run: one preparation, then two steps that the notebooks call one by one and `predict` calls in a row.
 
+0. `prepare_run`: what every command that runs a config does first, once: the checks (paths, processes, weights),
+   the images listed, read, checked and hashed (`load_run_data`), the run folder claimed for the config, and what
+   the images were recorded in it (`run_data.json`), so that the notebooks' kernels read the digests instead of
+   reading the images again.
 1. `run_model`: one model encodes the prompts and every split (through the cache) and writes its outputs under
-   `<output>/models/<name>/`.
+   `<output>/models/<name>/`; `model_outputs_done` is the one rule for whether they are there, of this run's images.
 2. `run_ensemble`: combines the models' outputs, writes `submission.csv`, `metrics.json` and the manifest.
+
+The call chains, from the command to `submission.csv`:
+
+- `python -m helpers predict CONFIG` -> `__main__.cmd_predict` -> `load_config` -> `predict` -> `prepare_run`
+  -> `run_model` for each model not done (-> `infra.cache.encode_texts`, `split_stores` -> `infra.cache.ensure_encoded`
+  -> the backend's `Encoder`; `score_split` -> `research.scoring`) -> `run_ensemble` (-> `ensemble_split`
+  -> `research.scoring.ensemble_scores`; `runs.outputs.write_submission`) -> `write_run_files`.
+- `python -m helpers run CONFIG` -> `__main__.cmd_run` -> `load_config` -> `runs.notebooks.run_pipeline` ->
+  `prepare_run` -> papermill runs 04_inference once per model not done and 05_ensemble (then 01-03), each kernel
+  `display.nb.start` -> `load_config` of the run folder's config.yaml and `load_run_data(..., recorded_in=run folder)`
+  -> `run_model` / `run_ensemble` as above.
+- `python -m helpers encode CONFIG` -> `encode_cache` -> `prepare_run` (no run folder) -> `encode_model_images`.
+- `python -m helpers sweep` -> one `python -m helpers run` per point (`runs.sweep.launch`).
 """
 
 from __future__ import annotations
@@ -18,11 +35,18 @@ import pandas as pd
 import torch
 import yaml
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, json_digest
 from ..infra.cache import EmbeddingStore, check_images, encode_texts, ensure_encoded
 from ..infra.distributed import ONE_PROCESS, World
 from ..infra.errors import UserError
-from ..infra.files import atomic_write_csv, atomic_write_text, npy_rows, read_yaml_or_none, remove_stale_temporaries
+from ..infra.files import (
+    atomic_write_csv,
+    atomic_write_text,
+    npy_rows,
+    read_json_or_none,
+    read_yaml_or_none,
+    remove_stale_temporaries,
+)
 from ..models import ModelHandle, WeightsUnavailableError, resolve_device
 from ..research.data import (
     DataError,
@@ -58,6 +82,8 @@ class RunData:
     classes: list[str]
     prompts: PromptSet
     splits: dict[str, ImageSet] = field(default_factory=dict)
+    # per split, what the check found of every file listed (`record_run_data` writes it into the run folder)
+    checks: dict[str, dict] = field(default_factory=dict)
 
     @property
     def digests(self) -> dict[str, list[str]]:
@@ -82,9 +108,43 @@ class RunStaleError(UserError, RuntimeError):
     """Outputs in a run folder that were made from other inputs than the run's."""
 
 
-def load_run_data(config: RunConfig, progress: bool = False) -> RunData:
+RUN_DATA = "run_data.json"  # in a run folder: what `prepare_run` found of the images
+
+
+def _stamps(files: list[Path]) -> list[list[int] | None]:
+    """Size and modification time of each file (a file rewritten since it was read changes its stamp); None for one
+    that cannot be stat'ed (a dangling link), which the check then names."""
+    stamps = []
+    for f in files:
+        try:
+            s = f.stat()
+            stamps.append([s.st_size, s.st_mtime_ns])
+        except OSError:
+            stamps.append(None)
+    return stamps
+
+
+def check_split(images: ImageSet, cache_dir: str, progress: bool, recorded: dict | None) -> tuple[dict[int, str], dict]:
+    """The unusable files of one set (position -> why) and what the check found (to record), with `images.digests`
+    set: from `recorded` (a run folder's `run_data.json`) when it lists exactly these files with the same stamps,
+    else by reading every file (`check_images`)."""
+    files = [str(p.relative_to(images.root)) for p in images.files]
+    stamps = _stamps(images.files)  # before the reads: a file that changes while it is read gets another stamp
+    if recorded is not None and recorded.get("files") == files and recorded.get("stamps") == stamps:
+        images.digests = recorded["digests"]
+        problems = {int(i): reason for i, reason in recorded["problems"].items()}
+    else:
+        problems = check_images(images, cache_dir, progress)
+    return problems, {"files": files, "stamps": stamps, "digests": images.digests,
+                      "problems": {str(i): reason for i, reason in problems.items()}}
+
+
+def load_run_data(config: RunConfig, progress: bool = False, recorded_in: str | Path | None = None) -> RunData:
     """The run's image sets, every file read once and checked (`check_images`). An unusable image stops the run
-    here, before anything is encoded, with every bad file listed; with `on_bad_image: skip` it is left out."""
+    here, before anything is encoded, with every bad file listed; with `on_bad_image: skip` it is left out.
+
+    With `recorded_in` (a run folder that `prepare_run` prepared), the files are listed and stat'ed, and not read
+    again where the folder's `run_data.json` recorded them unchanged."""
     splits = {}
     if config.data.test:
         splits["test"] = load_test_set(config.data.test, config.data.limit)
@@ -100,7 +160,10 @@ def load_run_data(config: RunConfig, progress: bool = False) -> RunData:
         build_missing_dev_set(dev, classes, progress)
         splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
     prompts = load_prompts(config.prompts, classes)
-    problems = {name: check_images(images, config.cache_dir, progress) for name, images in splits.items()}
+    recorded = (read_json_or_none(Path(recorded_in) / RUN_DATA, dict) or {}) if recorded_in is not None else {}
+    problems, checks = {}, {}
+    for name, images in splits.items():
+        problems[name], checks[name] = check_split(images, config.cache_dir, progress, recorded.get(name))
     bad = [(splits[name].files[i], reason) for name, found in problems.items() for i, reason in found.items()]
     if bad and config.on_bad_image == "error":
         raise DataError(bad_images_message(
@@ -116,7 +179,7 @@ def load_run_data(config: RunConfig, progress: bool = False) -> RunData:
         splits[name] = splits[name].without(found)
         log.warning("%s set: skipping %d unusable image(s) (on_bad_image: skip), e.g. %s (%s)", name, len(found),
                     splits[name].skipped[0].path, splits[name].skipped[0].reason)
-    return RunData(classes, prompts, splits)
+    return RunData(classes, prompts, splits, checks)
 
 
 def model_dir(output_dir: Path, name: str) -> Path:
@@ -242,6 +305,7 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
             "encode_seconds": seconds,
             "seconds": round(time.perf_counter() - started, 3),
             "data": data.fingerprints(),  # which images these outputs are of (the ensemble checks it)
+            "prompts": json_digest(data.prompts.texts),  # and of which prompts (a prompt-set file can change)
         }
     finally:
         handle.close()
@@ -263,19 +327,22 @@ def _predictions_frame(images: ImageSet, labels: np.ndarray, classes: list[str])
 
 
 def run_missing_models(config: RunConfig, output_dir: str | Path, data: RunData, progress: bool = True) -> list[str]:
-    """Run the inference of every model whose outputs in `output_dir` are missing or of other images (through the
-    embedding cache, as `run` does: what is cached is not encoded again); returns their names."""
-    missing = [name for name in config.models if not model_outputs_match(output_dir, name, data)]
+    """Run the inference of every model whose outputs in `output_dir` are not done (`model_outputs_done`), through
+    the embedding cache, as `run` does: what is cached is not encoded again; returns their names."""
+    missing = [name for name in config.models if not model_outputs_done(output_dir, name, data)]
     for name in missing:
         run_model(config, name, output_dir, data, progress)
     return missing
 
 
-def model_outputs_match(output_dir: str | Path, name: str, data: RunData) -> bool:
-    """Whether model `name`'s outputs in the run folder are of exactly this run's images (a rerun after images were
-    fixed or broke, with `on_bad_image: skip`, has others)."""
-    path = model_dir(output_dir, name) / "model.json"
-    return path.is_file() and json.loads(path.read_text()).get("data") == data.fingerprints()
+def model_outputs_done(output_dir: str | Path, name: str, data: RunData) -> bool:
+    """The one rule for whether model `name`'s outputs in a run folder can be used: `model.json` (written last, after
+    every output) is there and says they are of exactly this run's images (a rerun after images were fixed or broke,
+    with `on_bad_image: skip`, has others) and prompts. The folder holds one config (`claim_output_dir`), so the
+    model's settings are the run's."""
+    info = read_json_or_none(model_dir(output_dir, name) / "model.json", dict)
+    return (info is not None and info.get("data") == data.fingerprints()
+            and info.get("prompts") == json_digest(data.prompts.texts))
 
 
 def model_outputs(output_dir: str | Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -322,9 +389,10 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
     n_classes = len(data.classes)
     metrics: dict = {"weights": weights, "drop_below": config.ensemble.drop_below, "scoring": config.scoring}
     for name in config.models:
-        if (model_dir(output_dir, name) / "model.json").is_file() and not model_outputs_match(output_dir, name, data):
-            raise RunStaleError(f"{model_dir(output_dir, name)} holds model {name}'s outputs for other images than "
-                                "this run's (which images are usable changed since): run its inference again")
+        if (model_dir(output_dir, name) / "model.json").is_file() and not model_outputs_done(output_dir, name, data):
+            raise RunStaleError(f"{model_dir(output_dir, name)} holds model {name}'s outputs for other images or "
+                                "prompts than this run's (which images are usable, or a prompt-set file, changed "
+                                "since): run its inference again")
     for split, images in data.splits.items():
         labels, per_model = ensemble_split(config, output_dir, split, len(images), data.prompts, chunk_rows)
         frame = _predictions_frame(images, labels, data.classes)
@@ -443,22 +511,41 @@ def check_world(config: RunConfig, world: World) -> None:
                           "device_map to give each process a copy on its own GPU")
 
 
-def predict(config: RunConfig, output_dir: str | Path, progress: bool = True,
-            world: World = ONE_PROCESS) -> dict | None:
-    """Every model, then the ensemble: the whole run. Under torchrun every rank calls this: they share the encodes,
-    and rank 0 alone writes the outputs and returns the metrics (the others return None)."""
-    check_paths(config, output_dir)
+def prepare_run(config: RunConfig, output_dir: str | Path | None, world: World = ONE_PROCESS,
+                progress: bool = True) -> RunData:
+    """What every command that runs a config does first, once (`predict`, `run`, `encode`, and so each point of a
+    sweep): bad paths, a model that cannot run here or lacks its weights, and unusable images fail now, before any
+    work, with the clear message; the images are read and hashed once. With a run folder, rank 0 claims it for the
+    config, removes what a killed run was writing, and records what it found of the images (`RUN_DATA`), which the
+    notebooks' kernels read instead of the images."""
+    if output_dir is not None:
+        check_paths(config, output_dir)
     check_world(config, world)
     check_models(config)
-    output_dir = Path(output_dir)
     data = load_run_data(config, progress and world.is_main)
+    if output_dir is not None and world.is_main:
+        claim_output_dir(Path(output_dir), config)
+        remove_stale_temporaries(Path(output_dir))  # what a killed run was writing: never whole, never read
+        write_json(Path(output_dir) / RUN_DATA, data.checks)
+    return data
+
+
+def predict(config: RunConfig, output_dir: str | Path, progress: bool = True,
+            world: World = ONE_PROCESS) -> dict | None:
+    """Every model whose outputs are not done, then the ensemble: the whole run. Under torchrun every rank calls
+    this: they share the encodes, and rank 0 alone writes the outputs and returns the metrics (the others return
+    None)."""
+    output_dir = Path(output_dir)
+    data = prepare_run(config, output_dir, world, progress)
     if not world.is_main:
         for name in config.models:
             encode_model_images(config, name, data, world)
         return None
-    claim_output_dir(output_dir, config)
-    remove_stale_temporaries(output_dir)  # what a killed run was writing: never whole, never read
     for name in config.models:
+        if model_outputs_done(output_dir, name, data):
+            log.info("model %s: its outputs in %s are done (of these images and prompts): not run again", name,
+                     output_dir)
+            continue
         run_model(config, name, output_dir, data, progress, world)
     metrics = run_ensemble(config, output_dir, data)
     write_run_files(config, output_dir, data, world)
@@ -469,8 +556,6 @@ def encode_cache(config: RunConfig, progress: bool = True, world: World = ONE_PR
     """Every model's image embeddings of every split and view, and (on rank 0) its prompt embeddings, into the
     cache, without writing a run: `python -m helpers run --nproc N` does this under torchrun before its notebooks,
     which then find everything cached."""
-    check_world(config, world)
-    check_models(config)
-    data = load_run_data(config, progress and world.is_main)
+    data = prepare_run(config, None, world, progress)
     for name in config.models:
         encode_model_images(config, name, data, world, progress, prompts=world.is_main)
