@@ -32,6 +32,15 @@ def accuracy_summary(labels, predictions, n_resamples: int = N_RESAMPLES, seed: 
             "images": int(correct.size)}
 
 
+def label_agreement(labels_a, labels_b, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict:
+    """The share of images with the same label on both sides (two runs, or a run and a reference submission), with
+    its 95% bootstrap interval."""
+    same = np.asarray(labels_a) == np.asarray(labels_b)
+    lo, hi = bootstrap_ci(same, n_resamples, seed)
+    return {"agreement": float(same.mean()) if same.size else float("nan"), "ci95": [lo, hi],
+            "differing": int((~same).sum()), "images": int(same.size)}
+
+
 def per_class_accuracy(labels, predictions, classes: list[str], **kwargs) -> dict[str, dict]:
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     return {c: accuracy_summary(labels[labels == i], predictions[labels == i], **kwargs) for i, c in enumerate(classes)}

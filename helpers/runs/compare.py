@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +33,11 @@ import pandas as pd
 from ..infra.errors import UserError
 from ..infra.files import atomic_write_text, read_json_or_none, read_yaml_or_none, slug
 from ..research.data import CHALLENGE_CLASSES
-from ..research.stats import accuracy_summary, bootstrap_ci, confusion_matrix, paired_comparison
+from ..research.stats import accuracy_summary, confusion_matrix, label_agreement, paired_comparison
+from .outputs import SubmissionError, integer_column, read_csv_text, read_submission
 
 GALLERY_MAX = 24  # differing images shown in the gallery
 GALLERY_COLUMNS = 6
-_INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
 
 # what a comparison writes: an earlier comparison's file that this one does not write again is removed, so a
 # folder never mixes two comparisons
@@ -71,38 +70,9 @@ class Side:
         return "run folder" if self.run_dir is not None else "submission file"
 
 
-def _read_csv(path: Path, what: str) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise CompareError(f"{path}: the file is empty; {what}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise CompareError(f"{path}: not a readable CSV ({' '.join(str(e).split())}); {what}") from None
-
-
-def _integers(values: pd.Series, path: Path, column: str) -> np.ndarray:
-    bad = ~values.str.match(_INTEGER)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise CompareError(f"{path}: {column} '{values.iloc[row]}' on line {row + 2} is not an integer")
-    return values.astype(np.int64).to_numpy()
-
-
-def read_submission_csv(path: Path) -> pd.DataFrame:
-    """`id_idx,label` as integers, checked: the header, integers, no id twice (the label range is checked once the
-    classes are known)."""
-    frame = _read_csv(path, "a submission has the header id_idx,label and one row per test image")
-    if list(frame.columns) != ["id_idx", "label"]:
-        raise CompareError(f"{path}: the header must be id_idx,label, got {','.join(map(str, frame.columns))!r:.80}")
-    if frame.empty:
-        raise CompareError(f"{path}: no rows under the header; a submission has one row per test image")
-    ids, labels = _integers(frame["id_idx"], path, "id_idx"), _integers(frame["label"], path, "label")
-    dup = pd.Series(ids).duplicated(keep=False).to_numpy()
-    if dup.any():
-        lines = np.flatnonzero(ids == ids[dup][0]) + 2
-        raise CompareError(f"{path}: id {ids[dup][0]} appears more than once (lines {', '.join(map(str, lines[:3]))}); "
-                           "each test image has one row")
-    return pd.DataFrame({"id_idx": ids, "label": labels})
+def _submission(path: Path) -> pd.DataFrame:
+    ids, labels = read_submission(path)
+    return pd.DataFrame({"id_idx": np.asarray(ids, dtype=np.int64), "label": np.asarray(labels, dtype=np.int64)})
 
 
 def _run_classes(config: dict) -> tuple[list[str] | None, str, Path | None]:
@@ -129,17 +99,23 @@ def _default_name(path: Path) -> str:
 def load_side(path: str | Path, name: str | None = None, which: str = "A") -> Side:
     """Read one side: a run folder (its submission.csv, test_predictions.csv, dev_predictions.csv, config.yaml) or
     a bare submission CSV."""
-    path = Path(path)
+    try:
+        return _load_side(Path(path), name, which)
+    except SubmissionError as e:  # a file that is no submission (or no run's predictions): these two cannot compare
+        raise CompareError(str(e)) from None
+
+
+def _load_side(path: Path, name: str | None, which: str) -> Side:
     if not path.exists():
         raise CompareError(f"{path}: no such file or folder ({which}); give a run folder or a submission.csv")
     name = name or _default_name(path)
     if path.is_file():
-        return Side(path, name, read_submission_csv(path))
+        return Side(path, name, _submission(path))
     submission_file = path / "submission.csv"
     if not submission_file.is_file():
         raise CompareError(f"{path}: no submission.csv in this folder ({which}), so it is not a finished run folder; "
                            "give the folder of a run or predict, or a submission.csv")
-    side = Side(path, name, read_submission_csv(submission_file), run_dir=path)
+    side = Side(path, name, _submission(submission_file), run_dir=path)
     config = read_yaml_or_none(path / "config.yaml", dict) or {}
     classes, source, side.image_root = _run_classes(config)
     models = config.get("models") if isinstance(config.get("models"), dict) else {}
@@ -148,18 +124,18 @@ def load_side(path: str | Path, name: str | None = None, which: str = "A") -> Si
         side.classes, side.classes_source = classes, source
     test_file = path / "test_predictions.csv"
     if test_file.is_file():
-        test = _read_csv(test_file, "the run's test predictions (id_idx,file,label,class)")
+        test = read_csv_text(test_file, "the run's test predictions (id_idx,file,label,class)")
         if {"id_idx", "file"} <= set(test.columns):
-            ids = _integers(test["id_idx"], test_file, "id_idx")
+            ids = integer_column(test["id_idx"], test_file, "id_idx")
             side.files = pd.Series(test["file"].to_numpy(), index=ids).groupby(level=0).first()
             if "skipped" in test.columns:
                 side.skipped = int(test["skipped"].str.lower().eq("true").sum())
     dev_file = path / "dev_predictions.csv"
     if dev_file.is_file():
-        dev = _read_csv(dev_file, "the run's dev predictions (file,label,class,true_label)")
+        dev = read_csv_text(dev_file, "the run's dev predictions (file,label,class,true_label)")
         if {"file", "label", "true_label"} <= set(dev.columns):
-            side.dev = pd.DataFrame({"file": dev["file"], "label": _integers(dev["label"], dev_file, "label"),
-                                     "true_label": _integers(dev["true_label"], dev_file, "true_label")})
+            side.dev = pd.DataFrame({"file": dev["file"], "label": integer_column(dev["label"], dev_file, "label"),
+                                     "true_label": integer_column(dev["true_label"], dev_file, "true_label")})
     return side
 
 
@@ -198,14 +174,6 @@ def aligned_labels(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray, np.ndarray
     ids = a.submission["id_idx"].to_numpy()
     labels_b = b.submission.set_index("id_idx")["label"].loc[ids].to_numpy()
     return ids, a.submission["label"].to_numpy(), labels_b
-
-
-def label_agreement(labels_a, labels_b) -> dict:
-    """The share of images with the same label on both sides, with its 95% bootstrap interval."""
-    same = np.asarray(labels_a) == np.asarray(labels_b)
-    lo, hi = bootstrap_ci(same.astype(np.float64))
-    return {"agreement": float(same.mean()) if same.size else math.nan, "ci95": [lo, hi],
-            "differing": int((~same).sum()), "images": int(same.size)}
 
 
 def agreement_table(labels_a, labels_b, classes: list[str]) -> pd.DataFrame:

@@ -5,24 +5,31 @@ from __future__ import annotations
 import io
 import json
 import platform
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..infra.errors import UserError
 from ..infra.files import PROJECT_ROOT, atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "transformers", "numpy", "pillow", "natsort", "pandas",
             "papermill", "huggingface_hub", "accelerate")
 
 
+_INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
 class SubmissionError(UserError, ValueError):
-    pass
+    """A submission (or another CSV of a run) that cannot be read as one; the message names the file."""
 
 
 def validate_submission(ids: list[int], labels, n_classes: int) -> None:
@@ -42,13 +49,44 @@ def write_submission(path: Path, ids: list[int], labels, n_classes: int) -> None
     atomic_write_bytes(Path(path), text.encode())
 
 
-def read_submission(path: Path) -> tuple[list[int], list[int]]:
+def read_csv_text(path: Path, what: str):
+    """A CSV file a run wrote (or a person gave), every cell as text, as a DataFrame; `what` says what it should be."""
     import pandas as pd
 
-    df = pd.read_csv(path)
-    if list(df.columns) != ["id_idx", "label"]:
-        raise SubmissionError(f"{path}: header must be id_idx,label, got {','.join(df.columns)}")
-    return df["id_idx"].tolist(), df["label"].tolist()
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise SubmissionError(f"{path}: the file is empty; {what}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise SubmissionError(f"{path}: not a readable CSV ({' '.join(str(e).split())}); {what}") from None
+
+
+def integer_column(values, path: Path, column: str) -> np.ndarray:
+    """A column of `read_csv_text` as integers; else an error naming the first cell that is not one, and its line."""
+    bad = ~values.str.match(_INTEGER)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise SubmissionError(f"{path}: {column} '{values.iloc[row]}' on line {row + 2} is not an integer")
+    return values.astype(np.int64).to_numpy()
+
+
+def read_submission(path: Path) -> tuple[list[int], list[int]]:
+    """The ids and labels of a submission (`id_idx,label`), checked: the header, integers, no id twice (the label
+    range is checked once the classes are known)."""
+    import pandas as pd
+
+    frame = read_csv_text(path, "a submission has the header id_idx,label and one row per test image")
+    if list(frame.columns) != ["id_idx", "label"]:
+        raise SubmissionError(f"{path}: the header must be id_idx,label, got {','.join(map(str, frame.columns))!r:.80}")
+    if frame.empty:
+        raise SubmissionError(f"{path}: no rows under the header; a submission has one row per test image")
+    ids, labels = integer_column(frame["id_idx"], path, "id_idx"), integer_column(frame["label"], path, "label")
+    dup = pd.Series(ids).duplicated(keep=False).to_numpy()
+    if dup.any():
+        lines = np.flatnonzero(ids == ids[dup][0]) + 2
+        raise SubmissionError(f"{path}: id {ids[dup][0]} appears more than once (lines "
+                              f"{', '.join(map(str, lines[:3]))}); each test image has one row")
+    return ids.tolist(), labels.tolist()
 
 
 REFERENCE_DIR = Path(__file__).parent / "references"
@@ -74,19 +112,17 @@ def reference_path(reference: str) -> Path:
 
 def reference_agreement(reference: str, ids: list[int], labels) -> dict:
     """How far a submission agrees with the reference, on the images both have, with a 95% bootstrap interval."""
-    from ..research.stats import bootstrap_ci
+    from ..research.stats import label_agreement
 
     path = reference_path(reference)
-    ref_ids, ref_labels = read_submission(path)
-    by_id = dict(zip(ref_ids, ref_labels))
-    common = [(i, y) for i, y in zip(ids, np.asarray(labels).tolist()) if i in by_id]
+    by_id = dict(zip(*read_submission(path)))
+    common = [(y, by_id[i]) for i, y in zip(ids, np.asarray(labels).tolist()) if i in by_id]
     if not common:
         raise SubmissionError(f"reference {path} has none of the run's test ids (e.g. {ids[0]}): is it a submission "
                               "for this test set?")
-    same = np.array([by_id[i] == y for i, y in common])
-    lo, hi = bootstrap_ci(same)
-    return {"reference": reference, "path": str(path), "agreement": float(same.mean()), "ci95": [lo, hi],
-            "differing": int((~same).sum()), "images": len(common), "not_in_reference": len(ids) - len(common)}
+    ours, theirs = zip(*common)
+    agreement = label_agreement(ours, theirs)
+    return {"reference": reference, "path": str(path), **agreement, "not_in_reference": len(ids) - len(common)}
 
 
 def write_json(path: Path, obj) -> None:
@@ -124,6 +160,7 @@ def package_versions() -> dict:
 
 
 def device_description(device: torch.device) -> dict:
+    import torch  # here: `compare` reads submissions with this module and needs no torch
     info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from ...infra.files import atomic_write_csv, atomic_write_text, read_json_or_none
-from ..compare import CompareError, aligned_labels, compare_dev, label_agreement, load_side
+from ...research.stats import label_agreement
+from ..compare import CompareError, aligned_labels, compare_dev, load_side
 from .design import Point, setting_of, shown
 from .launch import read_status
 
