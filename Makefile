@@ -35,9 +35,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
 	touch $@
 
-# One worker per core (pytest-xdist), a test module per worker at a time (its fixtures are built once); the 15
-# slowest tests are listed at the end.
-test: setup
+# The lint first (a second), then one worker per core (pytest-xdist), a test module per worker at a time (its
+# fixtures are built once); the 15 slowest tests are listed at the end.
+test: lint
 	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations 15
 
 lint: setup
