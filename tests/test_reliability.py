@@ -134,7 +134,8 @@ def test_outputs_of_other_images_are_not_combined(make_config, scene_with_bad_im
     predict(config, tmp_path / "out", progress=False)
     shutil.copy(root / "0" / "5.jpg", root / "0" / "101.jpg")  # one bad image fixed, another broken
     (root / "0" / "9.jpg").write_bytes(b"")
-    with pytest.raises(RunStaleError, match=r"models/a holds model a's outputs for other images or prompts than this run's"):
+    with pytest.raises(RunStaleError,
+                       match=r"models/a holds model a's outputs for other images or prompts than this run's"):
         run_ensemble(config, tmp_path / "out")
     predict(config, tmp_path / "out", progress=False)  # runs the models again
     ids, labels = read_submission(tmp_path / "out" / "submission.csv")
