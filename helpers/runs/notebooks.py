@@ -43,6 +43,15 @@ def local_kernel_manager():
 
     from jupyter_client.manager import AsyncKernelManager
 
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = os.path.join(tempfile.gettempdir(), f"helpers-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    return LocalKernelManager
+
+
 def import_nbformat() -> None:
     """Import nbformat (which papermill imports) without jsonschema's optional IRI format check. That check
     (rfc3987-syntax, pulled in by Jupyter's event schemas) builds a grammar when imported: 1.5-2 s in every process
@@ -60,17 +69,8 @@ def import_nbformat() -> None:
             del sys.modules["rfc3987_syntax"]
 
 
-    class LocalKernelManager(AsyncKernelManager):
-    import_nbformat()
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.transport = "ipc"
-            self.ip = os.path.join(tempfile.gettempdir(), f"helpers-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-    return LocalKernelManager
-
-
 def execute(notebook: str, output: Path, parameters: dict, kernel: str, progress: bool = True) -> None:
+    import_nbformat()
     import papermill as pm
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,6 @@ def python_command() -> str:
     """This interpreter as the user's shell reaches it: relative to the working folder when inside it (the project's
     `.venv/bin/python`), else its full path; a bare `python` outside the virtual environment has no helpers."""
     executable = os.path.abspath(sys.executable)  # not resolved: the venv's python is a link to the system's
-    import_nbformat()
     relative = os.path.relpath(executable)
     return relative if not relative.startswith("..") else executable
 
@@ -136,6 +135,7 @@ def _finished(notebook: Path) -> bool:
     or the run is interrupted)."""
     if not notebook.is_file():
         return False
+    import_nbformat()
     import nbformat
 
     cells = nbformat.read(notebook, as_version=4).cells
