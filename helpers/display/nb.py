@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import RunConfig, load_config
 from ..infra.errors import install_notebook_handler, show_notes
 from ..infra.files import PROJECT_ROOT
 from ..infra.progress import saved_run, wrapped
@@ -53,14 +53,19 @@ def is_run_folder(folder: Path) -> bool:
     return (folder / "notebooks").is_dir() and (folder / "config.yaml").is_file()
 
 
-def require_dev(data: RunData) -> None:
-    """A one-line error (nb.start installed the handler) whose advice works as written: build a dev set, then name
-    it in the config."""
-    if "dev" not in data.splits:
-        raise ConfigError("this notebook needs a labeled dev set, and the config has no data.dev: build one (`make "
-                          "dev-demo`: 120 images in data/dev-demo, which configs/demo.yaml names; `make dev-data`: "
-                          "1,500 in data/dev), then add it under data in the config (`dev: {path: data/dev}`) or run "
-                          "with --set data.dev.path=data/dev")
+DEV_ADVICE = ("To add one, build it (`make dev-demo`: 120 images in data/dev-demo, which configs/demo.yaml names; "
+              "`make dev-data`: 1,500 in data/dev), then add it under data in the config (`dev: {path: data/dev}`) "
+              "or run with --set data.dev.path=data/dev.")
+
+
+def has_split(data: RunData, split: str, skipped: str) -> bool:
+    """Whether the config has the split ("test" or "dev") that a notebook's section needs. A config may have either
+    alone; without it, one sentence says what the notebook skips and why (`skipped`: "the submission is skipped"),
+    with how to add a dev set that is missing, and the notebook goes on with what it can do."""
+    if split in data.splits:
+        return True
+    say(f"No {split} set in this config (data.{split}): {skipped}." + (f" {DEV_ADVICE}" if split == "dev" else ""))
+    return False
 
 
 def blur_statistics(data: RunData, limit: int = 2000) -> tuple[pd.DataFrame, dict[str, list[float]]]:
