@@ -126,7 +126,7 @@ def test_fp16_arithmetic_is_only_where_the_winner_had_it(make_config, tiny_arch,
 
 def test_the_gpu_parity_script_runs_on_the_cpu_and_prints_the_count_last(scene_dir, tiny_arch, tmp_path, capsys):
     """checks/gpu_parity.py end to end on the CPU, where the winner's autocast does nothing: no label apart."""
-    script = runpy.run_path(str(PROJECT_ROOT / "bench" / "gpu_parity.py"), run_name="gpu_parity")
+    script = runpy.run_path(str(PROJECT_ROOT / "checks" / "gpu_parity.py"), run_name="gpu_parity")
     out = tmp_path / "parity.json"
     report = script["main"](["--device", "cpu", "--arch", str(tiny_arch), "--images", "38", "--scene",
                              str(scene_dir), "--num-workers", "0", "--out", str(out)])
