@@ -4,12 +4,14 @@ tested here by name (timm's way), and a new one is one module and one registrati
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from helpers.config import ConfigError, ModelEntry, build_step
+from helpers.display.nb import model_info
 from helpers.infra.cache import image_store
 from helpers.models import ModelHandle
 from helpers.models.backend import BACKENDS, Backend, register_backend
@@ -197,6 +199,10 @@ def test_a_run_with_written_steps_reads_the_shorthands_cache(make_config, tmp_pa
                  "b": _raw(base["b"])}
     predict(make_config(data=limited, models=reordered), tmp_path / "c", progress=False)
     assert count_image_batches["n"] > before
+    # notebook 04's table of what the model recorded names each view, by its sharpness or by its steps
+    views = {run: model_info(json.loads((tmp_path / run / "models" / "a" / "model.json").read_text()))
+             .set_index("field").loc["views", "value"] for run in "bc"}
+    assert views == {"b": "sharpness 2.3 at 224 px", "c": "sharpen at 224 px"}
 
 
 def _raw(entry: ModelEntry) -> dict:

@@ -12,6 +12,7 @@ from ..config import RunConfig, load_config
 from ..infra.errors import install_notebook_handler, show_notes
 from ..infra.files import PROJECT_ROOT
 from ..infra.progress import saved_run, wrapped
+from ..research.steps import describe
 from ..runs.pipeline import RunData, load_run_data
 from . import plots
 
@@ -156,7 +157,7 @@ def flat_curve_notes(table: pd.DataFrame) -> list[str]:
 def model_info(info: dict) -> pd.DataFrame:
     """What a model's inference recorded (model.json), a line per field, each value short enough to read."""
     ident = info["identity"]
-    views = ", ".join(f"sharpness {v['sharpness']:g} at {v['size']} px" for v in info["views"])
+    views = ", ".join(f"{describe(v)} at {v['size']} px" for v in info["views"])
     data = ", ".join(f"{split} {d['images']} images" for split, d in info["data"].items())
     arch, pretrained = (Path(str(v)).name if v and "/" in str(v) else v for v in (ident.get("arch"),
                                                                                   ident.get("pretrained")))

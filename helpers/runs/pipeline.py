@@ -82,7 +82,7 @@ class RunData:
     classes: list[str]
     prompts: PromptSet
     splits: dict[str, ImageSet] = field(default_factory=dict)
-    # per split, what the check found of every file listed (`record_run_data` writes it into the run folder)
+    # per split, what the check found of every file listed (`prepare_run` writes it into the run folder)
     checks: dict[str, dict] = field(default_factory=dict)
 
     @property

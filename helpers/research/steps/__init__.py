@@ -100,11 +100,15 @@ class Preprocess:
                 "std": list(self.std)}
 
     def describe(self) -> str:
-        """A short name for progress bars and tables: `sharpness 2.3`, or the steps after the resize and crop."""
-        sharpness = self.classic_sharpness()
-        if sharpness is not None:
-            return f"sharpness {sharpness:g}"
-        return " > ".join(step.name for step in self.steps if not step.sets_size and step.name != "rgb") or "plain"
+        return describe(self.key())
+
+
+def describe(key: dict) -> str:
+    """A short name of a view for progress bars and tables, from its cache key (`Preprocess.key`, which model.json
+    records): `sharpness 2.3`, or the steps other than the resize, the crop and RGB."""
+    if "recipe" in key:
+        return f"sharpness {key['sharpness']:g}"
+    return " > ".join(s["step"] for s in key["steps"] if s["step"] not in ("resize", "center_crop", "rgb")) or "plain"
 
 
 def default_head() -> list[Step]:

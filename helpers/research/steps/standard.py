@@ -7,24 +7,25 @@ from dataclasses import dataclass, replace
 from . import Step, register_step
 
 
-def _size(step, where, fail):
-    if step.size is not None and not 1 <= step.size <= 8192:
-        fail(f"{where}.size must be between 1 and 8192 (or absent: the model's input size), got {step.size}")
+@dataclass(frozen=True)
+class SizedStep(Step):
+    """A step that sets the image's size (size x size pixels): the model's input size unless the config gives one."""
+
+    size: int | None = None
+    sets_size = True
+
+    def check(self, where, fail):
+        if self.size is not None and not 1 <= self.size <= 8192:
+            fail(f"{where}.size must be between 1 and 8192 (or absent: the model's input size), got {self.size}")
+
+    def for_model(self, size):
+        return self if self.size is not None else replace(self, size=size)
 
 
 @register_step("resize")
 @dataclass(frozen=True)
-class Resize(Step):
+class Resize(SizedStep):
     """Bicubic resize to size x size, whatever the aspect ratio (the winner's squash)."""
-
-    size: int | None = None  # default: the model's input size
-    sets_size = True
-
-    def check(self, where, fail):
-        _size(self, where, fail)
-
-    def for_model(self, size):
-        return self if self.size is not None else replace(self, size=size)
 
     def __call__(self, img):
         import torchvision.transforms.functional as TF
@@ -34,16 +35,7 @@ class Resize(Step):
 
 @register_step("center_crop")
 @dataclass(frozen=True)
-class CenterCrop(Step):
-    size: int | None = None  # default: the model's input size
-    sets_size = True
-
-    def check(self, where, fail):
-        _size(self, where, fail)
-
-    def for_model(self, size):
-        return self if self.size is not None else replace(self, size=size)
-
+class CenterCrop(SizedStep):
     def __call__(self, img):
         import torchvision.transforms.functional as TF
 
