@@ -308,3 +308,30 @@ def test_install_lab_settings_turns_the_news_off_and_keeps_other_settings(tmp_pa
     assert json.loads(path.read_text()) == {
         "@jupyterlab/apputils-extension:themes": {"theme": "JupyterLab Dark"},
         "@jupyterlab/apputils-extension:notification": {"checkForUpdates": False, "fetchNews": "false"}}
+
+
+def test_a_notebook_names_random_weights_in_what_it_saves_without_module_state(make_config, tmp_path, monkeypatch):
+    """nb.start's folder carries the run's random-weight models to every figure and table saved through it; nothing
+    is left set in another module (a second notebook in the same process starts from its own config)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from helpers.display import nb, plots
+
+    monkeypatch.chdir(tmp_path)  # nb.start works from the project root: put back after the test
+    random_model = {"backend": "open_clip", "arch": "ViT-B-32-quickgelu", "pretrained": "random"}
+    config = make_config(data={"test": make_config().data.test, "limit": 4}, models={"r": random_model},
+                         ensemble={})
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _, _, folder = nb.start(str(path), str(tmp_path / "out"))
+    assert folder.random_weights == ("r",) and os.fspath(folder) == str(tmp_path / "out") and folder / "x" == \
+        tmp_path / "out" / "x"
+    table = folder.save_table(pd.DataFrame({"variant": ["v"], "accuracy": [0.5]}), "t")
+    assert pd.read_csv(table)["random_weights"].tolist() == ["r"]
+    fig = plt.figure()
+    folder.save_figure(fig, "f")
+    assert any("random weights (r)" in t.get_text() for t in fig.texts)
+    plt.close(fig)
+    plain = plots.save_table(pd.DataFrame({"variant": ["v"]}), tmp_path / "plain", "t")  # no module default left
+    assert "random_weights" not in pd.read_csv(plain).columns

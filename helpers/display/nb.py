@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,14 +18,38 @@ from ..runs.pipeline import RunData, load_run_data
 from . import plots
 
 
-def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, Path]:
+@dataclass(frozen=True)
+class RunFolder(os.PathLike):
+    """The folder a notebook writes to (a path wherever one is taken), with what every figure and table saved there
+    must say: which models have random weights, whose numbers mean nothing."""
+
+    path: Path
+    random_weights: tuple[str, ...] = ()
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, other) -> Path:
+        return self.path / other
+
+    def save_figure(self, fig, name: str) -> Path:
+        return plots.save_figure(fig, self.path, name, self.random_weights)
+
+    def save_table(self, table: pd.DataFrame, name: str) -> Path:
+        return plots.save_table(table, self.path, name, self.random_weights)
+
+
+def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, RunFolder]:
     """Work from the project root (where config paths are relative to, as on the command line); load the config
     and its data (a dev set the config can build is built on first use). From here on, a user error shows as the
     command line's one `error:` line, and the workbench's notes are plain output, not an error-coloured stream.
 
-    Returns the folder to write to: `output_dir`, except when a saved run's notebook is run live (opened from its
-    run folder), where it would overwrite the run's own outputs: then the folder `<run folder>-live` beside it.
-    Says, once, when the models' weights are random."""
+    Returns the folder to write to (`RunFolder`): `output_dir`, except when a saved run's notebook is run live
+    (opened from its run folder), where it would overwrite the run's own outputs: then the folder `<run folder>-live`
+    beside it. Says, once, when the models' weights are random; the folder's figures and tables say it too."""
     install_notebook_handler()
     show_notes("stdout", "note: ", wrapped)  # on the error stream a notebook would show them as failures
     os.chdir(PROJECT_ROOT)
@@ -35,12 +60,11 @@ def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, Path]:
         say(f"{output} is a saved run (python -m helpers run), which a live run does not change: this one writes "
             f"to {live}")
         output = live
-    random = [name for name, entry in config.models.items() if entry.random_weights]
-    plots.RANDOM_WEIGHTS[:] = random  # named in every figure and table this notebook saves
+    random = tuple(name for name, entry in config.models.items() if entry.random_weights)
     if random:
         display(Markdown(random_weights_note(random)))
     # the images as the command that started this run found them (run_data.json): listed and stat'ed, not read again
-    return config, load_run_data(config, recorded_in=output_dir), output
+    return config, load_run_data(config, recorded_in=output_dir), RunFolder(output, random)
 
 
 def random_weights_note(models: list[str]) -> str:
@@ -142,7 +166,7 @@ def say(text: str) -> None:
     print(wrapped(text))
 
 
-def flat_curve_notes(table: pd.DataFrame) -> list[str]:
+def flat_curve_notes(table: pd.DataFrame, random_weights=()) -> list[str]:
     """Why a model's curve is flat: the same labels at every factor, whatever the factor."""
     notes = []
     for model, rows in table.groupby("model", sort=False):
@@ -150,7 +174,7 @@ def flat_curve_notes(table: pd.DataFrame) -> list[str]:
             notes.append(f"{model}: the same accuracy at every factor, and no dev image changes its label (every Δ "
                          "is 0): sharpening moves pixel values by a few levels of 255 (01_inspect), too little to "
                          "change this model's scores" + (" (with random weights it guesses the same whatever the "
-                                                         "input)" if model in plots.RANDOM_WEIGHTS else ""))
+                                                         "input)" if model in random_weights else ""))
     return notes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -13,15 +14,11 @@ from PIL import Image
 from ..infra.files import atomic_write_bytes, atomic_write_csv
 from ..research.steps.standard import Sharpen
 
-# The models with random weights of the run a notebook's kernel works on (`nb.start` sets it): every figure and
-# table saved then says so, since their numbers mean nothing.
-RANDOM_WEIGHTS: list[str] = []
 
-
-def save_figure(fig, output_dir: str | Path, name: str, random_weights: list[str] | None = None) -> Path:
-    """The figure as `<output_dir>/figures/<name>.png`; models with random weights (default: `RANDOM_WEIGHTS`) are
-    named under it, in the figure as shown too."""
-    models = RANDOM_WEIGHTS if random_weights is None else random_weights
+def save_figure(fig, output_dir: str | Path, name: str, random_weights: Sequence[str] = ()) -> Path:
+    """The figure as `<output_dir>/figures/<name>.png`; the models with random weights, if any, are named under it,
+    in the figure as shown too (its numbers mean nothing). A notebook saves through its `nb.RunFolder`."""
+    models = list(random_weights)
     if models:
         # below everything else (the tight bounding box grows to take it in)
         fig.text(0.01, -0.04, f"random weights ({', '.join(models)}): these numbers mean nothing", fontsize=8,
@@ -33,10 +30,10 @@ def save_figure(fig, output_dir: str | Path, name: str, random_weights: list[str
     return path
 
 
-def save_table(table: pd.DataFrame, output_dir: str | Path, name: str, random_weights: list[str] | None = None) -> Path:
+def save_table(table: pd.DataFrame, output_dir: str | Path, name: str, random_weights: Sequence[str] = ()) -> Path:
     """The table as `<output_dir>/tables/<name>.csv`, with a `random_weights` column naming the models with random
-    weights (default: `RANDOM_WEIGHTS`) when there are any."""
-    models = RANDOM_WEIGHTS if random_weights is None else random_weights
+    weights when there are any."""
+    models = list(random_weights)
     if models:
         table = table.assign(random_weights=", ".join(models))
     path = Path(output_dir) / "tables" / f"{name}.csv"

@@ -25,7 +25,6 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux reports it (/proc/self/status); elsewhere it is set
     and put back at once."""
