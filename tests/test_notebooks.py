@@ -116,8 +116,9 @@ def test_tables_carry_intervals(run_dir):
     for name in ["sharpness_ablation", "prompt_groups-a", "scoring_modes-a", "ensemble_weights", "drop_threshold",
                  "dev_accuracy"]:
         table = pd.read_csv(run_dir / "tables" / f"{name}.csv")
-        assert {"accuracy", "ci_low", "ci_high"} <= set(table.columns), name
-        assert (table["ci_low"] <= table["accuracy"]).all() and (table["accuracy"] <= table["ci_high"]).all()
+        assert {"accuracy", "accuracy_ci_low", "accuracy_ci_high"} <= set(table.columns), name
+        assert (table["accuracy_ci_low"] <= table["accuracy"]).all(), name
+        assert (table["accuracy"] <= table["accuracy_ci_high"]).all(), name
     blur = pd.read_csv(run_dir / "tables" / "blur_statistics.csv").set_index("split")
     assert 5.5 < blur.loc["test", "median"] < 7.2 and blur.loc["dev", "median"] < 1  # the dev photos are sharp
 

@@ -66,3 +66,19 @@ def test_paired_comparison_sees_noise_as_noise_and_a_real_gain_as_real():
     better[fixed] = labels[fixed]
     real = paired_comparison(labels, base, better)
     assert real["differs"] and real["delta_ci95"][0] > 0 and abs(real["delta"] - 0.03) < 1e-12
+
+
+def test_an_interval_has_one_record_shape_and_one_table_shape():
+    """Records and JSON keep `ci95: [low, high]`; a table gets `<name>_ci_low`/`<name>_ci_high` from one function, and
+    every report writes the pair as `value [low, high]`."""
+    from helpers.research.stats import interval_columns, interval_text
+
+    summary = accuracy_summary([0, 1, 1, 0], [0, 1, 0, 0])
+    assert interval_columns("accuracy", summary["accuracy"], summary["ci95"]) == {
+        "accuracy": 0.75, "accuracy_ci_low": summary["ci95"][0], "accuracy_ci_high": summary["ci95"][1]}
+    empty = interval_columns("agreement", float("nan"), None)
+    assert list(empty) == ["agreement", "agreement_ci_low", "agreement_ci_high"]
+    assert all(v != v for v in empty.values())
+    assert interval_text(0.0833, (0.041, 0.1333)) == "0.083 [0.041, 0.133]"
+    assert interval_text(0.02, (-0.01, 0.05), digits=2, signed=True) == "+0.02 [-0.01, +0.05]"
+    assert interval_text(float("nan"), None) == "—"

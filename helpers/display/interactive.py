@@ -24,7 +24,7 @@ from ..infra.progress import live_hint, saved_run, wrapped
 from ..research.ablation import ModelEmbeddings
 from ..research.data import open_image
 from ..research.scoring import SCORERS
-from ..research.stats import accuracy_summary
+from ..research.stats import accuracy_summary, interval_text
 from ..research.steps.standard import Sharpen
 
 
@@ -183,8 +183,7 @@ def group_accuracy(emb: ModelEmbeddings, groups: list[str], mode: str, logit_sca
 
 
 def _accuracy_text(r: dict) -> str:
-    return (f"{r['accuracy']:.4f} [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] on {r['images']} dev images, "
-            f"{r['prompts']} prompts")
+    return f"{interval_text(r['accuracy'], r['ci95'], 4)} on {r['images']} dev images, {r['prompts']} prompts"
 
 
 def prompt_group_checkboxes(emb: ModelEmbeddings, logit_scale: float = 100.0, mode: str = "joint_softmax_mean"):

@@ -13,6 +13,7 @@ from ..config import RunConfig, load_config
 from ..infra.errors import install_notebook_handler, show_notes
 from ..infra.files import PROJECT_ROOT
 from ..infra.progress import saved_run, wrapped
+from ..research.stats import interval_columns, interval_text
 from ..research.steps import describe
 from ..runs.pipeline import RunData, load_run_data
 from . import plots
@@ -110,19 +111,15 @@ def accuracy_table(metrics: dict, split: str = "dev") -> pd.DataFrame:
     """Each model and the ensemble on a labeled split, from metrics.json, with intervals and the paired test of the
     ensemble against each model (the ensemble's own row has none: it is what the others are compared with)."""
     summary = metrics[split]
-    rows = [{"variant": n, "accuracy": m["accuracy"], "ci_low": m["ci95"][0], "ci_high": m["ci95"][1],
+    rows = [{"variant": n, **interval_columns("accuracy", m["accuracy"], m["ci95"]),
              "ensemble − model": summary["ensemble_vs_model"][n]["delta"],
              "McNemar p": summary["ensemble_vs_model"][n]["mcnemar_p"]} for n, m in summary["models"].items()]
     e = summary["ensemble"]
-    rows.append({"variant": "ensemble", "accuracy": e["accuracy"], "ci_low": e["ci95"][0], "ci_high": e["ci95"][1]})
+    rows.append({"variant": "ensemble", **interval_columns("accuracy", e["accuracy"], e["ci95"])})
     return pd.DataFrame(rows)
 
 
-def _interval(value, low, high, signed: bool = False) -> str:
-    if pd.isna(value):
-        return "—"
-    form = "+.3f" if signed else ".3f"
-    return f"{value:{form}} [{low:{form}}, {high:{form}}]"
+INTERVAL_TITLES = {"accuracy": "accuracy", "delta": "Δ vs reference"}  # as the compact tables head them
 
 
 def compact_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -134,13 +131,11 @@ def compact_table(table: pd.DataFrame) -> pd.DataFrame:
     for column in table.columns:
         if column in taken:
             continue
-        if column == "accuracy" and {"ci_low", "ci_high"} <= set(table.columns):
-            shown["accuracy [95% CI]"] = [_interval(*r) for r in table[["accuracy", "ci_low", "ci_high"]].values]
-            taken |= {"ci_low", "ci_high"}
-        elif column == "delta" and {"delta_ci_low", "delta_ci_high"} <= set(table.columns):
-            shown["Δ vs reference [95% CI]"] = [_interval(*r, signed=True) for r in
-                                                table[["delta", "delta_ci_low", "delta_ci_high"]].values]
-            taken |= {"delta_ci_low", "delta_ci_high"}
+        bounds = [f"{column}_ci_low", f"{column}_ci_high"]
+        if set(bounds) <= set(table.columns):  # the columns of stats.interval_columns
+            shown[f"{INTERVAL_TITLES.get(column, column)} [95% CI]"] = [
+                interval_text(v, (lo, hi), signed=column == "delta") for v, lo, hi in table[[column, *bounds]].values]
+            taken |= set(bounds)
         elif column == "p_value" and "p_holm" in table.columns:
             shown["p (Holm)"] = [f"{p:.3g} ({h:.3g})" for p, h in table[["p_value", "p_holm"]].values]
             taken.add("p_holm")

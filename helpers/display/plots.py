@@ -79,7 +79,7 @@ def variant_chart(table: pd.DataFrame, title: str, label: str = "variant"):
     y = np.arange(len(table))[::-1]
     colors = ["black" if r else ("tab:red" if d else "tab:gray") for r, d in zip(table["reference"], table["differs"])]
     for yi, color, (_, row) in zip(y, colors, table.iterrows()):
-        err = [[row["accuracy"] - row["ci_low"]], [row["ci_high"] - row["accuracy"]]]
+        err = [[row["accuracy"] - row["accuracy_ci_low"]], [row["accuracy_ci_high"] - row["accuracy"]]]
         ax.errorbar([row["accuracy"]], [yi], xerr=err, fmt="o", color=color, capsize=3)
     ax.set_yticks(y, table[label].astype(str))
     ax.set_xlabel("accuracy (95% bootstrap interval)")
@@ -96,10 +96,11 @@ def sharpness_curve(table: pd.DataFrame):
         single = rows[~rows["variant"].str.contains(r"\+")]
         x = single["variant"].astype(float)
         line = ax.plot(x, single["accuracy"], marker="o", label=model)[0]
-        ax.fill_between(x, single["ci_low"], single["ci_high"], alpha=0.15, color=line.get_color())
+        ax.fill_between(x, single["accuracy_ci_low"], single["accuracy_ci_high"], alpha=0.15, color=line.get_color())
         for i, (_, r) in enumerate(rows[rows["variant"].str.contains(r"\+")].iterrows()):
             xv = x.max() + 0.3 * (i + 1)
-            ax.errorbar([xv], [r["accuracy"]], yerr=[[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]],
+            ax.errorbar([xv], [r["accuracy"]], yerr=[[r["accuracy"] - r["accuracy_ci_low"]],
+                                                     [r["accuracy_ci_high"] - r["accuracy"]]],
                         fmt="s", color=line.get_color(), capsize=3)
             ax.annotate(r["variant"], (xv, r["accuracy"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("sharpening factor (adjust_sharpness)")

@@ -19,7 +19,7 @@ from ..models import ModelHandle
 from ..runs.pipeline import RunData, load_run_data, score_views, split_embeddings
 from .prompts import PromptSet
 from .scoring import FLOAT32, SCORERS, LogitArithmetic, Scores, average_scores, ensemble_scores, score
-from .stats import LEVEL, accuracy_summary, paired_comparison
+from .stats import LEVEL, accuracy_summary, interval_columns, paired_comparison
 
 
 def holm_adjust(p_values: list[float]) -> list[float]:
@@ -41,9 +41,9 @@ def compare_predictions(labels, predictions: dict[str, np.ndarray], reference: s
     for name, pred in predictions.items():
         acc = accuracy_summary(labels, pred)
         paired = paired_comparison(labels, predictions[reference], pred)
-        rows.append({"variant": name, **(extra or {}).get(name, {}), "accuracy": acc["accuracy"],
-                     "ci_low": acc["ci95"][0], "ci_high": acc["ci95"][1], "delta": paired["delta"],
-                     "delta_ci_low": paired["delta_ci95"][0], "delta_ci_high": paired["delta_ci95"][1],
+        rows.append({"variant": name, **(extra or {}).get(name, {}),
+                     **interval_columns("accuracy", acc["accuracy"], acc["ci95"]),
+                     **interval_columns("delta", paired["delta"], paired["delta_ci95"]),
                      "p_value": paired["mcnemar_p"], "reference": name == reference})
     table = pd.DataFrame(rows)
     others = ~table["reference"]

@@ -41,6 +41,21 @@ def label_agreement(labels_a, labels_b, n_resamples: int = N_RESAMPLES, seed: in
             "differing": int((~same).sum()), "images": int(same.size)}
 
 
+def interval_columns(name: str, value: float, ci95) -> dict:
+    """An interval as a table's columns: `name`, `name_ci_low`, `name_ci_high` (NaN without one). Records and JSON
+    keep the interval as `ci95: [low, high]` beside its value; tables (CSV, pandas) take it through here only."""
+    low, high = ci95 if ci95 is not None else (float("nan"), float("nan"))
+    return {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def interval_text(value: float, ci95, digits: int = 3, signed: bool = False) -> str:
+    """`0.083 [0.041, 0.133]`: a value and its 95% interval as every report writes them; "—" without a value."""
+    if value is None or value != value:  # NaN
+        return "—"
+    form = f"{'+' if signed else ''}.{digits}f"
+    return f"{value:{form}} [{ci95[0]:{form}}, {ci95[1]:{form}}]"
+
+
 def per_class_accuracy(labels, predictions, classes: list[str], **kwargs) -> dict[str, dict]:
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     return {c: accuracy_summary(labels[labels == i], predictions[labels == i], **kwargs) for i, c in enumerate(classes)}

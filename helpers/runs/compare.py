@@ -33,7 +33,13 @@ import pandas as pd
 from ..infra.errors import UserError
 from ..infra.files import atomic_write_text, read_json_or_none, read_yaml_or_none, slug
 from ..research.data import CHALLENGE_CLASSES
-from ..research.stats import accuracy_summary, confusion_matrix, label_agreement, paired_comparison
+from ..research.stats import (
+    accuracy_summary,
+    confusion_matrix,
+    interval_columns,
+    label_agreement,
+    paired_comparison,
+)
 from .outputs import SubmissionError, integer_column, read_csv_text, read_submission
 
 GALLERY_MAX = 24  # differing images shown in the gallery
@@ -342,12 +348,11 @@ def compare_runs(a: str | Path, b: str | Path, output_dir: str | Path | None = N
     gallery, gallery_note = _gallery(differing, root, side_a, side_b, output_dir, gallery_max)
     dev, dev_note = compare_dev(side_a, side_b)
     if dev is not None:
-        rows = [{"run": s.name, **{k: dev[key][k] for k in ("accuracy", "images")},
-                 "ci_low": dev[key]["ci95"][0], "ci_high": dev[key]["ci95"][1]} for key, s in
-                (("a", side_a), ("b", side_b))]
+        rows = [{"run": s.name, **interval_columns("accuracy", dev[key]["accuracy"], dev[key]["ci95"]),
+                 "images": dev[key]["images"]} for key, s in (("a", side_a), ("b", side_b))]
         d = dev["b_minus_a"]
-        rows.append({"run": "B - A", "accuracy": d["delta"], "images": dev["images"], "ci_low": d["delta_ci95"][0],
-                     "ci_high": d["delta_ci95"][1], "mcnemar_p": d["mcnemar_p"], "differs": d["differs"]})
+        rows.append({"run": "B - A", **interval_columns("accuracy", d["delta"], d["delta_ci95"]),
+                     "images": dev["images"], "mcnemar_p": d["mcnemar_p"], "differs": d["differs"]})
         written.append(save_table(pd.DataFrame(rows), output_dir, "dev", random))
 
     result: dict = {

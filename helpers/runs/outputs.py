@@ -17,6 +17,7 @@ import numpy as np
 
 from ..infra.errors import UserError
 from ..infra.files import PROJECT_ROOT, atomic_write_bytes
+from ..research.stats import interval_text
 
 if TYPE_CHECKING:
     import torch
@@ -195,13 +196,12 @@ def metrics_summary(metrics: dict) -> list[str]:
         lines.append(f"{split}: {summary['images']} images, predicted {counts}")
         if "ensemble" in summary:
             accuracies = {**summary["models"], "ensemble": summary["ensemble"]}
-            shown = [f"{name} {m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-                     for name, m in accuracies.items()]
+            shown = [f"{name} {interval_text(m['accuracy'], m['ci95'])}" for name, m in accuracies.items()]
             lines.append("  accuracy " + ", ".join(shown))
         if "reference" in summary:
             ref = summary["reference"]
-            lines.append(f"  agreement with {ref['reference']} {ref['agreement']:.4f} [{ref['ci95'][0]:.4f}, "
-                         f"{ref['ci95'][1]:.4f}]: {ref['differing']} of {ref['images']} images differ")
+            lines.append(f"  agreement with {ref['reference']} {interval_text(ref['agreement'], ref['ci95'], 4)}: "
+                         f"{ref['differing']} of {ref['images']} images differ")
     if metrics.get("random_weights"):
         lines.append(f"note: RANDOM weights ({', '.join(metrics['random_weights'])}): the labels and accuracies are "
                      "meaningless")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ...infra.files import atomic_write_csv, atomic_write_text, read_json_or_none
-from ...research.stats import label_agreement
+from ...research.stats import interval_columns, interval_text, label_agreement
 from ..compare import CompareError, aligned_labels, compare_dev, load_side
 from .design import Point, setting_of, shown
 from .launch import read_status
@@ -23,9 +23,8 @@ from .launch import read_status
 
 def _interval(prefix: str, summary: dict | None, value_key: str, ci_key: str = "ci95") -> dict:
     if not summary:
-        return {prefix: math.nan, f"{prefix}_ci_low": math.nan, f"{prefix}_ci_high": math.nan}
-    lo, hi = summary[ci_key]
-    return {prefix: summary[value_key], f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi}
+        return interval_columns(prefix, math.nan, None)
+    return interval_columns(prefix, summary[value_key], summary[ci_key])
 
 
 def point_row(point: Point, keys: list[str], status: dict, run_dir: Path, base_side, base_id: str) -> dict:
@@ -56,14 +55,14 @@ def _against_base(run_dir: Path, base_side) -> dict:
     dev, _ = compare_dev(base_side, side)
     if dev is not None:
         d = dev["b_minus_a"]
-        row.update(dev_delta_vs_base=d["delta"], dev_delta_ci_low=d["delta_ci95"][0],
-                   dev_delta_ci_high=d["delta_ci95"][1], dev_mcnemar_p=d["mcnemar_p"], dev_differs=d["differs"])
+        row.update(interval_columns("dev_delta_vs_base", d["delta"], d["delta_ci95"]), dev_mcnemar_p=d["mcnemar_p"],
+                   dev_differs=d["differs"])
     return row
 
 
 COLUMNS_AFTER_SETTINGS = [
     "status", "seconds", "images_encoded", "dev_accuracy", "dev_accuracy_ci_low", "dev_accuracy_ci_high",
-    "dev_delta_vs_base", "dev_delta_ci_low", "dev_delta_ci_high", "dev_mcnemar_p", "dev_differs",
+    "dev_delta_vs_base", "dev_delta_vs_base_ci_low", "dev_delta_vs_base_ci_high", "dev_mcnemar_p", "dev_differs",
     "reference_agreement", "reference_agreement_ci_low", "reference_agreement_ci_high", "base_agreement",
     "base_agreement_ci_low", "base_agreement_ci_high", "error", "run_folder", "log"]
 
@@ -157,7 +156,7 @@ def summary_table(frame: pd.DataFrame, keys: list[str]) -> str:
             value = row[column]
             if pd.isna(value):
                 return "-"
-            return f"{value:.{digits}f} [{row[f'{column}_ci_low']:.{digits}f}, {row[f'{column}_ci_high']:.{digits}f}]"
+            return interval_text(value, (row[f"{column}_ci_low"], row[f"{column}_ci_high"]), digits)
         return cell
 
     shown = pd.DataFrame({key.removeprefix("models."): frame[key] for key in keys})
