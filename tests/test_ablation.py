@@ -122,3 +122,15 @@ def test_the_benchmark_ablation_has_ten_variants_of_the_winner_set():
     variants = ablation_variants(load_prompts("winner", CLASSES))
     assert len(variants) == 10 and len(variants["all"]) == 312 and len(variants["only imagenet41"]) == 246
     assert len(variants["without blur"]) == 288
+
+
+def test_a_notebook_shows_each_interval_beside_its_value():
+    from helpers.display.nb import compact_table
+
+    labels = np.array([0, 1, 2, 0, 1, 2] * 10)
+    table = compare_predictions(labels, {"ref": labels, "other": np.roll(labels, 1)}, "ref")
+    shown = compact_table(table)
+    assert list(shown.columns) == ["variant", "accuracy [95% CI]", "Δ vs reference [95% CI]", "p (Holm)", "reference",
+                                   "differs"]
+    assert shown["accuracy [95% CI]"].iloc[0] == "1.000 [1.000, 1.000]"
+    assert shown["Δ vs reference [95% CI]"].iloc[1].startswith("-1.000 [")
