@@ -160,3 +160,18 @@ def test_environment_flags_read_alike(value, on, monkeypatch):
         else:
             monkeypatch.setenv(name, value)
     assert env_flag("SOME_FLAG") is on and debug_enabled() is on and saved_run() is on
+
+
+def test_notes_go_where_the_last_caller_shows_them(capsys):
+    """A process that ran a notebook in-process (notes on stdout) and then the command (notes on stderr)."""
+    import logging
+
+    from helpers.infra.errors import show_notes
+
+    show_notes("stdout", "note: ")
+    logging.getLogger("helpers.test").info("first")
+    show_notes("stderr")
+    logging.getLogger("helpers.test").info("second")
+    captured = capsys.readouterr()
+    assert captured.out == "note: first\n" and captured.err == "second\n"
+    assert sum(getattr(h, "shows_notes", False) for h in logging.getLogger("helpers").handlers) == 1

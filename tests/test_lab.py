@@ -101,9 +101,10 @@ def test_jupyterlab_as_a_researcher_meets_it(lab, tmp_path, scene_dir, dev_dir, 
         assert page.locator(".jp-mod-dirty").count() == 0  # opening changed nothing
 
         page.goto(f"{lab}/lab/tree/run/05_ensemble.ipynb")
-        page.wait_for_selector(".jp-OutputArea-output table", timeout=60_000)
+        # the outputs render one after another: wait for all three tables, not the first
+        page.wait_for_function("n => document.querySelectorAll('.jp-OutputArea-output table').length >= n", arg=3,
+                               timeout=60_000)
         tables = page.locator(".jp-OutputArea-output:has(table)")
-        assert tables.count() >= 3
         for i in range(tables.count()):  # each table within its output area: nothing cut off at the right
             tables.nth(i).scroll_into_view_if_needed()
             assert tables.nth(i).evaluate("e => e.scrollWidth <= e.clientWidth + 1"), i

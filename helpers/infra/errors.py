@@ -128,7 +128,7 @@ def install_notebook_handler() -> None:
 def show_notes(stream: str, prefix: str = "", wrap=None) -> None:
     """Send the workbench's log records (notes such as "every embedding came from the cache", and warnings) to
     `sys.<stream>` ("stdout" or "stderr", whichever object it is when a record comes) as plain lines, through `wrap`
-    (a function of the text) if given, from INFO up; once per process."""
+    (a function of the text) if given, from INFO up; the last call says where, for the whole process."""
     import logging
     import sys
 
@@ -148,6 +148,7 @@ def show_notes(stream: str, prefix: str = "", wrap=None) -> None:
             return wrap(text) if wrap else text
 
     logger = logging.getLogger("helpers")
-    if not any(getattr(h, "shows_notes", False) for h in logger.handlers):
-        logger.addHandler(Notes())  # records still propagate (to a test's log capture); with a handler here,
-        logger.setLevel(logging.INFO)  # Python's last-resort one, which printed warnings before, is not used
+    for handler in [h for h in logger.handlers if getattr(h, "shows_notes", False)]:
+        logger.removeHandler(handler)  # a process that was a notebook's and is now the command's shows them its way
+    logger.addHandler(Notes())  # records still propagate (to a test's log capture); with a handler here,
+    logger.setLevel(logging.INFO)  # Python's last-resort one, which printed warnings before, is not used
