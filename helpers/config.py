@@ -41,6 +41,9 @@ class _BadNumber(ConfigError):
     """A number that no field takes (NaN, infinity): the value has a fitting type, so no other form is tried."""
 
 
+RANDOM_WEIGHTS = "random"  # `pretrained: random`: weights initialised from `seed`, for tests and demos
+
+
 @dataclass
 class DevBuild:
     """How to build the dev folder on first use, when it is not there (`helpers.research.devset.build_dev_set`):
@@ -116,7 +119,15 @@ class ModelEntry:
     @property
     def random_weights(self) -> bool:
         """Randomly initialised weights (`pretrained: random`, from `seed`): every label they give means nothing."""
-        return self.pretrained == "random"
+        return self.pretrained == RANDOM_WEIGHTS
+
+
+def random_weight_models(models: object) -> list[str]:
+    """The models of a recorded config's `models` mapping (a run folder's config.yaml, of any age) whose weights were
+    random; what is not a mapping of models has none."""
+    if not isinstance(models, dict):
+        return []
+    return [name for name, m in models.items() if isinstance(m, dict) and m.get("pretrained") == RANDOM_WEIGHTS]
 
 
 @dataclass

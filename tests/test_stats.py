@@ -71,7 +71,7 @@ def test_paired_comparison_sees_noise_as_noise_and_a_real_gain_as_real():
 def test_an_interval_has_one_record_shape_and_one_table_shape():
     """Records and JSON keep `ci95: [low, high]`; a table gets `<name>_ci_low`/`<name>_ci_high` from one function, and
     every report writes the pair as `value [low, high]`."""
-    from helpers.research.stats import interval_columns, interval_text
+    from helpers.research.stats import interval_columns, interval_records, interval_text
 
     summary = accuracy_summary([0, 1, 1, 0], [0, 1, 0, 0])
     assert interval_columns("accuracy", summary["accuracy"], summary["ci95"]) == {
@@ -79,6 +79,9 @@ def test_an_interval_has_one_record_shape_and_one_table_shape():
     empty = interval_columns("agreement", float("nan"), None)
     assert list(empty) == ["agreement", "agreement_ci_low", "agreement_ci_high"]
     assert all(v != v for v in empty.values())
+    row = {"point": "p", **interval_columns("accuracy", 0.75, (0.5, 1.0)), **empty}
+    assert interval_records([row]) == [{"point": "p", "accuracy": 0.75, "accuracy_ci95": [0.5, 1.0],
+                                        "agreement": empty["agreement"], "agreement_ci95": None}]
     assert interval_text(0.0833, (0.041, 0.1333)) == "0.083 [0.041, 0.133]"
     assert interval_text(0.02, (-0.01, 0.05), digits=2, signed=True) == "+0.02 [-0.01, +0.05]"
     assert interval_text(float("nan"), None) == "—"

@@ -317,6 +317,8 @@ def test_the_report_holds_what_each_point_wrote(swept):
     summary = swept["summary"]
     assert summary["points_total"] == 3 and summary["points_failed"] == 1 and summary["random_weights"] == []
     assert [p["point"] for p in summary["points"]] == list(report.index)
+    recorded = {p["point"]: p for p in summary["points"]}  # sweep.json: intervals as ci95 pairs, as in metrics.json
+    assert not any(key.endswith(("_ci_low", "_ci_high")) for p in summary["points"] for key in p)
     assert (folder / "figures" / "sweep.png").is_file()
     base = report.index[report["base"]][0]
     for point, row in report[report["status"] == "done"].iterrows():
@@ -324,6 +326,7 @@ def test_the_report_holds_what_each_point_wrote(swept):
         dev, reference = metrics["dev"]["ensemble"], metrics["test"]["reference"]
         assert row["dev_accuracy"] == pytest.approx(dev["accuracy"])
         assert [row["dev_accuracy_ci_low"], row["dev_accuracy_ci_high"]] == pytest.approx(dev["ci95"])
+        assert recorded[point]["dev_accuracy_ci95"] == pytest.approx(dev["ci95"])
         assert row["reference_agreement"] == pytest.approx(reference["agreement"])
         interval = [row["reference_agreement_ci_low"], row["reference_agreement_ci_high"]]
         assert interval == pytest.approx(reference["ci95"])

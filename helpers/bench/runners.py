@@ -20,7 +20,7 @@ import torch
 from natsort import natsorted
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..config import COMPILE_MODES, PRECISIONS, ModelEntry
+from ..config import COMPILE_MODES, PRECISIONS, RANDOM_WEIGHTS, ModelEntry
 from ..infra.cache import encode_images, image_batches
 from ..infra.files import PROJECT_ROOT
 from ..models import ModelHandle, resolve_precision
@@ -57,7 +57,7 @@ def arch_name(name: str) -> str:
 def workbench_handle(args, variant: Variant) -> ModelHandle:
     """The bench's model in one variant: seeded random weights (the same in every variant, and in the loop's). An
     autocast variant is the winner's arithmetic, batches of 32 included (on a GPU they are part of its numbers)."""
-    entry = ModelEntry(backend="open_clip", arch=args.arch, pretrained="random", seed=0, sharpness=2.3,
+    entry = ModelEntry(backend="open_clip", arch=args.arch, pretrained=RANDOM_WEIGHTS, seed=0, sharpness=2.3,
                        precision=variant.precision, batch_size=32 if variant.autocast else args.batch_size,
                        compile=variant.compile, autocast=variant.autocast)
     return ModelHandle("bench", entry, args.device)

@@ -48,6 +48,25 @@ def interval_columns(name: str, value: float, ci95) -> dict:
     return {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
+def interval_records(records: list[dict]) -> list[dict]:
+    """A table's rows as records: each `<name>_ci_low`/`<name>_ci_high` pair of `interval_columns` back to
+    `<name>_ci95: [low, high]` beside `<name>` (null where either end is missing), the other keys as they are."""
+
+    def fold(row: dict) -> dict:
+        out = {}
+        for key, value in row.items():
+            if key.endswith("_ci_low") and key[:-len("_ci_low")] + "_ci_high" in row:
+                name = key[:-len("_ci_low")]
+                high = row[f"{name}_ci_high"]
+                missing = any(v is None or v != v for v in (value, high))
+                out[f"{name}_ci95"] = None if missing else [value, high]
+            elif not (key.endswith("_ci_high") and key[:-len("_ci_high")] + "_ci_low" in row):
+                out[key] = value
+        return out
+
+    return [fold(row) for row in records]
+
+
 def interval_text(value: float, ci95, digits: int = 3, signed: bool = False) -> str:
     """`0.083 [0.041, 0.133]`: a value and its 95% interval as every report writes them; "—" without a value."""
     if value is None or value != value:  # NaN

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..config import random_weight_models
 from ..infra.errors import UserError
 from ..infra.files import atomic_write_text, read_json_or_none, read_yaml_or_none, slug
 from ..research.data import CHALLENGE_CLASSES
@@ -124,8 +125,7 @@ def _load_side(path: Path, name: str | None, which: str) -> Side:
     side = Side(path, name, _submission(submission_file), run_dir=path)
     config = read_yaml_or_none(path / "config.yaml", dict) or {}
     classes, source, side.image_root = _run_classes(config)
-    models = config.get("models") if isinstance(config.get("models"), dict) else {}
-    side.random_weights = [n for n, m in models.items() if isinstance(m, dict) and m.get("pretrained") == "random"]
+    side.random_weights = random_weight_models(config.get("models"))
     if classes is not None:
         side.classes, side.classes_source = classes, source
     test_file = path / "test_predictions.csv"

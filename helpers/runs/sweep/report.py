@@ -1,9 +1,9 @@
 """A sweep's report: per point its settings, status, wall time, images encoded, dev accuracy with its 95% interval
 and the paired test against the base, agreement with the reference submission and with the base's run.
 
-Written into the sweep folder: `sweep.csv` (a row per point, every figure), `sweep.json` (the same, and the
-sweep's counts) and `figures/sweep.png` (dev accuracy, or agreement without a dev set, point by point, base
-first).
+Written into the sweep folder: `sweep.csv` (a row per point, every figure), `sweep.json` (the same, each interval as
+`<name>_ci95: [low, high]`, and the sweep's counts) and `figures/sweep.png` (dev accuracy, or agreement without a dev
+set, point by point, base first).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ...infra.files import atomic_write_csv, atomic_write_text, read_json_or_none
-from ...research.stats import interval_columns, interval_text, label_agreement
+from ...research.stats import interval_columns, interval_records, interval_text, label_agreement
 from ..compare import CompareError, aligned_labels, compare_dev, load_side
 from .design import Point, setting_of, shown
 from .launch import read_status
@@ -95,7 +95,7 @@ def write_report(sweep_dir: Path, frame: pd.DataFrame, summary: dict, random: li
 
     paths = {"csv": sweep_dir / "sweep.csv", "json": sweep_dir / "sweep.json"}
     atomic_write_csv(paths["csv"], frame.assign(random_weights=", ".join(random)) if random else frame, index=False)
-    records = json.loads(frame.to_json(orient="records"))  # NaN -> null
+    records = interval_records(json.loads(frame.to_json(orient="records")))  # NaN -> null; intervals as ci95 pairs
     atomic_write_text(paths["json"], json.dumps({**summary, "random_weights": random, "points": records},
                                                 indent=2) + "\n")
     fig = sweep_chart(frame, summary["keys"])
