@@ -49,6 +49,9 @@ class Method:
     def check(self, where: str, fail) -> None:
         """Call `fail(message)` for a parameter value the method does not take; `where` names it in the config."""
 
+    def check_classes(self, n_classes: int, where: str, fail) -> None:
+        """Call `fail(message)` where a parameter does not fit a set of `n_classes` classes."""
+
     def params(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -75,6 +78,13 @@ def build_method(name: str, **params) -> Method:
     return method
 
 
+def check_classes(method: Method, n_classes: int) -> None:
+    def fail(message: str):
+        raise ValueError(message)
+
+    method.check_classes(n_classes, method.name, fail)
+
+
 def apply_transductive(name: str, probs, image_embeddings, **params) -> np.ndarray:
     """Method `name` (a registered config name: em_prior, ot_assign, label_propagation, transclip) with `params`,
     applied to a whole set: `probs` (images, classes), each row a distribution (the zero-shot prediction),
@@ -85,6 +95,7 @@ def apply_transductive(name: str, probs, image_embeddings, **params) -> np.ndarr
 
 def run_method(method: Method, probs, image_embeddings) -> np.ndarray:
     probs = check_probabilities(probs)
+    check_classes(method, probs.shape[1])
     if len(image_embeddings) != len(probs):
         raise ValueError(f"{method.name}: {len(probs)} rows of probabilities but {len(image_embeddings)} embeddings")
     out = method(probs, image_embeddings)

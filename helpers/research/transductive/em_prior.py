@@ -63,8 +63,11 @@ class EMPrior(Method):
         if not 1 <= self.max_iter <= 100_000:
             fail(f"{where}.max_iter must be between 1 and 100000, got {self.max_iter}")
 
+    def check_classes(self, n_classes: int, where: str, fail) -> None:
+        check_length(self.source_prior, n_classes, f"{where}.source_prior", fail)
+
     def __call__(self, probs: np.ndarray, image_embeddings) -> np.ndarray:
-        source = distribution(self.source_prior, probs.shape[1], "em_prior.source_prior")
+        source = distribution(self.source_prior, probs.shape[1])
         return estimate_prior(probs, source, self.tol, self.max_iter)[0]
 
 
@@ -77,11 +80,14 @@ def check_distribution(value: str | list[float], where: str, fail, named: tuple[
         fail(f"{where} must be a list of numbers >= 0 with a positive sum (one per class), got {value}")
 
 
-def distribution(value: str | list[float], n_classes: int, where: str) -> np.ndarray:
-    """`uniform`, or the list given (normalised to sum 1), as n_classes probabilities."""
+def check_length(value: str | list[float], n_classes: int, where: str, fail) -> None:
+    if isinstance(value, list) and len(value) != n_classes:
+        fail(f"{where} lists {len(value)} numbers for {n_classes} classes; give one per class")
+
+
+def distribution(value: str | list[float], n_classes: int) -> np.ndarray:
+    """`uniform`, or the list given (one number per class, normalised to sum 1), as probabilities."""
     if value == "uniform":
         return np.full(n_classes, 1 / n_classes)
-    if len(value) != n_classes:
-        raise ValueError(f"{where} lists {len(value)} numbers for {n_classes} classes")
     given = np.asarray(value, dtype=np.float64)
     return given / given.sum()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import Method, normalise_rows, register_method
-from .em_prior import check_distribution, distribution, estimate_prior
+from .em_prior import check_distribution, check_length, distribution, estimate_prior
 
 
 def target_counts(proportions: np.ndarray, n: int) -> np.ndarray:
@@ -53,10 +53,13 @@ class OTAssign(Method):
         if self.max_iter < 1:
             fail(f"{where}.max_iter must be at least 1, got {self.max_iter}")
 
+    def check_classes(self, n_classes: int, where: str, fail) -> None:
+        check_length(self.target, n_classes, f"{where}.target", fail)
+
     def proportions(self, probs: np.ndarray) -> np.ndarray:
         if self.target == "em":
             return estimate_prior(probs, np.full(probs.shape[1], 1 / probs.shape[1]))[1]
-        return distribution(self.target, probs.shape[1], "ot_assign.target")
+        return distribution(self.target, probs.shape[1])
 
     def __call__(self, probs: np.ndarray, image_embeddings) -> np.ndarray:
         import ot
