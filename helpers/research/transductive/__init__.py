@@ -24,9 +24,9 @@ from ...registry import Registry
 
 METHODS = Registry("transductive method", __name__)
 
-# kNN graphs are built this many similarities at a time (a block of rows against every row): 128 MB of float32,
-# whatever the number of images, so a million rows need no n x n matrix
-KNN_BLOCK_ELEMENTS = 2**25
+# kNN graphs are built a tile of KNN_BLOCK x KNN_BLOCK similarities at a time (16 MB of float32), whatever the
+# number of images, so a million rows need no n x n matrix
+KNN_BLOCK = 2048
 
 
 def register_method(name: str):
@@ -136,27 +136,45 @@ def class_probabilities(class_scores, normalised: bool) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def knn_graph(embeddings, k: int, block_elements: int = KNN_BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+def knn_graph(embeddings, k: int, block: int = KNN_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Each row's `k` most similar other rows by cosine similarity (the rows are L2-normalised): indices (n, k)
-    and similarities (n, k), most similar first. Built a block of rows at a time against every row, so memory is
-    one block (`block_elements` similarities) whatever n; exact, O(n^2 dim) arithmetic, with no random numbers."""
-    n = len(embeddings)
-    k = min(k, n - 1)
-    indices, similarities = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32)
-    if k < 1:
-        return indices, similarities
-    every = np.asarray(embeddings, dtype=np.float32)
-    step = max(1, block_elements // n)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        sims = every[start:stop] @ every.T
-        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # not its own neighbour
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.lexsort((top, -top_sims), axis=1)  # by similarity, then index
-        indices[start:stop] = np.take_along_axis(top, order, axis=1)
-        similarities[start:stop] = np.take_along_axis(top_sims, order, axis=1)
-    return indices, similarities
+    and similarities (n, k), most similar first (then by index). Exact, O(n^2 dim) arithmetic, a (block x block)
+    tile of similarities at a time, each tile's best k merged into its rows' running best k (and, the similarity
+    being symmetric, its transpose into its columns', so each pair is computed once): memory is a tile and the
+    (n, k) result, whatever n. Every tile's product has the same shape (the last tiles are padded), so a
+    similarity is the same number whatever the set's size. No random numbers: the same input gives the same
+    graph."""
+    n, dim = embeddings.shape
+    k = max(min(k, n - 1), 0)
+    best_sims = np.full((n, k), -np.inf, dtype=np.float32)
+    best = np.full((n, k), n, dtype=np.int64)
+    if k == 0:
+        return best, best_sims
+    tile_rows = np.zeros((block, dim), dtype=np.float32)
+    tile_cols = np.zeros((dim, block), dtype=np.float32)
+
+    def merge(rows: slice, sims: np.ndarray, first_col: int) -> None:
+        take = min(k, sims.shape[1])
+        top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+        merged_sims = np.concatenate([best_sims[rows], np.take_along_axis(sims, top, axis=1)], axis=1)
+        merged = np.concatenate([best[rows], top + first_col], axis=1)
+        order = np.lexsort((merged, -merged_sims), axis=1)[:, :k]  # by similarity, then index
+        best_sims[rows] = np.take_along_axis(merged_sims, order, axis=1)
+        best[rows] = np.take_along_axis(merged, order, axis=1)
+
+    for col in range(0, n, block):
+        cols = slice(col, min(col + block, n))
+        tile_cols[:, :cols.stop - col] = np.asarray(embeddings[cols], dtype=np.float32).T
+        for row in range(0, col + 1, block):
+            rows = slice(row, min(row + block, n))
+            tile_rows[:rows.stop - row] = embeddings[rows]
+            sims = (tile_rows @ tile_cols)[:rows.stop - row, :cols.stop - col]
+            if row == col:
+                np.fill_diagonal(sims, -np.inf)  # not its own neighbour
+            merge(rows, sims, col)
+            if row != col:
+                merge(cols, np.ascontiguousarray(sims.T), row)
+    return best, best_sims
 
 
 def labels_moved(before: np.ndarray, after: np.ndarray) -> int:

@@ -34,10 +34,11 @@ class OTAssign(Method):
         pi* = argmin_{pi in Pi(mu, nu)} <pi, C>,   C_ij = -log p(y = j | x_i),   mu = (1/n) 1_n,
 
     where Pi(mu, nu) are the n x K non-negative matrices whose rows sum to mu and columns to nu, and image i's label
-    is argmax_j pi*_ij. It is solved exactly by POT's network simplex (`ot.emd`). With nu times n rounded to whole
-    counts (`target_counts`), the margins times n are integers, so the optimal vertex the simplex returns is a
-    0/1 assignment (times 1/n) and the predicted counts are the target's exactly. Returned: n pi*, each row the
-    image's assignment (one-hot).
+    is argmax_j pi*_ij. It is solved exactly by POT's network simplex (`ot.emd`), on the same problem scaled by n:
+    margins of 1 per image and, with nu times n rounded to whole counts (`target_counts`), whole counts per class.
+    Integer margins make the optimal vertex the simplex returns integral (the transportation polytope's vertices
+    are), so each image goes to one class whole and the predicted counts are the target's exactly. Returned: n pi*,
+    each row the image's assignment (one-hot).
 
     `target`: nu, `uniform` (balanced classes), a list of one number per class (the known or assumed distribution),
     or `em` (the priors `em_prior` estimates for the set, Saerens et al. 2002, as OTTER pairs its assignment with an
@@ -67,8 +68,8 @@ class OTAssign(Method):
         n = len(probs)
         counts = target_counts(self.proportions(probs), n)
         cost = -np.log(np.clip(probs, np.finfo(np.float64).tiny, None))
-        plan, log = ot.emd(np.full(n, 1 / n), counts / n, cost, numItermax=self.max_iter, log=True)
+        plan, log = ot.emd(np.ones(n), counts.astype(np.float64), cost, numItermax=self.max_iter, log=True)
         if log["warning"] is not None:
             raise RuntimeError(f"ot_assign: the network simplex did not reach the optimum ({log['warning']}); "
                                "raise transductive.params.max_iter")
-        return normalise_rows(plan * n, fallback=probs)
+        return normalise_rows(plan, fallback=probs)
