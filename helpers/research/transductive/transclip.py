@@ -30,10 +30,10 @@ def gaussian_log_likelihoods(embeddings, means: np.ndarray, variances: np.ndarra
 
 
 def weighted_sums(embeddings, z: np.ndarray) -> np.ndarray:
-    """Z^T F: (classes, dim), a block of rows at a time."""
+    """Z^T F: (classes, dim), a block of rows at a time (a float32 product per block, summed in float64)."""
     total = np.zeros((z.shape[1], embeddings.shape[1]))
     for rows in _blocks(len(embeddings)):
-        total += z[rows].T @ np.asarray(embeddings[rows], dtype=np.float64)
+        total += (np.asarray(embeddings[rows], dtype=np.float32).T @ z[rows].astype(np.float32)).T
     return total
 
 
