@@ -22,8 +22,9 @@ import yaml
 
 from .infra.errors import UserError, one_line
 
-# the backends (helpers.models.backend.BACKENDS), scoring modes (helpers.research.scoring.SCORERS) and
-# preprocessing steps (helpers.research.steps.STEPS) are registries: their names are checked against them
+# the backends (helpers.models.backend.BACKENDS), scoring modes (helpers.research.scoring.SCORERS), preprocessing
+# steps (helpers.research.steps.STEPS) and transductive methods (helpers.research.transductive.METHODS) are
+# registries: their names are checked against them
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 

@@ -1,5 +1,5 @@
-"""Registries: one per kind of extension point (a model backend, a preprocessing step, a scoring mode), timm's
-pattern in small.
+"""Registries: one per kind of extension point (a model backend, a preprocessing step, a scoring mode, a transductive
+method), timm's pattern in small.
 
 An entry registers itself where it is defined, with `@REGISTRY.register("name")`; a registry knows the module or
 package its entries live in and imports it (every module of a package) on the first lookup, so adding an entry is
