@@ -35,6 +35,16 @@ class Registry:
 
         return add
 
+    def register_class(self, name: str) -> Callable:
+        """A class decorator: the class is entry `name`, and its `name` attribute says so (a step's cache key, a
+        method's record, carry it)."""
+
+        def add(cls):
+            cls.name = name
+            return self.register(name)(cls)
+
+        return add
+
     def _load(self) -> None:
         if self._loaded:
             return

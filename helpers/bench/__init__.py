@@ -52,6 +52,16 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+def write_report(report: dict, out: Path) -> None:
+    """A benchmark's report into its JSON file, then printed: its last line is the JSON object."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    print(json.dumps(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["store"]:  # a subcommand; the flags alone are the encoding benchmark

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..infra.files import PROJECT_ROOT
-from . import cpu_model, proc_status_bytes, timed
+from . import cpu_model, proc_status_bytes, timed, write_report
 
 # seconds at 8,100 rows on the 2-core development CPU (the targets)
 TRANSDUCTIVE_TARGETS = {"em_prior": 1.0, "ot_assign": 1.0, "label_propagation": 10.0, "transclip": 10.0}
@@ -110,9 +109,5 @@ def transductive_main(argv: list[str]) -> None:
         parser.error("--classes must be at least 2")
     if args.rows < 8 * args.classes:
         parser.error(f"--rows must be at least {8 * args.classes} (8 per class)")
-    report = transductive_bench(args)
-    out = Path(args.out or PROJECT_ROOT / "outputs" / "bench" / f"transductive-{args.rows}x{args.dim}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-    print(json.dumps(report))
+    default = PROJECT_ROOT / "outputs" / "bench" / f"transductive-{args.rows}x{args.dim}.json"
+    write_report(transductive_bench(args), Path(args.out or default))

@@ -31,12 +31,7 @@ KNN_BLOCK = 2048
 
 def register_method(name: str):
     """A class decorator: `name` is the method's name in configs (`transductive.method`)."""
-
-    def add(cls):
-        cls.name = name
-        return METHODS.register(name)(cls)
-
-    return add
+    return METHODS.register_class(name)
 
 
 @dataclass(frozen=True)
