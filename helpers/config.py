@@ -179,7 +179,10 @@ class RunConfig:
     transductive: Transductive | None = None  # off (null): every image labeled alone, as the winner did
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if raw["transductive"] is None:  # off: the same dict, so the same hash (run folders, sweep points) as before
+            del raw["transductive"]
+        return raw
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

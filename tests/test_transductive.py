@@ -15,7 +15,7 @@ from helpers.research.transductive import METHODS, apply_transductive, knn_graph
 from helpers.research.transductive.em_prior import estimate_prior
 from helpers.research.transductive.ot_assign import target_counts
 from helpers.research.transductive.stage import joint_embeddings
-from helpers.runs.outputs import read_submission
+from helpers.runs.outputs import metrics_summary, read_submission
 from helpers.runs.pipeline import predict
 
 SKEWED = (0.35, 0.25, 0.15, 0.1, 0.1, 0.05)
@@ -204,3 +204,8 @@ def test_predict_runs_the_stage_and_metrics_say_what_it_changed(stage_runs):
         assert set(test.get("models", {})) == ({"a", "b"} if stage["applies_to"] == "each_model" else set())
     counts = stage_runs["ot_ensemble"][0]["test"]["predicted_counts"]
     assert sorted(counts.values()) == [6, 6, 6, 6, 7, 7]  # 38 images, balanced exactly
+    summary = metrics_summary(stage_runs["ot_ensemble"][0])  # what predict prints
+    moved = stage_runs["ot_ensemble"][0]["transductive"]["test"]["labels_moved"]
+    assert f"  transductive ot_assign (ensemble) moved {moved} labels" in summary
+    assert any(line.startswith("  transductive ot_assign (ensemble) moved") and "against zero-shot (McNemar p"
+               in line for line in summary)
