@@ -209,3 +209,22 @@ def test_predict_runs_the_stage_and_metrics_say_what_it_changed(stage_runs):
     assert f"  transductive ot_assign (ensemble) moved {moved} labels" in summary
     assert any(line.startswith("  transductive ot_assign (ensemble) moved") and "against zero-shot (McNemar p"
                in line for line in summary)
+
+
+def test_every_scoring_modes_class_scores_are_probability_mass_the_stage_can_take():
+    """The stage reads class scores as probabilities (row-normalised: the argmax kept); a mode whose scores were
+    logits would be refused, not silently flattened."""
+    from helpers.research.scoring import SCORERS, score
+    from helpers.research.transductive import class_probabilities
+
+    rng = np.random.default_rng(0)
+    image, text = (rng.standard_normal((n, 8)).astype(np.float32) for n in (5, 6))
+    image, text = image / np.linalg.norm(image, axis=1, keepdims=True), text / np.linalg.norm(text, axis=1,
+                                                                                                 keepdims=True)
+    for mode in SCORERS.names():
+        scores = score(mode, image, text, np.array([0, 0, 1, 1, 2, 2]), 3).class_scores.numpy()
+        probs = class_probabilities(scores)
+        assert np.allclose(probs.sum(axis=1), 1) and np.array_equal(probs.argmax(axis=1), scores.argmax(axis=1))
+        assert np.allclose(probs, scores / scores.sum(axis=1, keepdims=True)), mode  # no softmax of probabilities
+    with pytest.raises(ValueError, match="class scores that are probabilities"):
+        class_probabilities(np.array([[1.5, -0.5]]))

@@ -208,7 +208,7 @@ def transductive_ablation(config: RunConfig, output_dir, data: RunData, split: s
     chosen = {name: build_method(name, **(configured.params if configured and configured.method == name else {}))
               for name in (methods or METHODS.names())}
     weights = ensemble_weights(config)
-    probs = {name: model_probabilities(output_dir, name, split, config.scoring) for name in config.models}
+    probs = {name: model_probabilities(output_dir, name, split) for name in config.models}
     embeddings = {name: model_image_embeddings(output_dir, name, split) for name in config.models}
     probs["ensemble"] = ensemble_split(config, output_dir, split, len(images), data.prompts, with_probs=True)[2]
     embeddings["ensemble"] = joint_embeddings(embeddings, weights)

@@ -378,15 +378,15 @@ def ensemble_split(config: RunConfig, output_dir: str | Path, split: str, n: int
                                    config.ensemble.drop_below)
         labels[rows] = combined.labels
         if with_probs:
-            probs[rows] = class_probabilities(combined.class_scores.numpy(), combined.prompt_probs is not None)
+            probs[rows] = class_probabilities(combined.class_scores.numpy())
         for name, s in scores.items():
             per_model[name][rows] = s.labels
     return labels, per_model, probs
 
 
-def model_probabilities(output_dir: str | Path, name: str, split: str, scoring: str) -> np.ndarray:
+def model_probabilities(output_dir: str | Path, name: str, split: str) -> np.ndarray:
     """Model `name`'s class probabilities of one split (`class_probabilities` of its class scores)."""
-    return class_probabilities(model_outputs(output_dir, name, split)[1], SCORERS[scoring].per_prompt_probabilities)
+    return class_probabilities(model_outputs(output_dir, name, split)[1])
 
 
 def model_image_embeddings(output_dir: str | Path, name: str, split: str) -> np.ndarray:
@@ -402,7 +402,7 @@ def transductive_stage(config: RunConfig, output_dir: str | Path, split: str, en
     weights = ensemble_weights(config)
     used = [name for name in config.models if weights[name] > 0]
     return run_stage(method, config.transductive.applies_to if config.transductive else "ensemble",
-                     {n: model_probabilities(output_dir, n, split, config.scoring) for n in used},
+                     {n: model_probabilities(output_dir, n, split) for n in used},
                      {n: model_image_embeddings(output_dir, n, split) for n in used}, weights, ensemble_probs,
                      classes)
 

@@ -120,15 +120,16 @@ def normalise_rows(values: np.ndarray, fallback: np.ndarray | None = None) -> np
     return out
 
 
-def class_probabilities(class_scores, normalised: bool) -> np.ndarray:
-    """A scoring mode's class scores as probabilities. `normalised`: scores that are already probability mass (the
-    class means of per-prompt probabilities), divided by their row sum, which keeps each row's argmax, so the labels
-    before the stage are the run's own; otherwise class logits, through a softmax."""
+def class_probabilities(class_scores) -> np.ndarray:
+    """A scoring mode's class scores as probabilities: each row divided by its sum, which keeps its argmax, so the
+    labels before the stage are the run's own. Every scoring mode's class scores are probability mass: the class
+    means of the joint softmax over prompts (joint_softmax_mean; the rows sum to less than 1), or a softmax over
+    classes (prototype, mean_logit), and the ensemble's are their weighted sums."""
     scores = np.asarray(class_scores, dtype=np.float64)
-    if normalised:
-        return normalise_rows(np.clip(scores, 0, None))
-    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    if (scores < 0).any():
+        raise ValueError("the transductive stage needs class scores that are probabilities (>= 0); this scoring "
+                         "mode's are not")
+    return normalise_rows(scores)
 
 
 def knn_graph(embeddings, k: int, block: int = KNN_BLOCK) -> tuple[np.ndarray, np.ndarray]:
