@@ -22,8 +22,9 @@ import yaml
 
 from .infra.errors import UserError, one_line
 
-# the backends (helpers.models.backend.BACKENDS), scoring modes (helpers.research.scoring.SCORERS) and
-# preprocessing steps (helpers.research.steps.STEPS) are registries: their names are checked against them
+# the backends (helpers.models.backend.BACKENDS), scoring modes (helpers.research.scoring.SCORERS), preprocessing
+# steps (helpers.research.steps.STEPS) and transductive methods (helpers.research.transductive.METHODS) are
+# registries: their names are checked against them
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
@@ -147,6 +148,19 @@ class Analysis:
 
 
 @dataclass
+class Transductive:
+    """The post-scoring stage (helpers.research.transductive; README, "Transductive inference"): a method that takes
+    the whole set's probabilities and embeddings at once. Off unless a config names a method."""
+
+    method: str  # a registered method: em_prior, ot_assign, label_propagation, transclip
+    applies_to: str = "ensemble"  # ensemble: the ensemble's probabilities; each_model: each model's, then combined
+    params: dict[str, bool | int | float | str | list[float]] = field(default_factory=dict)  # default: the paper's
+
+
+TRANSDUCTIVE_SCOPES = ("ensemble", "each_model")
+
+
+@dataclass
 class RunConfig:
     name: str
     data: Data
@@ -162,9 +176,13 @@ class RunConfig:
     fallback_label: str | None = None  # with skip: the class given to skipped test images (default: the majority)
     reference: str | None = None  # a submission to agree with: a built-in name (winner-116) or the path of a CSV
     analysis: Analysis = field(default_factory=Analysis)
+    transductive: Transductive | None = None  # off (null): every image labeled alone, as the winner did
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if raw["transductive"] is None:  # off: the same dict, so the same hash (run folders, sweep points) as before
+            del raw["transductive"]
+        return raw
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -352,6 +370,8 @@ def _check(config: RunConfig) -> None:
         _check_model(m, f"models.{name}")
     _check_ensemble(config)
     _check_analysis(config.analysis)
+    if config.transductive is not None:
+        transductive_method(config.transductive, config.data.classes)
 
 
 def _in_range(value, where: str, low, high, note: str = "") -> None:
@@ -525,6 +545,25 @@ def _check_ensemble(config: RunConfig) -> None:
             modes = [name for name, scorer in SCORERS.items() if scorer.per_prompt_probabilities]
             raise ConfigError("ensemble.drop_below acts on per-prompt probabilities, so it needs a scoring mode "
                               f"that gives them ({', '.join(modes)}), not {config.scoring}")
+
+
+def transductive_method(spec: Transductive, classes: list[str] | None = None):
+    """The configured transductive method, its parameters checked (and, with the classes known, the number of
+    classes its distributions give); ConfigError naming the key otherwise."""
+    from .research.transductive import METHODS
+
+    if spec.method not in METHODS:
+        raise ConfigError(f"transductive.method: {METHODS.unknown(spec.method)}")
+    _one_of(spec.applies_to, TRANSDUCTIVE_SCOPES, "transductive.applies_to")
+    method = _build(METHODS[spec.method], spec.params, "transductive.params")
+
+    def fail(message: str):
+        raise ConfigError(message)
+
+    method.check("transductive.params", fail)
+    if classes is not None:
+        method.check_classes(len(classes), "transductive.params", fail)
+    return method
 
 
 def _check_analysis(analysis: Analysis) -> None:

@@ -1,5 +1,5 @@
-"""Registries: one per kind of extension point (a model backend, a preprocessing step, a scoring mode), timm's
-pattern in small.
+"""Registries: one per kind of extension point (a model backend, a preprocessing step, a scoring mode, a transductive
+method), timm's pattern in small.
 
 An entry registers itself where it is defined, with `@REGISTRY.register("name")`; a registry knows the module or
 package its entries live in and imports it (every module of a package) on the first lookup, so adding an entry is
@@ -32,6 +32,16 @@ class Registry:
                 raise ValueError(f"{self.kind} '{name}' is registered twice ({self._entries[name]!r} and {obj!r})")
             self._entries[name] = obj
             return obj
+
+        return add
+
+    def register_class(self, name: str) -> Callable:
+        """A class decorator: the class is entry `name`, and its `name` attribute says so (a step's cache key, a
+        method's record, carry it)."""
+
+        def add(cls):
+            cls.name = name
+            return self.register(name)(cls)
 
         return add
 

@@ -145,3 +145,20 @@ def test_the_store_benchmark_runs_and_ends_with_its_json(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [out]  # the store was removed
 
 
+
+
+def test_the_transductive_benchmark_times_every_method_and_ends_with_its_json(tmp_path, capsys):
+    from helpers.research.transductive import METHODS
+
+    out = tmp_path / "transductive.json"
+    bench.main(["transductive", "--rows", "200", "--dim", "256", "--repeats", "1", "--out", str(out)])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report == json.loads(out.read_text())
+    assert (report["rows"], report["dim"], report["classes"]) == (200, 256, 6)
+    assert list(report["methods"]) == METHODS.names() and set(report["targets_met"]) == set(METHODS.names())
+    for name, entry in report["methods"].items():
+        assert entry["seconds"] > 0 and entry["seconds_quarter_rows"] > 0 and entry["peak_mb"] >= 0, name
+        assert entry["estimate_1m_s"] >= entry["seconds"] and 0 <= entry["labels_moved"] <= 200, name
+        assert 0 <= entry["accuracy"] <= 1, name
+    assert report["knn_graph_k10_s"] > 0 and report["estimate_rows"] == 1_000_000
+    assert 0.3 < report["zero_shot_accuracy"] < 0.95  # the synthetic set: zero-shot errs

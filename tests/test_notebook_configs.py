@@ -99,7 +99,7 @@ def test_a_dev_only_run_writes_dev_metrics_and_no_submission(runs):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "test" not in metrics and metrics["dev"]["images"] == 12
     assert 0 <= metrics["dev"]["ensemble"]["accuracy"] <= 1
-    for name in ("sharpness_ablation", "prompt_groups-a", "dev_accuracy"):
+    for name in ("sharpness_ablation", "prompt_groups-a", "dev_accuracy", "transductive"):
         assert (run_dir / "tables" / f"{name}.csv").is_file(), name
 
 

@@ -63,6 +63,8 @@ def run_config(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints
         "num_workers": 0,
         "analysis": {"inspect_images": 3, "sharpness_grid": [1.0, 2.3, [2.0, 2.5]], "weight_grid": [0.4, 0.5, 0.6],
                      "drop_thresholds": [0.001, 0.002]},
+        # the transductive stage on each model, then combined: the submission is its labels (run and predict alike)
+        "transductive": {"method": "label_propagation", "applies_to": "each_model", "params": {"k": 5}},
     }
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -82,7 +84,7 @@ EXECUTED = ["04_inference-a.ipynb", "04_inference-b.ipynb", "05_ensemble.ipynb",
             "02_preprocessing_ablation.ipynb", "03_prompt_ablation-a.ipynb", "03_prompt_ablation-b.ipynb"]
 FIGURES = ["sharpening_gallery", "blur_histograms", "sharpness_ablation", "prompt_groups-a", "scoring_modes-b",
            "predicted_classes-a", "predicted_classes-ensemble", "dev_confusion-ensemble", "ensemble_weights",
-           "drop_threshold"]
+           "drop_threshold", "transductive"]
 
 
 def test_run_writes_the_submission_and_the_executed_notebooks(run_dir):
@@ -114,13 +116,28 @@ def test_tables_carry_intervals(run_dir):
     groups = pd.read_csv(run_dir / "tables" / "prompt_groups-a.csv")
     assert len(groups) == 11 and groups["reference"].sum() == 1
     for name in ["sharpness_ablation", "prompt_groups-a", "scoring_modes-a", "ensemble_weights", "drop_threshold",
-                 "dev_accuracy"]:
+                 "dev_accuracy", "transductive"]:
         table = pd.read_csv(run_dir / "tables" / f"{name}.csv")
         assert {"accuracy", "accuracy_ci_low", "accuracy_ci_high"} <= set(table.columns), name
         assert (table["accuracy_ci_low"] <= table["accuracy"]).all(), name
         assert (table["accuracy"] <= table["accuracy_ci_high"]).all(), name
     blur = pd.read_csv(run_dir / "tables" / "blur_statistics.csv").set_index("split")
     assert 5.5 < blur.loc["test", "median"] < 7.2 and blur.loc["dev", "median"] < 1  # the dev photos are sharp
+
+
+def test_the_transductive_stage_runs_in_the_notebooks_and_05_ablates_every_method(run_dir):
+    import pandas as pd
+
+    from helpers.research.transductive import METHODS
+
+    stage = json.loads((run_dir / "metrics.json").read_text())["transductive"]
+    assert (stage["method"], stage["applies_to"], stage["params"]["k"]) == ("label_propagation", "each_model", 5)
+    assert set(stage["test"]["models"]) == {"a", "b"} and sum(stage["test"]["predicted_counts_after"].values()) == 38
+    assert stage["dev"]["zero_shot"]["images"] == 24
+    table = pd.read_csv(run_dir / "tables" / "transductive.csv")
+    assert table["scope"].unique().tolist() == ["model a", "model b", "ensemble"]
+    assert table["variant"].tolist() == ["zero-shot", *METHODS.names()] * 3
+    assert table["reference"].sum() == 3 and (table["p_holm"] >= table["p_value"]).all()
 
 
 def test_run_and_predict_give_byte_identical_submissions(run_dir, run_config, tmp_path):

@@ -80,6 +80,17 @@ def test_the_grid_is_the_product_and_zip_pairs(two_models):
     assert len(same) == 2 and same[0].id.startswith("base-")
 
 
+def test_a_grid_over_the_transductive_method_has_a_point_per_method(two_models):
+    from helpers.research.transductive import METHODS
+
+    grid = [f"transductive.method={','.join(METHODS.names())}", "transductive.applies_to=ensemble,each_model"]
+    points = design_points(make_design(two_models, [], grid, False))
+    assert points[0].config.transductive is None  # the base: zero-shot
+    assert [(p.config.transductive.method, p.config.transductive.applies_to) for p in points[1:]] == [
+        (m, scope) for m in METHODS.names() for scope in ("ensemble", "each_model")]
+    assert points[1].id.startswith("method=em_prior_applies_to=ensemble-")
+
+
 def test_a_sweep_file_holds_grid_zip_and_points(two_models, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({
@@ -108,6 +119,8 @@ def test_a_sweep_file_holds_grid_zip_and_points(two_models, tmp_path):
      "--grid models.a.batch_size=eight: models.a.batch_size must be int, got 'eight'"),
     (["models.a.sharpness="], "--grid models.a.sharpness: no values (give at least one)"),
     (["scoring=mean_logit,mean_logit"], "--grid scoring: the value 'mean_logit' is listed twice"),
+    (["transductive.method=em_prior,ot_asign"], "--grid transductive.method=ot_asign: transductive.method: 'ot_asign' "
+                                                "is not a registered transductive method"),
     (["ensemble.weights.a=0.6,0.7"], "--grid ensemble.weights.a=0.7: ensemble.weights must be >= 0 and sum to 1"),
     (["--zip", "scoring=mean_logit", "ensemble.drop_below=0.01"],  # each fine alone, not together
      "the point scoring=mean_logit, ensemble.drop_below=0.01: ensemble.drop_below acts on per-prompt probabilities"),
@@ -188,17 +201,18 @@ def sweep_command(design: Path, folder: Path, *options: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints):
-    """One sweep, as a researcher meets it: the base, a point that changes the scoring only (no image to encode) and
-    one whose weights do not fit the model (it fails in 04). Started one at a time and killed outright while its
-    second point runs; rerun, two points at a time, through submitit's local executor. What each step printed and
-    left is kept. (Points that encode new images, and the order they wait in, are tested without running them.)"""
+    """One sweep, as a researcher meets it: the base, a point that changes the scoring and adds the transductive
+    stage (no image to encode) and one whose weights do not fit the model (it fails in 04). Started one at a time
+    and killed outright while its second point runs; rerun, two points at a time, through submitit's local
+    executor. What each step printed and left is kept. (Points that encode new images, and the order they wait in,
+    are tested without running them.)"""
     tmp = tmp_path_factory.mktemp("sweep")
     config = base_config(tmp, scene_dir, dev_dir, tiny_arch, tiny_checkpoints[0], tmp / "cache")
     other = tmp / "other.pt"  # a checkpoint (the checks before the run pass), of no model of this architecture
     torch.save({"other.weight": torch.zeros(2)}, other)
     design = tmp / "sweep.yaml"
     design.write_text(yaml.safe_dump({"config": str(config), "points": [
-        {"scoring": "mean_logit"}, {"models.a.pretrained": str(other)}]}))
+        {"scoring": "mean_logit", "transductive.method": "transclip"}, {"models.a.pretrained": str(other)}]}))
     folder, statuses = tmp / "out", tmp / "out" / "status"
     env = {**os.environ, "HELPERS_RUN_INDEX": str(tmp / "index.csv")}
     found = {"config": config, "folder": folder, "index": tmp / "index.csv"}
@@ -342,13 +356,19 @@ def test_the_report_holds_what_each_point_wrote(swept):
     encoded = report["images_encoded"]
     assert encoded[base] > 0
     assert encoded[report.index.str.startswith("scoring=")].tolist() == [0]  # the base's images: from the cache
+    staged = report.index[report.index.str.startswith("scoring=")][0]
+    assert staged.startswith("scoring=mean_logit_method=transclip-")
+    stage = json.loads((folder / "points" / staged / "metrics.json").read_text())["transductive"]
+    assert stage["method"] == "transclip" and "transductive" not in json.loads(
+        (folder / "points" / base / "metrics.json").read_text())
 
 
 def test_min_agreement_names_the_points_below_it(swept):
     from helpers.infra.errors import BelowMinimumAgreement
     from helpers.runs.sweep import Sweep, SweepOptions, report
 
-    design = make_design(swept["config"], [], ["scoring=mean_logit"], False)  # the last sweep's: both points done
+    # the last sweep's points, both done
+    design = make_design(swept["config"], [], ["scoring=mean_logit", "transductive.method=transclip"], False)
     sweep = Sweep(design, design_points(design), swept["folder"])
     with pytest.raises(BelowMinimumAgreement, match="2 of 2 points agree with the reference below --min-agreement "
                                                     "0.999"):

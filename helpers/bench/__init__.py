@@ -2,6 +2,7 @@
 
     python -m helpers.bench --images 512 [--arch ViT-B-32-quickgelu] [--batch-size 32] [--variants ...] [--out F]
     python -m helpers.bench store --rows 1000000 --dim 1280      (the embedding store: see its --help)
+    python -m helpers.bench transductive [--rows 8100]            (the transductive methods: see its --help)
 
 A randomly initialised model (the compute is the real architecture's) reads the first N challenge images.
 Printed, and written to a JSON file whose copy is the last line of the output:
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 
 The package: `runners` measures (each function one figure), `report` runs them in order and assembles the report,
-`store` is the embedding store's benchmark.
+`store` is the embedding store's benchmark, `transductive` the transductive methods'.
 """
 
 from __future__ import annotations
@@ -51,12 +52,27 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
+def write_report(report: dict, out: Path) -> None:
+    """A benchmark's report into its JSON file, then printed: its last line is the JSON object."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    print(json.dumps(report))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["store"]:  # a subcommand; the flags alone are the encoding benchmark
         from .store import store_main
 
         store_main(argv[1:])
+        return
+    if argv[:1] == ["transductive"]:
+        from .transductive import transductive_main
+
+        transductive_main(argv[1:])
         return
     from .report import encoding_main
 

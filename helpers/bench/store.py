@@ -18,7 +18,7 @@ import numpy as np
 
 from ..infra.files import PROJECT_ROOT
 from ..infra.store import EmbeddingStore
-from . import cpu_model, proc_status_bytes, timed
+from . import cpu_model, proc_status_bytes, timed, write_report
 
 STORE_TARGETS = {"open_s": 1.0, "lookup_s": 0.5, "append_s": 1.0, "peak_rss_mb": 300.0}
 
@@ -172,9 +172,5 @@ def store_main(argv: list[str]) -> None:
         store_probe(args)
         return
     report = store_bench(args)
-    out = Path(args.out or PROJECT_ROOT / "outputs" / "bench" / f"store-{args.rows}x{args.dim}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-    print(json.dumps(report))
+    write_report(report, Path(args.out or PROJECT_ROOT / "outputs" / "bench" / f"store-{args.rows}x{args.dim}.json"))
 

@@ -1,5 +1,5 @@
 """Ablations on a labeled split, computed from cached embeddings: prompt groups, scoring modes, sharpening
-factors (one encode per factor, cached), ensemble weights and the drop threshold.
+factors (one encode per factor, cached), ensemble weights, the drop threshold and the transductive methods.
 
 Each returns a table with one row per variant: accuracy with its 95% bootstrap interval, the paired difference to
 the reference row with its interval, McNemar's p (Holm-adjusted over the table, since a grid tests many variants
@@ -16,10 +16,21 @@ import pandas as pd
 from ..config import RunConfig
 from ..infra.cache import encode_texts
 from ..models import ModelHandle
-from ..runs.pipeline import RunData, load_run_data, score_views, split_embeddings
+from ..runs.pipeline import (
+    RunData,
+    ensemble_split,
+    ensemble_weights,
+    load_run_data,
+    model_image_embeddings,
+    model_probabilities,
+    score_views,
+    split_embeddings,
+)
 from .prompts import PromptSet
 from .scoring import FLOAT32, SCORERS, LogitArithmetic, Scores, average_scores, ensemble_scores, score
 from .stats import LEVEL, accuracy_summary, interval_columns, paired_comparison
+from .transductive import METHODS, build_method, run_method
+from .transductive.stage import joint_embeddings
 
 
 def holm_adjust(p_values: list[float]) -> list[float]:
@@ -45,7 +56,12 @@ def compare_predictions(labels, predictions: dict[str, np.ndarray], reference: s
                      **interval_columns("accuracy", acc["accuracy"], acc["ci95"]),
                      **interval_columns("delta", paired["delta"], paired["delta_ci95"]),
                      "p_value": paired["mcnemar_p"], "reference": name == reference})
-    table = pd.DataFrame(rows)
+    return with_holm(pd.DataFrame(rows))
+
+
+def with_holm(table: pd.DataFrame) -> pd.DataFrame:
+    """`p_holm` (McNemar's p, Holm-adjusted over every non-reference row of the table: the reference rows of several
+    comparisons stacked in one table are all left out) and `differs`."""
     others = ~table["reference"]
     table["p_holm"] = 1.0
     if others.any():
@@ -175,3 +191,33 @@ def drop_threshold_ablation(scores: dict[str, Scores], labels, prompts: PromptSe
                                                                          n_classes, t).labels
                    for t in dict.fromkeys([None, *thresholds])}
     return compare_predictions(labels, predictions, "none")
+
+
+def transductive_ablation(config: RunConfig, output_dir, data: RunData, split: str = "dev",
+                          methods: list[str] | None = None) -> pd.DataFrame:
+    """Every transductive method (`methods`, default all registered) against plain zero-shot on a labeled split of
+    a run whose models' outputs are in `output_dir`: for each model alone (its probabilities and embeddings) and for
+    the ensemble (its probabilities, the models' joint embeddings), as `transductive.applies_to: ensemble` runs it.
+    Each method at its paper's defaults, or at the config's parameters for the method the config names. A row per
+    scope and variant (the scope's zero-shot row its reference), McNemar's p Holm-adjusted over the whole table.
+    Each method uses the whole split at once: its labels depend on every image of it."""
+    images = data.splits[split]
+    if images.labels is None:
+        raise ValueError(f"split '{split}' has no labels")
+    configured = config.transductive
+    chosen = {name: build_method(name, **(configured.params if configured and configured.method == name else {}))
+              for name in (methods or METHODS.names())}
+    weights = ensemble_weights(config)
+    probs = {name: model_probabilities(output_dir, name, split) for name in config.models}
+    embeddings = {name: model_image_embeddings(output_dir, name, split) for name in config.models}
+    probs["ensemble"] = ensemble_split(config, output_dir, split, len(images), data.prompts, with_probs=True)[2]
+    embeddings["ensemble"] = joint_embeddings(embeddings, weights)
+    tables = []
+    for scope in probs:
+        predictions = {"zero-shot": probs[scope].argmax(axis=1)}
+        predictions.update({name: run_method(method, probs[scope], embeddings[scope]).argmax(axis=1)
+                            for name, method in chosen.items()})
+        table = compare_predictions(images.labels, predictions, "zero-shot")
+        table.insert(0, "scope", scope if scope == "ensemble" else f"model {scope}")
+        tables.append(table)
+    return with_holm(pd.concat(tables, ignore_index=True))

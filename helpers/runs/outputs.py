@@ -185,8 +185,8 @@ def build_manifest(config: dict, device: torch.device, data: dict, models: dict)
 
 def metrics_summary(metrics: dict) -> list[str]:
     """What a run's metrics.json says, in a few lines for a terminal: per split its images and predicted classes,
-    each model's and the ensemble's accuracy with its 95% interval where there are labels, and the agreement with
-    the reference (metrics.json itself has every figure)."""
+    each model's and the ensemble's accuracy with its 95% interval where there are labels, the agreement with the
+    reference, and what a transductive stage changed (metrics.json itself has every figure)."""
     lines = []
     for split in ("test", "dev"):
         summary = metrics.get(split)
@@ -202,6 +202,15 @@ def metrics_summary(metrics: dict) -> list[str]:
             ref = summary["reference"]
             lines.append(f"  agreement with {ref['reference']} {interval_text(ref['agreement'], ref['ci95'], 4)}: "
                          f"{ref['differing']} of {ref['images']} images differ")
+        stage = metrics.get("transductive", {}).get(split)
+        if stage is not None:  # the labels above are the stage's
+            line = (f"  transductive {metrics['transductive']['method']} ({metrics['transductive']['applies_to']}) "
+                    f"moved {stage['labels_moved']} labels")
+            if "vs_zero_shot" in stage:
+                versus = stage["vs_zero_shot"]
+                line += (f"; accuracy {interval_text(versus['delta'], versus['delta_ci95'], signed=True)} against "
+                         f"zero-shot (McNemar p {versus['mcnemar_p']:.3g})")
+            lines.append(line)
     if metrics.get("random_weights"):
         lines.append(f"note: RANDOM weights ({', '.join(metrics['random_weights'])}): the labels and accuracies are "
                      "meaningless")

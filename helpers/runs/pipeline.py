@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 import yaml
 
-from ..config import ConfigError, RunConfig, json_digest
+from ..config import ConfigError, RunConfig, json_digest, transductive_method
 from ..infra.cache import EmbeddingStore, check_images, encode_texts, ensure_encoded
 from ..infra.distributed import ONE_PROCESS, World
 from ..infra.errors import UserError
@@ -70,6 +70,8 @@ from ..research.scoring import (
 )
 from ..research.stats import evaluate, paired_comparison
 from ..research.steps import Preprocess
+from ..research.transductive import Method, class_probabilities
+from ..research.transductive.stage import StageResult, run_stage, view_mean
 from .outputs import build_manifest, reference_agreement, reference_path, write_json, write_npy, write_submission
 
 log = logging.getLogger(__name__)
@@ -363,17 +365,46 @@ def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: st
 
 
 def ensemble_split(config: RunConfig, output_dir: str | Path, split: str, n: int, prompts: PromptSet,
-                   chunk_rows: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                   chunk_rows: int | None = None,
+                   with_probs: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
     """The ensemble's labels of one split and each model's, over chunks of rows of the models' outputs (a set of
-    millions never needs to fit in memory; each row is combined alone, so the chunks change nothing)."""
+    millions never needs to fit in memory; each row is combined alone, so the chunks change nothing); with
+    `with_probs`, the ensemble's class probabilities too (`class_probabilities`: the same argmax), else None."""
     labels, per_model = np.empty(n, dtype=np.int64), {name: np.empty(n, dtype=np.int64) for name in config.models}
+    probs = np.empty((n, len(prompts.classes))) if with_probs else None
     for rows in row_chunks(n, chunk_rows):
         scores = {name: load_model_scores(output_dir, name, split, config.scoring, rows) for name in config.models}
-        labels[rows] = ensemble_scores(scores, ensemble_weights(config), prompts.class_index, len(prompts.classes),
-                                       config.ensemble.drop_below).labels
+        combined = ensemble_scores(scores, ensemble_weights(config), prompts.class_index, len(prompts.classes),
+                                   config.ensemble.drop_below)
+        labels[rows] = combined.labels
+        if with_probs:
+            probs[rows] = class_probabilities(combined.class_scores.numpy())
         for name, s in scores.items():
             per_model[name][rows] = s.labels
-    return labels, per_model
+    return labels, per_model, probs
+
+
+def model_probabilities(output_dir: str | Path, name: str, split: str) -> np.ndarray:
+    """Model `name`'s class probabilities of one split (`class_probabilities` of its class scores)."""
+    return class_probabilities(model_outputs(output_dir, name, split)[1])
+
+
+def model_image_embeddings(output_dir: str | Path, name: str, split: str) -> np.ndarray:
+    """Model `name`'s image embeddings of one split, (images, dim), memory-mapped; test-time views as their mean."""
+    return view_mean(np.load(model_dir(output_dir, name) / split / "image_embeddings.npy", mmap_mode="r"))
+
+
+def transductive_stage(config: RunConfig, output_dir: str | Path, split: str, ensemble_probs: np.ndarray,
+                       classes: list[str], method: Method | None = None) -> StageResult:
+    """The config's transductive stage (or `method` in its place, applied as the config says) on one split, from the
+    models' outputs in the run folder."""
+    method = method or transductive_method(config.transductive, classes)
+    weights = ensemble_weights(config)
+    used = [name for name in config.models if weights[name] > 0]
+    return run_stage(method, config.transductive.applies_to if config.transductive else "ensemble",
+                     {n: model_probabilities(output_dir, n, split) for n in used},
+                     {n: model_image_embeddings(output_dir, n, split) for n in used}, weights, ensemble_probs,
+                     classes)
 
 
 def ensemble_weights(config: RunConfig) -> dict[str, float]:
@@ -382,7 +413,9 @@ def ensemble_weights(config: RunConfig) -> dict[str, float]:
 
 def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None = None,
                  chunk_rows: int | None = None) -> dict:
-    """Combine the models' outputs; write submission.csv (when there is a test split) and metrics.json."""
+    """Combine the models' outputs, then the transductive stage where the config has one (its labels are the run's;
+    `metrics.json` keeps the zero-shot ones' counts and accuracy under `transductive`); write submission.csv (when
+    there is a test split) and metrics.json."""
     data = data or load_run_data(config)
     output_dir = Path(output_dir)
     weights = ensemble_weights(config)
@@ -393,8 +426,21 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
             raise RunStaleError(f"{model_dir(output_dir, name)} holds model {name}'s outputs for other images or "
                                 "prompts than this run's (which images are usable, or a prompt-set file, changed "
                                 "since): run its inference again")
+    stage = config.transductive
+    if stage is not None:  # the method, its parameters with the defaults filled in, and per split what it changed
+        method = transductive_method(stage, data.classes)
+        metrics["transductive"] = {"method": stage.method, "applies_to": stage.applies_to, "params": method.params()}
     for split, images in data.splits.items():
-        labels, per_model = ensemble_split(config, output_dir, split, len(images), data.prompts, chunk_rows)
+        labels, per_model, probs = ensemble_split(config, output_dir, split, len(images), data.prompts, chunk_rows,
+                                                  with_probs=stage is not None)
+        if stage is not None:
+            zero_shot = labels
+            result = transductive_stage(config, output_dir, split, probs, data.classes, method)
+            labels = result.probs.argmax(axis=1)
+            metrics["transductive"][split] = result.record
+            if images.labels is not None:  # the stage against the ensemble's zero-shot labels, on the same images
+                metrics["transductive"][split]["zero_shot"] = evaluate(images.labels, zero_shot, data.classes)
+                metrics["transductive"][split]["vs_zero_shot"] = paired_comparison(images.labels, zero_shot, labels)
         frame = _predictions_frame(images, labels, data.classes)
         summary: dict = {"images": len(images),
                          "predicted_counts": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)}}

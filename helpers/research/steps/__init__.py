@@ -27,12 +27,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def register_step(name: str):
     """A class decorator: `name` is the step's name in configs and in its cache key."""
-
-    def add(cls):
-        cls.name = name
-        return STEPS.register(name)(cls)
-
-    return add
+    return STEPS.register_class(name)
 
 
 @dataclass(frozen=True)
