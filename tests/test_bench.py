@@ -160,5 +160,7 @@ def test_the_transductive_benchmark_times_every_method_and_ends_with_its_json(tm
         assert entry["seconds"] > 0 and entry["seconds_quarter_rows"] > 0 and entry["peak_mb"] >= 0, name
         assert entry["estimate_1m_s"] >= entry["seconds"] and 0 <= entry["labels_moved"] <= 200, name
         assert 0 <= entry["accuracy"] <= 1, name
-    assert report["knn_graph_k10_s"] > 0 and report["estimate_rows"] == 1_000_000
+    for name in ("label_propagation", "transclip"):  # each graph method's graph, at its default k
+        assert report[f"knn_graph_k{METHODS[name]().k}_s"] > 0, name
+    assert report["estimate_rows"] == 1_000_000
     assert 0.3 < report["zero_shot_accuracy"] < 0.95  # the synthetic set: zero-shot errs
