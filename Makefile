@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 UV := uv==0.13.9
+# apt-get as make setup runs it: no questions, and waiting for another apt-get (several set-ups at once) to finish
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=300
 
 # The challenge's test images: data/Scene (`make data`), else the copy beside the checkout.
 SCENE ?= $(if $(wildcard data/Scene),data/Scene,../shared/data/scene/Scene)
@@ -33,6 +35,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
 		apt-get install -y -q chromium >/dev/null || \
 		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
+	@# Slurm and munge for the single-node cluster of the Slurm tests (tests/slurm_cluster.py), the same way
+	[ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		$(APT_INSTALL) slurm-wlm munge >/dev/null || \
+		(apt-get update -q >/dev/null && $(APT_INSTALL) slurm-wlm munge >/dev/null)
 	touch $@
 
 # The lint first (a second), then one worker per core (pytest-xdist), a test module per worker at a time (its

@@ -223,6 +223,27 @@ def missing_batches(config) -> int:
     return n
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A single-node Slurm cluster on this machine (tests/slurm_cluster.py: munged, slurmctld and slurmd started from
+    a folder of their own, stopped by their pids at the end), its slurm.conf in SLURM_CONF for the session. Under
+    CI=true a cluster that cannot start fails the tests; elsewhere they skip, saying why."""
+    from .slurm_cluster import ClusterUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the single-node Slurm cluster did not start: {e}")
+        pytest.skip(f"no Slurm cluster here: {e}")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SLURM_CONF", str(cluster.conf))
+            yield cluster
+    finally:
+        cluster.stop()
+
+
 # The modules that take longest, first: `make test`'s workers take a module at a time, so they then finish together
 # instead of one waiting for the other's last long module.
 SLOWEST_MODULES = ("test_notebooks.py", "test_sweep.py", "test_distributed.py", "test_fast_paths.py",

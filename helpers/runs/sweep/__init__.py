@@ -38,7 +38,7 @@ from .launch import (
     SubmititLauncher,
     dependencies,
     finished,
-    read_status,
+    live_jobs,
     run_points,
 )
 from .report import build_report, random_models, summary_table, write_report
@@ -84,7 +84,7 @@ class Sweep:
     def status_file(self, point: Point) -> Path:
         return self.folder / "status" / f"{point.id}.json"
 
-    def job(self, point: Point, analyses: bool) -> PointJob:
+    def job(self, point: Point, analyses: bool, executor: str = "local") -> PointJob:
         """The point's job, its paths absolute: it may run in another folder or on another machine."""
         from ..history import default_index_path
 
@@ -92,7 +92,7 @@ class Sweep:
         return PointJob(point=point.id, config_file=str(self.config_file(point).resolve()),
                         run_dir=str(self.run_dir(point).resolve()), status_file=str(self.status_file(point).resolve()),
                         log_file=str(logs / f"{point.id}.log"), ledger_file=str(logs / f"{point.id}.encoded.jsonl"),
-                        cwd=str(Path.cwd()), analyses=analyses,
+                        cwd=str(Path.cwd()), analyses=analyses, executor=executor,
                         env={"HELPERS_RUN_INDEX": str(default_index_path().resolve())})
 
     def claim(self) -> None:
@@ -172,19 +172,23 @@ def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
     from ...infra.jupyter import ensure_kernel
 
     ensure_kernel()  # registered once here, not by several points' runs at the same moment
-    jobs = [sweep.job(p, options.analyses) for p in points]
+    jobs = [sweep.job(p, options.analyses, options.executor) for p in points]
     done_before = {j.point for j in jobs if finished(j)}
     todo = [j for j in jobs if j.point not in done_before]
-    left = [(j.point, s["job_id"]) for j in todo if (s := read_status(j.status_file)).get("job_id")
-            and s.get("status") in ("submitted", "running")]
-    if left:
-        jobs_left = ", ".join(f"{point}: job {job_id}" for point, job_id in left)
-        log(f"note: {len(left)} point(s) were left as Slurm jobs by an earlier sweep ({jobs_left}); they are submitted "
-            "again: if those jobs still run (squeue), stop this sweep and rerun it once they end")
+    live = live_jobs(todo, sweep.folder / "submitit")
+    elsewhere = {point: job for point, job in live.items() if job[0] != options.executor}
+    if elsewhere:
+        executor = next(iter(elsewhere.values()))[0]
+        listed = ", ".join(f"{point}: job {job_id}" for point, (_, job_id) in elsewhere.items())
+        raise SweepError(f"{len(elsewhere)} point(s) still run as {executor} jobs of an earlier sweep ({listed}): "
+                         f"rerun with --executor {executor} to wait for them, or end them first"
+                         + (" (scancel JOB_ID)" if executor == "slurm" else ""))
     launcher = make_launcher(options, sweep.folder)
-    log(f"sweep {sweep.folder}: {len(points)} points ({len(done_before)} finished before, {len(todo)} to run), "
-        f"{launcher.describe()}")
-    run_points(todo, dependencies(points), launcher, done_before, options.progress)
+    attached = launcher.attach({point: job_id for point, (_, job_id) in live.items()}) if live else {}
+    reattached = f"{len(attached)} running as jobs of an earlier sweep, reattached; " if attached else ""
+    log(f"sweep {sweep.folder}: {len(points)} points ({len(done_before)} finished before, {reattached}"
+        f"{len(todo) - len(attached)} to run), {launcher.describe()}")
+    run_points(todo, dependencies(points), launcher, done_before, options.progress, attached)
     return report(sweep, options, log)
 
 

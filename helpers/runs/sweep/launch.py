@@ -1,12 +1,16 @@
 """Running a sweep's points: each a `python -m helpers run` of its config into its own run folder, several at once
 on this machine (`LocalLauncher`: N at a time, or one per GPU) or as Slurm jobs through submitit (`SubmititLauncher`;
-its local executor runs the same path on one machine).
+its local executor runs the same path on one machine; `scheduler` is what the jobs' scheduler says of them).
 
 A point's job writes its own status (`status/<point>.json`: running, then done or failed with the error), its log
 (`logs/<point>.log`) and the number of images it encoded (the encode ledger, `helpers.infra.ledger`), so that whoever
 reruns the sweep, on whichever machine, knows which points finished: a rerun skips them and redoes the rest. The points
 wait for the runs that encode what they need: first the base (which also encodes the analyses' images), then, per
 model, the first point with the same images and preprocessing, so that no two points encode the same images.
+
+A point's job records its id in the point's status as it is submitted (and again when it starts): a sweep that was
+stopped while its jobs ran finds them on rerun, reattaches to those still queued or running, and submits only the
+points that have no live job.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class PointJob:
     cwd: str
     analyses: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    executor: str = "local"  # what runs it: one of EXECUTORS
 
 
 def read_status(path: str | Path) -> dict:
@@ -79,13 +84,19 @@ def failure_of(log: Path, returncode: int) -> str:
     return f"exit status {returncode}: {last}"
 
 
+JOB_ID_ENV = {"slurm": "SLURM_JOB_ID", "submitit-local": "SUBMITIT_LOCAL_JOB_ID"}  # in a job: its id
+
+
 def run_point(job: PointJob) -> dict:
     """Run one point (`python -m helpers run` of its config into its folder), writing its status as it goes; returns
     the final status."""
     started = time.time()
+    job_id = os.environ.get(JOB_ID_ENV[job.executor]) if job.executor in JOB_ID_ENV else None
     status = {"point": job.point, "status": "running", "started": datetime.now(UTC).isoformat(timespec="seconds"),
               "host": socket.gethostname(), "pid": os.getpid(), "run_dir": job.run_dir, "log": job.log_file,
-              "gpu": job.env.get("CUDA_VISIBLE_DEVICES"), "job_id": os.environ.get("SLURM_JOB_ID")}
+              "gpu": job.env.get("CUDA_VISIBLE_DEVICES"), "executor": job.executor, "job_id": job_id}
+    if job.executor == "slurm":
+        run_to_the_time_limit()
     _write_status(job, status)
     ledger = Path(job.ledger_file)
     ledger.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +121,18 @@ def run_point(job: PointJob) -> dict:
                   images_encoded=images_encoded(ledger), error=None if done else failure_of(Path(job.log_file),
                                                                                               returncode))
     return _write_status(job, status)
+
+
+def run_to_the_time_limit() -> None:
+    """In a Slurm job: the run goes on until Slurm ends it at its time limit (its state then TIMEOUT, which the sweep
+    reports). submitit asks Slurm to signal (USR2) every process of the job 90 s before the limit: its own handler
+    would end the job with an error of its own (the job merely FAILED) unless the function can be checkpointed, and
+    the signal would kill the point's run and its kernels outright. A point's run cannot be checkpointed part-way
+    (a rerun of the sweep resumes it from what it finished), so this process and the run it starts (which inherits
+    the disposition) ignore the signal."""
+    import signal
+
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def exit_with_parent() -> None:
@@ -197,43 +220,119 @@ def sbatch_parameters(flags: list[str]) -> dict[str, str | bool]:
 
 class SubmititLauncher:
     """Each point a job of submitit's executor: Slurm (`slurm`), or its local executor (`submitit-local`: the same
-    path, on this machine). The jobs write their statuses; this process only submits and waits."""
+    path, on this machine). The jobs write their statuses; this process only submits and waits, and the jobs go on
+    when it ends. A Slurm job is named after its point; Slurm says when it ended, and why when Slurm ended it."""
 
     def __init__(self, kind: str, folder: Path, options: SlurmOptions, jobs: int | None):
         import submitit
 
-        cluster = "slurm" if kind == "slurm" else "local"
+        from .scheduler import SqueueSlurmExecutor
+
         self.kind, self.slots = kind, jobs or 1 << 30
-        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-        params = {"name": "helpers-sweep", "timeout_min": options.time_min, "gpus_per_node": options.gpus_per_job,
-                  "cpus_per_task": options.cpus_per_job, "mem_gb": options.mem_gb}
-        if cluster == "slurm":
-            params["slurm_partition"] = options.partition
-            extra = sbatch_parameters(options.sbatch)
-            if extra:
-                params["slurm_additional_parameters"] = extra
+        if kind == "slurm":
+            self.executor = SqueueSlurmExecutor(folder)
+            params = {"time": options.time_min, "partition": options.partition, "gpus_per_node": options.gpus_per_job,
+                      "cpus_per_task": options.cpus_per_job, "additional_parameters": sbatch_parameters(options.sbatch)
+                      or None, "mem": None if options.mem_gb is None else f"{round(options.mem_gb * 1024)}M"}
+        else:
+            self.executor = submitit.LocalExecutor(folder)
+            params = {"timeout_min": options.time_min, "gpus_per_node": options.gpus_per_job}
         self.executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
 
     def describe(self) -> str:
         return f"as {self.kind} jobs (submitit, logs in {self.executor.folder})"
 
     def start(self, job: PointJob):
+        if self.kind == "slurm":
+            self.executor.update_parameters(job_name=job.point)
         submitted = self.executor.submit(run_point, job)
         status = read_status(job.status_file)
         if status.get("status") != "running":  # the job may already have started and written its own
-            _write_status(job, {"point": job.point, "status": "submitted", "job_id": submitted.job_id})
+            _write_status(job, {"point": job.point, "status": "submitted", "executor": self.kind,
+                                "job_id": submitted.job_id})
         return submitted
 
+    def attach(self, live: dict[str, str]) -> dict[str, object]:
+        """Handles of the live jobs (point -> job id) that an earlier sweep started, to wait for as for its own."""
+        from .scheduler import ReattachedLocalJob, SqueueSlurmJob
+
+        handle_class = SqueueSlurmJob if self.kind == "slurm" else ReattachedLocalJob
+        return {point: handle_class(folder=self.executor.folder, job_id=job_id) for point, job_id in live.items()}
+
     def result(self, job: PointJob, handle) -> dict:
-        try:
-            return handle.result()
-        except Exception as e:  # the job itself failed: cancelled, out of time, out of memory
-            status = {**read_status(job.status_file), "point": job.point, "status": "failed", "job_id": handle.job_id,
-                      "error": f"job {handle.job_id} failed: {one_line(e)}"}
-            return _write_status(job, status)
+        """The point's final status: what its job returned, else why the job has no result; where Slurm ended the
+        job (scancel, its time limit, ...) and the point did not finish, Slurm's state and reason."""
+        from .scheduler import job_result
+
+        returned, value = job_result(handle)
+        if returned and isinstance(value, dict):
+            status = value
+        else:
+            status = {**read_status(job.status_file), "point": job.point, "status": "failed",
+                      "executor": self.kind, "job_id": handle.job_id, "error": self._failure(handle, value)}
+        if status.get("status") != "done" and self.kind == "slurm":
+            state = self._final_state(handle)
+            ended = state.ended_by_slurm()
+            status["slurm_state"] = state.state
+            if ended:
+                status["error"] = f"Slurm ended job {handle.job_id}: {ended}"
+        return _write_status(job, status)
+
+    def _failure(self, handle, value) -> str:
+        """Why a job returned no status: its function's error (the traceback's last line), or the end of its log."""
+        if isinstance(value, str) and value.strip():
+            return f"job {handle.job_id} failed: {value.strip().splitlines()[-1]}"
+        lines = []
+        for path in (handle.paths.stderr, handle.paths.stdout):
+            try:
+                lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] or lines
+            except OSError:
+                continue
+            if lines:
+                break
+        last = f"; its log {handle.paths.stderr}: {lines[-1].strip()}" if lines else ""
+        return f"job {handle.job_id} ended without a result{last}"
+
+    @staticmethod
+    def _final_state(handle, timeout_s: float = 120):
+        """The job's state once Slurm says it has ended (a job that returned its result may still be on its way
+        out); after `timeout_s`, the last state seen."""
+        deadline = time.time() + timeout_s
+        state = handle.watcher.job_state(handle.job_id, mode="force")
+        while state.live and time.time() < deadline:
+            time.sleep(1)
+            state = handle.watcher.job_state(handle.job_id, mode="force")
+        return state
 
     def close(self, interrupted: bool = False) -> None:
         """The jobs go on when this process ends (a rerun of the sweep gathers them)."""
+
+
+def live_jobs(jobs: list[PointJob], submitit_folder: Path) -> dict[str, tuple[str, str]]:
+    """The points whose job, started by an earlier sweep (its id in the point's status), is still queued or running:
+    point -> (executor, job id). Raises SweepError where Slurm cannot be asked about a recorded job."""
+    import shutil
+
+    from .scheduler import SlurmUnavailable, controller_alive, squeue_states
+
+    recorded = {}
+    for job in jobs:
+        status = read_status(job.status_file)
+        if status.get("status") in ("submitted", "running") and status.get("executor") in JOB_ID_ENV \
+                and status.get("job_id"):
+            recorded[job.point] = (status["executor"], str(status["job_id"]))
+    slurm_ids = [job_id for executor, job_id in recorded.values() if executor == "slurm"]
+    states = {}
+    if slurm_ids and shutil.which("squeue") is not None:  # without Slurm here, none of its jobs runs from here
+        try:
+            states = squeue_states(slurm_ids)
+        except SlurmUnavailable as e:
+            jobs_text = ", ".join(f"{point}: job {job_id}" for point, (_, job_id) in recorded.items())
+            raise SweepError(f"an earlier sweep left jobs ({jobs_text}) and Slurm cannot say whether they still run "
+                             f"({e}): rerun once squeue answers, so that no point runs twice") from None
+    return {point: (executor, job_id) for point, (executor, job_id) in recorded.items()
+            if (states[job_id].live if executor == "slurm" and job_id in states
+                else executor == "submitit-local" and controller_alive(job_id, submitit_folder))}
 
 
 # --- the schedule
@@ -272,10 +371,13 @@ def dependencies(points: list[Point]) -> dict[str, set[str]]:
 
 
 def run_points(jobs: list[PointJob], waits: dict[str, set[str]], launcher, done_before: set[str],
-               progress: bool) -> dict:
+               progress: bool, attached: dict | None = None) -> dict:
     """Start the jobs whose waits are over (the points they wait for ended now or `done_before`), as many at once as
-    the launcher takes, until all have ended; returns their final statuses by point."""
-    pending, running, results = list(jobs), {}, {}
+    the launcher takes, until all have ended; returns their final statuses by point. `attached`: point -> the handle
+    of its job still running from an earlier sweep, waited for as if started here."""
+    attached = attached or {}
+    running = {job.point: (job, attached[job.point]) for job in jobs if job.point in attached}
+    pending, results = [job for job in jobs if job.point not in attached], {}
     bar = tqdm(total=len(jobs) + len(done_before), initial=len(done_before), unit="point", desc="sweep",
                disable=not progress, dynamic_ncols=True)
     try:
