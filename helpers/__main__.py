@@ -91,7 +91,8 @@ def cmd_run(args) -> None:
         check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
     started = time.perf_counter()
     run_dir = run_pipeline(config, args.output_dir, analyses=not args.no_analyses, progress=not args.quiet,
-                           log=lambda m: print(m, file=sys.stderr), nproc=args.nproc)
+                           log=lambda m: print(m, file=sys.stderr), nproc=args.nproc,
+                           shared_analyses=args.shared_analyses)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     record_run(config, run_dir, metrics, time.perf_counter() - started, "run", args.nproc)
     print(run_summary(run_dir))  # where the run is, what it wrote, how to compare it or open it
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", help="the run folder (default: outputs/runs/<name>-<config hash>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--no-analyses", action="store_true", help="only inference and ensemble")
+    p.add_argument("--shared-analyses", metavar="DIR",
+                   help="copy an analysis notebook's outputs from DIR where another run computed them for the same "
+                   "inputs, and add those computed here (a sweep passes its analyses/ folder)")
     p.add_argument("--min-agreement", type=bounded(float, 0, 1), metavar="X", help=MIN_AGREEMENT_HELP)
     p.add_argument("--nproc", type=bounded(int, 1, 1024), default=1,
                    help="encode with N processes under torchrun first (one per GPU; gloo on the CPU)")

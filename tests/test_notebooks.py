@@ -73,9 +73,11 @@ def run_config(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints
 
 @pytest.fixture(scope="module")
 def run_dir(run_config, tmp_path_factory):
+    """The run, its analyses added to a store beside it (`analyses/`)."""
     logs = []
-    out = run_pipeline(load_config(run_config), output_dir=tmp_path_factory.mktemp("run") / "r", progress=False,
-                       log=logs.append)
+    folder = tmp_path_factory.mktemp("run")
+    out = run_pipeline(load_config(run_config), output_dir=folder / "r", progress=False, log=logs.append,
+                       shared_analyses=folder / "analyses")
     assert logs[:2] == ["model a: running 04_inference.ipynb", "model b: running 04_inference.ipynb"]
     return out
 
@@ -138,6 +140,61 @@ def test_the_transductive_stage_runs_in_the_notebooks_and_05_ablates_every_metho
     assert table["scope"].unique().tolist() == ["model a", "model b", "ensemble"]
     assert table["variant"].tolist() == ["zero-shot", *METHODS.names()] * 3
     assert table["reference"].sum() == 3 and (table["p_holm"] >= table["p_value"]).all()
+
+
+ANALYSES = ["01_inspect.ipynb", "02_preprocessing_ablation.ipynb", "03_prompt_ablation-a.ipynb",
+            "03_prompt_ablation-b.ipynb"]
+
+
+def test_which_analyses_a_setting_changes(run_config):
+    """An analysis notebook's outputs are another run's where what it reads of the config is the same."""
+    from helpers.config import json_digest
+    from helpers.runs.analyses import analysis_notebooks, reads
+
+    def keys(*overrides):
+        config = load_config(run_config, list(overrides))
+        return {a.executed_name: json_digest(reads(config, a)) for a in analysis_notebooks(config)}
+
+    base = keys()
+
+    def changed(*overrides):
+        return [name for name, key in keys(*overrides).items() if base[name] != key]
+
+    assert list(base) == ANALYSES
+    assert changed("ensemble.weights.a=0.7", "ensemble.weights.b=0.3", "ensemble.drop_below=null", "name=other",
+                   "cache_dir=/elsewhere", "num_workers=2", "reference=winner-116", "analysis.weight_grid=[0.5]") == []
+    assert changed("models.b.sharpness=1.0") == ANALYSES[1:2] + ANALYSES[3:]  # 02 (every model) and b's 03
+    assert changed("prompts={set: winner, exclude: [descriptions]}") == ANALYSES[1:]  # the dev-set ablations
+    assert changed("analysis.inspect_images=2") == ANALYSES[:1]
+    assert changed("data.limit=8") == ANALYSES
+    assert changed("models.b.pretrained=random") == ANALYSES  # the figures name the models with random weights
+
+
+def test_a_run_with_the_same_inputs_copies_the_analyses_instead_of_running_them(run_dir, run_config, tmp_path):
+    """Another ensemble weighting: every analysis notebook is copied from the store the first run added to (no
+    kernel started), its figures and tables byte for byte, the notebook's paths made the run's own."""
+    from helpers.runs.notebooks import run_analyses
+    from helpers.runs.pipeline import prepare_run
+
+    config = load_config(run_config, ["ensemble.weights.a=0.7", "ensemble.weights.b=0.3"])
+    other = tmp_path / "other"
+    data = prepare_run(config, other, progress=False)
+    logs = []
+    run_analyses(config, other, data, "no-kernel", False, logs.append, run_dir.parent / "analyses")
+    assert logs == [f"{name}: copied from {run_dir.resolve()} (the same inputs)" for name in ANALYSES]
+    copied = [p for folder in ("figures", "tables") for p in sorted((other / folder).iterdir())]
+    assert {p.stem for p in copied} >= {"sharpening_gallery", "blur_statistics", "sharpness_ablation",
+                                        "prompt_groups-a", "scoring_modes-b"}
+    for path in copied:
+        assert path.read_bytes() == (run_dir / path.parent.name / path.name).read_bytes(), path.name
+    for name in ANALYSES:
+        book = nbformat.read(other / "notebooks" / name, as_version=4)
+        at = next(i for i, c in enumerate(book.cells) if "injected-parameters" in c.metadata.get("tags", []))
+        assert f'output_dir = "{other.resolve()}"' in book.cells[at].source
+        assert str(run_dir.resolve()) not in json.dumps(book.cells[at].source), name
+        assert book.cells[at + 1].cell_type == "markdown" and str(run_dir.resolve()) in book.cells[at + 1].source
+        original = nbformat.read(run_dir / "notebooks" / name, as_version=4)
+        assert len(book.cells) == len(original.cells) + 1  # the note the only cell added
 
 
 def test_run_and_predict_give_byte_identical_submissions(run_dir, run_config, tmp_path):

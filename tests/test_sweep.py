@@ -174,6 +174,9 @@ def test_points_wait_for_the_base_and_for_whoever_encodes_their_images(two_model
     assert waits[ids[(2.3, "mean_logit")]] == {base}  # the base encoded its images
     assert waits[ids[(1.0, "joint_softmax_mean")]] == {base}  # new images for a: it encodes them
     assert waits[ids[(1.0, "mean_logit")]] == {base, ids[(1.0, "joint_softmax_mean")]}
+    # with the analyses, also for the first point that computes one it shares: b's prompt ablation under mean_logit
+    waits = dependencies(points, analyses=True)
+    assert waits[ids[(1.0, "mean_logit")]] == {base, ids[(1.0, "joint_softmax_mean")], ids[(2.3, "mean_logit")]}
 
 
 def test_sbatch_flags_and_what_a_failed_run_said(tmp_path):

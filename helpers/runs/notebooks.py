@@ -156,15 +156,17 @@ def encode_with_torchrun(config_file: str | Path, nproc: int, progress: bool) ->
 
 
 def run_pipeline(config: RunConfig, output_dir: str | Path | None = None, analyses: bool = True,
-                 progress: bool = True, log=print, nproc: int = 1) -> Path:
+                 progress: bool = True, log=print, nproc: int = 1, shared_analyses: str | Path | None = None) -> Path:
     """The notebooks of a loaded config into a run folder (default: `default_run_dir`); returns the folder. The
     preparation (checks, the images read once, the folder claimed) is `prepare_run`'s, as for `predict`; the kernels
-    read the run folder's resolved config and what was found of the images."""
+    read the run folder's resolved config and what was found of the images. With `shared_analyses` (a folder), an
+    analysis notebook whose inputs another run computed is copied from there, and one computed here is added
+    (`helpers.runs.analyses`)."""
     run_dir = Path(output_dir) if output_dir else default_run_dir(config)
     data = prepare_run(config, run_dir, World(size=nproc), progress)
-    config_file = str((run_dir / "config.yaml").resolve())
     kernel = ensure_kernel()
-    base = {"config_path": config_file, "output_dir": str(run_dir.resolve())}
+    base = notebook_parameters(run_dir)
+    config_file = base["config_path"]
     executed = run_dir / "notebooks"
     if nproc > 1:
         log(f"encoding with {nproc} processes (torchrun)")
@@ -183,12 +185,34 @@ def run_pipeline(config: RunConfig, output_dir: str | Path | None = None, analys
     log(f"ensemble: running {ENSEMBLE}")
     execute(ENSEMBLE, executed / ENSEMBLE, base, kernel, progress)
     if analyses:
-        execute(INSPECT, executed / INSPECT, base, kernel, progress)
-        if config.data.dev is not None:
-            execute(SHARPNESS, executed / SHARPNESS, base, kernel, progress)
-            for name in config.models:
-                execute(PROMPTS, executed / f"03_prompt_ablation-{name}.ipynb", {**base, "model_name": name},
-                        kernel, progress)
-        else:
-            log("no data.dev: skipping the dev-set ablations (preprocessing and prompts)")
+        run_analyses(config, run_dir, data, kernel, progress, log, shared_analyses)
     return run_dir
+
+
+def notebook_parameters(run_dir: Path) -> dict:
+    """What every notebook of a run is given: the run folder's resolved config and the folder itself."""
+    return {"config_path": str((run_dir / "config.yaml").resolve()), "output_dir": str(run_dir.resolve())}
+
+
+def run_analyses(config: RunConfig, run_dir: Path, data, kernel: str, progress: bool, log,
+                 shared: str | Path | None = None) -> None:
+    """The analysis notebooks of a prepared run, each executed, or copied from the store `shared` where it has their
+    outputs."""
+    from .analyses import AnalysisStore, analysis_key, analysis_notebooks, output_files
+
+    base = notebook_parameters(run_dir)
+    store = AnalysisStore(shared) if shared is not None else None
+    for analysis in analysis_notebooks(config):
+        out = run_dir / "notebooks" / analysis.executed_name
+        key = analysis_key(config, analysis, data) if store else None
+        computed_in = store.copy_into(analysis, key, run_dir) if store else None
+        if computed_in is not None:
+            log(f"{analysis.executed_name}: copied from {computed_in} (the same inputs)")
+            continue
+        before = output_files(run_dir)
+        execute(analysis.notebook, out, {**base, **analysis.parameters}, kernel, progress)
+        if store:
+            written = [path for path, stamp in output_files(run_dir).items() if before.get(path) != stamp]
+            store.add(analysis, key, run_dir, written)
+    if config.data.dev is None:
+        log("no data.dev: skipping the dev-set ablations (preprocessing and prompts)")

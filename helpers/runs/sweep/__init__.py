@@ -11,6 +11,7 @@ The sweep folder:
 | `points/<point>/` | each point's run folder (executed notebooks, submission.csv, metrics.json, ...) |
 | `status/<point>.json` | running, done or failed (with the notebook and cell), its seconds and images encoded |
 | `logs/<point>.log` | what the point's run printed |
+| `analyses/` | the analysis notebooks' outputs, each computed once and copied into the other points |
 | `sweep.csv`, `sweep.json`, `figures/sweep.png` | the report (`helpers.runs.sweep.report`) |
 | `submitit/` | with `--executor slurm` or `submitit-local`: the jobs' own logs |
 
@@ -93,6 +94,7 @@ class Sweep:
                         run_dir=str(self.run_dir(point).resolve()), status_file=str(self.status_file(point).resolve()),
                         log_file=str(logs / f"{point.id}.log"), ledger_file=str(logs / f"{point.id}.encoded.jsonl"),
                         cwd=str(Path.cwd()), analyses=analyses, executor=executor,
+                        analyses_store=str(self.folder.resolve() / "analyses"),
                         env={"HELPERS_RUN_INDEX": str(default_index_path().resolve())})
 
     def claim(self) -> None:
@@ -188,7 +190,7 @@ def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
     reattached = f"{len(attached)} running as jobs of an earlier sweep, reattached; " if attached else ""
     log(f"sweep {sweep.folder}: {len(points)} points ({len(done_before)} finished before, {reattached}"
         f"{len(todo) - len(attached)} to run), {launcher.describe()}")
-    run_points(todo, dependencies(points), launcher, done_before, options.progress, attached)
+    run_points(todo, dependencies(points, options.analyses), launcher, done_before, options.progress, attached)
     return report(sweep, options, log)
 
 

@@ -6,7 +6,8 @@ A point's job writes its own status (`status/<point>.json`: running, then done o
 (`logs/<point>.log`) and the number of images it encoded (the encode ledger, `helpers.infra.ledger`), so that whoever
 reruns the sweep, on whichever machine, knows which points finished: a rerun skips them and redoes the rest. The points
 wait for the runs that encode what they need: first the base (which also encodes the analyses' images), then, per
-model, the first point with the same images and preprocessing, so that no two points encode the same images.
+model, the first point with the same images and preprocessing, so that no two points encode the same images; and for
+the first point that computes an analysis notebook they share (`helpers.runs.analyses`), which they then copy.
 
 A point's job records its id in the point's status as it is submitted (and again when it starts): a sweep that was
 stopped while its jobs ran finds them on rerun, reattaches to those still queued or running, and submits only the
@@ -51,6 +52,7 @@ class PointJob:
     ledger_file: str
     cwd: str
     analyses: bool = True
+    analyses_store: str | None = None  # the analyses shared by the sweep's points (`helpers.runs.analyses`)
     env: dict[str, str] = field(default_factory=dict)
     executor: str = "local"  # what runs it: one of EXECUTORS
 
@@ -104,6 +106,8 @@ def run_point(job: PointJob) -> dict:
     command = [sys.executable, "-m", "helpers", "run", job.config_file, "--output-dir", job.run_dir, "--quiet"]
     if not job.analyses:
         command.append("--no-analyses")
+    elif job.analyses_store is not None:
+        command += ["--shared-analyses", job.analyses_store]
     env = {**os.environ, **job.env, ENCODE_LEDGER_ENV: str(ledger), EXIT_WITH_PARENT_ENV: "1"}
     Path(job.log_file).parent.mkdir(parents=True, exist_ok=True)
     with open(job.log_file, "w") as log:
@@ -357,13 +361,26 @@ def image_needs(point: Point) -> set[str]:
     return needs
 
 
-def dependencies(points: list[Point]) -> dict[str, set[str]]:
-    """Each point waits for the base and for the first point that encodes what it needs."""
+def analysis_needs(point: Point) -> set[str]:
+    """The analyses a point's run computes or copies: what each of its analysis notebooks reads of the config (the
+    images are the same for every point that reads the same data settings)."""
+    from ...config import json_digest
+    from ..analyses import analysis_notebooks, reads
+
+    return {json_digest(reads(point.config, analysis)) for analysis in analysis_notebooks(point.config)}
+
+
+def dependencies(points: list[Point], analyses: bool = False) -> dict[str, set[str]]:
+    """Each point waits for the base and for the first point that encodes what it needs, and with `analyses`, for
+    the first point that computes an analysis it has too (which it then copies)."""
+    def needs_of(point: Point) -> set[str]:
+        return image_needs(point) | (analysis_needs(point) if analyses else set())
+
     base = points[0].id
-    first_with = dict.fromkeys(image_needs(points[0]), base)
+    first_with = dict.fromkeys(needs_of(points[0]), base)
     waits: dict[str, set[str]] = {base: set()}
     for point in points[1:]:
-        needs = image_needs(point)
+        needs = needs_of(point)
         waits[point.id] = {base} | {first_with[n] for n in needs if n in first_with}
         for need in needs:
             first_with.setdefault(need, point.id)
