@@ -15,8 +15,8 @@ The sweep folder:
 | `sweep.csv`, `sweep.json`, `figures/sweep.png` | the report (`helpers.runs.sweep.report`) |
 | `submitit/` | with `--executor slurm` or `submitit-local`: the jobs' own logs |
 
-Modules: `design` (the grid, the points, each checked), `launch` (a point's job, the launchers, the schedule),
-`report`.
+Modules: `design` (the grid, the points, each checked), `launch` (a point's job, the launchers, the schedule,
+reattaching), `scheduler` (the jobs as Slurm or submitit's local executor sees them), `report`.
 """
 
 from __future__ import annotations
