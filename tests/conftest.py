@@ -246,7 +246,7 @@ def slurm_cluster(tmp_path_factory):
 
 # The modules that take longest, first: `make test`'s workers take a module at a time, so they then finish together
 # instead of one waiting for the other's last long module.
-SLOWEST_MODULES = ("test_notebooks.py", "test_sweep.py", "test_distributed.py", "test_fast_paths.py",
+SLOWEST_MODULES = ("test_slurm.py", "test_notebooks.py", "test_sweep.py", "test_distributed.py", "test_fast_paths.py",
                    "test_reliability.py", "test_notebook_alone.py", "test_notebook_configs.py", "test_bench.py",
                    "test_lab.py")
 

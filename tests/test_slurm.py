@@ -132,15 +132,20 @@ def time_limited_job(tmp: Path, config: Path) -> dict:
 
 
 def local_sweep(tmp: Path, scene_dir, tiny_arch, checkpoint) -> dict:
-    """The base and the scoring point through submitit's local executor, killed while the second runs, rerun."""
+    """The base and the scoring point through submitit's local executor, killed while the base runs, rerun."""
     config = run_config(tmp / "base.yaml", scene_dir, tiny_arch, checkpoint, tmp / "cache")
     design = tmp / "sweep.yaml"
     design.write_text(yaml.safe_dump({"config": str(config), "points": [{"scoring": "mean_logit"}]}))
     folder, local = tmp / "out", ("--executor", "submitit-local")
-    killed = killed_while_running(sweep(design, folder, *local, "--jobs", "1"), folder, "scoring=")
+    killed = killed_while_running(sweep(design, folder, *local, "--jobs", "1"), folder, "base-")
+    jobs = [PointJob(point, "", "", str(folder / "status" / f"{point}.json"), "", "", "") for point in killed]
+    live = live_jobs(jobs, folder / "submitit")
+    # on this machine, without submitit, the points would run again beside their live job: refused
+    elsewhere = subprocess.run(sweep(design, folder), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     rerun = subprocess.run(sweep(design, folder, *local, "--jobs", "2"), cwd=PROJECT_ROOT, capture_output=True,
                            text=True, timeout=300)
-    return {"local_killed": killed, "local_rerun": rerun, "local": folder, "local_statuses": statuses(folder)}
+    return {"local_killed": killed, "local_live": live, "local_elsewhere": elsewhere, "local_rerun": rerun,
+            "local": folder, "local_statuses": statuses(folder)}
 
 
 @pytest.fixture(scope="module")
@@ -238,10 +243,15 @@ def test_a_slurm_sweep_and_a_local_one_write_the_same_points_byte_for_byte(on_sl
 
 def test_a_local_rerun_reattaches_to_the_live_local_job(on_slurm):
     killed, after = on_slurm["local_killed"], on_slurm["local_statuses"]
-    scoring = point_named(killed, "scoring=")
-    assert killed[scoring]["status"] == "running" and after[scoring]["status"] == "done"
-    assert after[scoring]["job_id"] == killed[scoring]["job_id"]  # the same job, not another
-    assert "2 points (1 finished before, 1 running as jobs of an earlier sweep, reattached; 0 to run), as " \
+    base = point_named(killed, "base-")
+    assert killed[base]["status"] == "running" and after[base]["status"] == "done"
+    assert after[base]["job_id"] == killed[base]["job_id"]  # the same job, not another
+    assert on_slurm["local_live"] == {base: ("submitit-local", killed[base]["job_id"])}
+    refused = on_slurm["local_elsewhere"]
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: 1 point(s) still run as submitit-local jobs of an earlier sweep ({base}: job "
+        f"{killed[base]['job_id']}): rerun with --executor submitit-local to wait for them, or end them first")
+    assert "2 points (0 finished before, 1 running as jobs of an earlier sweep, reattached; 1 to run), as " \
            "submitit-local jobs" in on_slurm["local_rerun"].stderr
     jobs = {p.name.split("_")[0] for p in (on_slurm["local"] / "submitit").glob("*_submitted.pkl")}
-    assert jobs == {s["job_id"] for s in after.values()}  # one job per point
+    assert jobs == {s["job_id"] for s in after.values()} and len(jobs) == 2  # one job per point
