@@ -387,3 +387,22 @@ def test_runs_shows_one_sweeps_points(swept, capsys, monkeypatch):
     assert all(point in out for point in done)
     assert main(["runs", "--sweep", str(swept["folder"] / "points" / done.iloc[0])]) == 0
     assert capsys.readouterr().out.count("sweep-test") == 1
+
+
+def test_a_job_that_ended_without_a_result_is_a_failed_point_with_the_end_of_its_log(tmp_path):
+    """A job whose function never ran (here: its interpreter could not import the workbench, as on a node that does
+    not see the checkout): the point fails with the last line of the job's own log."""
+    from submitit.local.local import LocalJob
+
+    from helpers.runs.sweep import launch
+
+    launcher = launch.SubmititLauncher("submitit-local", tmp_path / "submitit", launch.SlurmOptions(), None)
+    job = launch.PointJob("x", "", "", str(tmp_path / "x.json"), "", "", "", executor="submitit-local")
+    handle = LocalJob(tmp_path / "submitit", "12345")
+    handle.paths.stderr.write_text("Traceback (most recent call last):\n"
+                                   "ModuleNotFoundError: No module named 'helpers'\n")
+    status = launcher.result(job, handle)
+    assert status["status"] == "failed" and status["error"] == (
+        f"job 12345 ended without a result; its log {handle.paths.stderr}: ModuleNotFoundError: No module named "
+        "'helpers'")
+    assert json.loads((tmp_path / "x.json").read_text())["status"] == "failed"  # a rerun redoes it

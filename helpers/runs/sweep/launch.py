@@ -286,16 +286,14 @@ class SubmititLauncher:
         """Why a job returned no status: its function's error (the traceback's last line), or the end of its log."""
         if isinstance(value, str) and value.strip():
             return f"job {handle.job_id} failed: {value.strip().splitlines()[-1]}"
-        lines = []
         for path in (handle.paths.stderr, handle.paths.stdout):
             try:
-                lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] or lines
+                lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
             except OSError:
                 continue
             if lines:
-                break
-        last = f"; its log {handle.paths.stderr}: {lines[-1].strip()}" if lines else ""
-        return f"job {handle.job_id} ended without a result{last}"
+                return f"job {handle.job_id} ended without a result; its log {path}: {lines[-1]}"
+        return f"job {handle.job_id} ended without a result (and no log)"
 
     @staticmethod
     def _final_state(handle, timeout_s: float = 120):
@@ -334,9 +332,13 @@ def live_jobs(jobs: list[PointJob], submitit_folder: Path) -> dict[str, tuple[st
             jobs_text = ", ".join(f"{point}: job {job_id}" for point, (_, job_id) in recorded.items())
             raise SweepError(f"an earlier sweep left jobs ({jobs_text}) and Slurm cannot say whether they still run "
                              f"({e}): rerun once squeue answers, so that no point runs twice") from None
-    return {point: (executor, job_id) for point, (executor, job_id) in recorded.items()
-            if (states[job_id].live if executor == "slurm" and job_id in states
-                else executor == "submitit-local" and controller_alive(job_id, submitit_folder))}
+
+    def live(executor: str, job_id: str) -> bool:
+        if executor == "slurm":
+            return job_id in states and states[job_id].live
+        return controller_alive(job_id, submitit_folder)
+
+    return {point: job for point, job in recorded.items() if live(*job)}
 
 
 # --- the schedule

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import submitit
 from submitit.core import utils as submitit_utils
+from submitit.local.local import LocalJob
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def controller_alive(job_id: str, folder: Path) -> bool:
             and any(Path(os.fsdecode(arg)) == Path(folder).absolute() for arg in command if arg))
 
 
-class ReattachedLocalJob(submitit.local.local.LocalJob):
+class ReattachedLocalJob(LocalJob):
     """A job of submitit's local executor started by an earlier sweep (its controller is not this process's child):
     done when its result is there or its controller has ended."""
 
