@@ -192,8 +192,9 @@ def make_dev_from_config(args) -> None:
 EXECUTOR_CHOICES = ("local", "slurm", "submitit-local")
 SWEEP_HELP = """Each point of the grid is a full `run` (every notebook) of the base config with the point's settings,
 into DIR/points/<point>/, all sharing the config's embedding cache: a point that changes only prompts, scoring or the
-ensemble encodes no image. A rerun skips the points that finished and redoes the others. The report: DIR/sweep.csv,
-DIR/sweep.json, DIR/figures/sweep.png.
+ensemble encodes no image, and an analysis notebook runs once for the points that share what it reads (DIR/analyses/).
+A rerun skips the points that finished, reattaches to the jobs (slurm, submitit-local) of an earlier sweep that still
+run, and redoes the others. The report: DIR/sweep.csv, DIR/sweep.json, DIR/figures/sweep.png.
 
 exit status: 0 every point finished; 2 bad input (nothing ran); 3 a point below --min-agreement; 4 some points
 failed (the last line says how many; the report names each one's notebook and cell).
