@@ -143,13 +143,16 @@ def test_zip_needs_lists_of_equal_length(two_models, capsys):
     assert "--zip pairs lists of equal length: models.a.sharpness has 2, scoring has 1" in capsys.readouterr().err
 
 
-def test_options_that_cannot_work_together_are_refused(two_models, capsys):
+def test_options_that_cannot_work_together_are_refused(two_models, capsys, monkeypatch, tmp_path):
     assert main(["sweep", str(two_models), "--gpus", "0,1", "--jobs", "3"]) == 2
     assert "one point per GPU at a time" in capsys.readouterr().err
     assert main(["sweep", str(two_models), "--gpus", "0,x"]) == 2
     assert "--gpus lists GPU indices (0,1,...), got 'x'" in capsys.readouterr().err
     assert main(["sweep", str(two_models), "--gpus", "0", "--executor", "slurm"]) == 2
     assert "--gpus-per-job" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    assert main(["sweep", str(two_models), "--executor", "slurm"]) == 2
+    assert "--executor slurm submits with sbatch, which is not on PATH here" in capsys.readouterr().err
 
 
 def test_a_slurm_sweep_may_be_started_where_its_gpus_are_not(two_models, tmp_path):

@@ -21,6 +21,7 @@ reattaching), `scheduler` (the jobs as Slurm or submitit's local executor sees t
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,9 @@ def run_sweep(design: Design, options: SweepOptions, log=print) -> dict:
         raise SweepError("--gpus shares this machine's GPUs out; with --executor slurm give --gpus-per-job")
     if options.gpus and options.jobs not in (None, len(options.gpus)):
         raise SweepError(f"--gpus runs one point per GPU at a time ({len(options.gpus)} at once): leave --jobs out")
+    if options.executor == "slurm" and shutil.which("sbatch") is None:
+        raise SweepError("--executor slurm submits with sbatch, which is not on PATH here: start the sweep where jobs "
+                         "are submitted (a login node of the cluster), or use --executor submitit-local")
     points = design_points(design)
     if options.min_agreement is not None and points[0].config.reference is None:
         raise SweepError("--min-agreement needs a reference in the config (reference: winner-116, or --set "
