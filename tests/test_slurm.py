@@ -3,7 +3,7 @@
 it reattaches to that job, submits only the point that had none, and a job cancelled with scancel is a failed point
 with Slurm's word for it. The same points through submitit's local executor, killed and rerun the same way, are
 byte-identical. The jobs' sbatch options are read back from `scontrol show job`, and a job that outlives its time
-limit ends as Slurm's TIMEOUT. Tiny runs (one tiny model, 16 images, no analyses); the jobs wait on a FIFO where a
+limit ends as Slurm's TIMEOUT (while it runs, a rerun of its sweep without Slurm is refused). Tiny runs (one tiny model, 16 images, no analyses); the jobs wait on a FIFO where a
 job must outlast the test's checks."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.runs.sweep import Sweep, design_points, make_design
 from helpers.runs.sweep.launch import PointJob, SlurmOptions, SubmititLauncher, live_jobs, read_status, run_points
 
 from .conftest import PROJECT_ROOT
@@ -111,23 +112,27 @@ def slurm_jobs(cluster) -> dict[str, dict[str, str]]:
 
 
 def time_limited_job(tmp: Path, config: Path) -> dict:
-    """A point's job (its run waiting on a FIFO) with a time limit of 1 minute, run through the sweep's launcher:
-    whether it was a live job to reattach to while it ran and once it had ended, and its final status."""
-    job = PointJob(point="hangs", config_file=str(config), run_dir=str(tmp / "run"), status_file=str(tmp / "s.json"),
-                   log_file=str(tmp / "hangs.log"), ledger_file=str(tmp / "hangs.jsonl"), cwd=str(PROJECT_ROOT),
-                   executor="slurm", env={"HELPERS_RUN_INDEX": str(tmp / "index.csv")})
-    launcher = SubmititLauncher("slurm", tmp / "submitit", SlurmOptions(partition=PARTITION, time_min=1,
-                                                                        cpus_per_job=1, mem_gb=0.5), None)
-    found = {}
+    """A sweep of one point whose run waits on a FIFO, its job's time limit 1 minute, run in this process through the
+    sweep's launcher. While the job runs: whether it is a live job to reattach to, and a rerun of the sweep without
+    Slurm (refused). Then its final status, and whether it is still live."""
+    design = make_design(config, [], [], False)
+    sweep_run = Sweep(design, design_points(design), tmp / "out")
+    sweep_run.claim()
+    job = sweep_run.job(sweep_run.points[0], analyses=False, executor="slurm")
+    launcher = SubmititLauncher("slurm", sweep_run.folder / "submitit", SlurmOptions(
+        partition=PARTITION, time_min=1, cpus_per_job=1, mem_gb=0.5), None)
+    found = {"point": job.point}
 
     def watch():
         wait_for(lambda: read_status(job.status_file).get("run_pid"), 120, "the time-limited job to run")
-        found["live_while_running"] = live_jobs([job], tmp / "submitit")
+        found["live_while_running"] = live_jobs([job], sweep_run.folder / "submitit")
+        found["elsewhere"] = subprocess.run(sweep(config, sweep_run.folder, "--executor", "submitit-local"),
+                                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     watcher = threading.Thread(target=watch)
     watcher.start()
-    found["status"] = run_points([job], {}, launcher, set(), False)["hangs"]
+    found["status"] = run_points([job], {}, launcher, set(), False)[job.point]
     watcher.join()
-    found["live_after"] = live_jobs([job], tmp / "submitit")
+    found["live_after"] = live_jobs([job], sweep_run.folder / "submitit")
     return found
 
 
@@ -140,12 +145,10 @@ def local_sweep(tmp: Path, scene_dir, tiny_arch, checkpoint) -> dict:
     killed = killed_while_running(sweep(design, folder, *local, "--jobs", "1"), folder, "base-")
     jobs = [PointJob(point, "", "", str(folder / "status" / f"{point}.json"), "", "", "") for point in killed]
     live = live_jobs(jobs, folder / "submitit")
-    # on this machine, without submitit, the points would run again beside their live job: refused
-    elsewhere = subprocess.run(sweep(design, folder), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     rerun = subprocess.run(sweep(design, folder, *local, "--jobs", "2"), cwd=PROJECT_ROOT, capture_output=True,
                            text=True, timeout=300)
-    return {"local_killed": killed, "local_live": live, "local_elsewhere": elsewhere, "local_rerun": rerun,
-            "local": folder, "local_statuses": statuses(folder)}
+    return {"local_killed": killed, "local_live": live, "local_rerun": rerun, "local": folder,
+            "local_statuses": statuses(folder)}
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +213,13 @@ def test_a_job_that_slurm_ends_is_a_failed_point_with_slurms_reason(on_slurm):
     timed = on_slurm["time_limited"]["status"]
     assert timed["status"] == "failed" and timed["slurm_state"] == "TIMEOUT"
     assert timed["error"] == f"Slurm ended job {timed['job_id']}: TIMEOUT (TimeLimit)"
-    # while it ran it was a live job, to reattach to; once ended, not
-    assert on_slurm["time_limited"]["live_while_running"] == {"hangs": ("slurm", timed["job_id"])}
+    # while it ran it was a live job, to reattach to (a rerun without Slurm was refused); once ended, not
+    point = on_slurm["time_limited"]["point"]
+    assert on_slurm["time_limited"]["live_while_running"] == {point: ("slurm", timed["job_id"])}
+    refused = on_slurm["time_limited"]["elsewhere"]
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: 1 point(s) still run as slurm jobs of an earlier sweep ({point}: job {timed['job_id']}): rerun with "
+        "--executor slurm to wait for them, or end them first (scancel JOB_ID)")
     assert on_slurm["time_limited"]["live_after"] == {}
 
 
@@ -247,10 +255,6 @@ def test_a_local_rerun_reattaches_to_the_live_local_job(on_slurm):
     assert killed[base]["status"] == "running" and after[base]["status"] == "done"
     assert after[base]["job_id"] == killed[base]["job_id"]  # the same job, not another
     assert on_slurm["local_live"] == {base: ("submitit-local", killed[base]["job_id"])}
-    refused = on_slurm["local_elsewhere"]
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
-        f"error: 1 point(s) still run as submitit-local jobs of an earlier sweep ({base}: job "
-        f"{killed[base]['job_id']}): rerun with --executor submitit-local to wait for them, or end them first")
     assert "2 points (0 finished before, 1 running as jobs of an earlier sweep, reattached; 1 to run), as " \
            "submitit-local jobs" in on_slurm["local_rerun"].stderr
     jobs = {p.name.split("_")[0] for p in (on_slurm["local"] / "submitit").glob("*_submitted.pkl")}
