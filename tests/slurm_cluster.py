@@ -84,6 +84,11 @@ class SlurmCluster:
                 process.wait()
 
 
+def executable(name: str) -> str | None:
+    """A Slurm or munge program: on PATH, or in the sbin folders where Debian puts the daemons (not on every PATH)."""
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,7 +97,7 @@ def free_port() -> int:
 
 def node_description() -> str:
     """This machine as slurmd sees it: `NodeName=<host> CPUs=... RealMemory=...` (`slurmd -C`)."""
-    result = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([executable("slurmd"), "-C"], capture_output=True, text=True, timeout=30)
     line = next((line for line in result.stdout.splitlines() if line.startswith("NodeName=")), None)
     if result.returncode != 0 or line is None:
         raise ClusterUnavailable(f"slurmd -C could not describe this machine: {result.stderr.strip()}")
@@ -151,25 +156,24 @@ def _started(cluster: SlurmCluster, name: str, command: list[str], log: Path) ->
 
 def _wait_for(what: str, ready, processes: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    ended = []
+    while time.time() < deadline and not ended:
         if ready():
             return
-        ended = [p for p in processes if p.poll() is not None]
-        if ended:
-            break
+        ended = [Path(p.args[0]).name for p in processes if p.poll() is not None]
         time.sleep(0.2)
     tails = []
     for log in logs:
         lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
         tails.append(f"{log.name}: {lines[-1] if lines else '(empty)'}")
-    raise ClusterUnavailable(f"{what} did not come up in {timeout:.0f} s ({'; '.join(tails)})")
+    why = f"{', '.join(ended)} ended" if ended else f"not in {timeout:.0f} s"
+    raise ClusterUnavailable(f"{what} did not come up ({why}; {'; '.join(tails)})")
 
 
 def start_cluster(folder: str | Path, timeout: float = 60) -> SlurmCluster:
     """munged, slurmctld and slurmd in `folder`, the node idle when this returns. Raises ClusterUnavailable (with
     why) where that cannot be: not root, the packages missing, a daemon that does not start."""
-    missing = [name for name in (*DAEMONS, *CLIENTS) if shutil.which(name, path=f"{os.environ.get('PATH', '')}:"
-                                                                                  "/usr/sbin:/sbin") is None]
+    missing = [name for name in (*DAEMONS, *CLIENTS) if executable(name) is None]
     if missing:
         raise ClusterUnavailable(f"{', '.join(missing)} not found: `make setup` installs Debian's slurm-wlm and munge "
                                  "(as root, where apt-get is)")
@@ -183,16 +187,15 @@ def start_cluster(folder: str | Path, timeout: float = 60) -> SlurmCluster:
     key.chmod(0o600)
     fields = write_config(folder, node_description(), socket_path)
     cluster = SlurmCluster(folder, fields["NodeName"], int(fields["CPUs"]), int(fields["RealMemory"]))
-    sbin = Path("/usr/sbin")
     try:
         munged = _started(cluster, "munged", [
-            shutil.which("munged") or str(sbin / "munged"), "--foreground", "--force", f"--socket={socket_path}",
+            executable("munged"), "--foreground", "--force", f"--socket={socket_path}",
             f"--key-file={key}", f"--pid-file={folder / 'run' / 'munged.pid'}",
             f"--log-file={folder / 'log' / 'munged.log'}", f"--seed-file={folder / 'munge' / 'munged.seed'}"],
             folder / "log" / "munged.out")
-        _wait_for("munged", socket_path.exists, [munged], [folder / "log" / "munged.log"], timeout)
+        _wait_for("munged", socket_path.exists, [munged], [folder / "log" / "munged.out"], timeout)
         for name in ("slurmctld", "slurmd"):
-            _started(cluster, name, [shutil.which(name) or str(sbin / name), "-D", "-f", str(cluster.conf)],
+            _started(cluster, name, [executable(name), "-D", "-f", str(cluster.conf)],
                      folder / "log" / f"{name}.out")
 
         def idle() -> bool:

@@ -1,10 +1,10 @@
 """Sweeps on a real Slurm cluster (the session's single-node cluster: tests/slurm_cluster.py, conftest's
-`slurm_cluster`). One sweep through `--executor slurm`, killed outright while its second point's job runs, then rerun:
-it reattaches to that job, submits only the point that had none, and a job cancelled with scancel is a failed point
-with Slurm's word for it. The same points through submitit's local executor, killed and rerun the same way, are
+`slurm_cluster`). One sweep through `--executor slurm`, killed outright while its second point's job runs, then
+rerun: it reattaches to that job, submits only the point that had none, and a job cancelled with scancel is a failed
+point with Slurm's word for it. The same points through submitit's local executor, killed and rerun the same way, are
 byte-identical. The jobs' sbatch options are read back from `scontrol show job`, and a job that outlives its time
-limit ends as Slurm's TIMEOUT (while it runs, a rerun of its sweep without Slurm is refused). Tiny runs (one tiny model, 16 images, no analyses); the jobs wait on a FIFO where a
-job must outlast the test's checks."""
+limit ends as Slurm's TIMEOUT (while it runs, a rerun of its sweep without Slurm is refused). Tiny runs (one tiny
+model, 16 images, no analyses); the jobs wait on a FIFO where a job must outlast the test's checks."""
 
 from __future__ import annotations
 
