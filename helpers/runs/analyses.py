@@ -30,7 +30,7 @@ from .pipeline import RunData
 
 OUTPUT_FOLDERS = ("figures", "tables")  # what a notebook writes into its run folder, besides itself
 # what no analysis notebook reads: where things go, how many processes, and what only 04/05 use
-NOT_READ = ("name", "cache_dir", "num_workers", "ensemble", "reference", "fallback_label")
+NOT_READ = ("name", "cache_dir", "num_workers", "ensemble", "reference", "fallback_label", "transductive")
 NOT_READ_ANALYSIS = ("weight_grid", "drop_thresholds")  # analysis.*: the ensemble notebook's
 SOURCE_FILE = "source.json"
 
