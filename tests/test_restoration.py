@@ -3,8 +3,13 @@ undone on real photos, edges that do not ring, and `sigma: auto` resolved once p
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 from skimage.restoration import richardson_lucy, wiener
@@ -22,6 +27,7 @@ from helpers.research.steps.restore import (
     to_image,
     wiener_deconvolve,
 )
+from helpers.runs.pipeline import predict
 
 from .conftest import INTEL, require_shared
 
@@ -107,3 +113,38 @@ def test_sigma_auto_is_filled_in_once_and_is_part_of_the_key():
 def test_a_bad_restoration_parameter_is_one_error_naming_it(spec, message):
     with pytest.raises(ConfigError, match=message):
         build_step(spec, "models.a.preprocess[0]")
+
+
+# --- a run whose config says sigma: auto ------------------------------------------------------------------------
+
+
+def test_a_run_fills_in_sigma_auto_once_records_it_and_keys_the_cache_by_it(make_config, tmp_path,
+                                                                            count_image_batches):
+    data = {"test": make_config().data.test, "limit": 8}
+    entry = {k: v for k, v in dataclasses.asdict(make_config().models["a"]).items() if v is not None}
+    models = {"a": {**entry, "sharpness": 1.0, "preprocess": [{"wiener": {"sigma": "auto", "balance": 0.1}}]}}
+
+    def run(folder, preprocess=None):
+        entries = {"a": {**models["a"], "preprocess": preprocess}} if preprocess else models
+        config = make_config(data=data, models=entries, ensemble={"weights": {"a": 1.0}})
+        predict(config, tmp_path / folder, progress=False)
+        return count_image_batches["n"]
+
+    encoded = run("first")
+    assert encoded > 0
+    manifest = json.loads((tmp_path / "first" / "manifest.json").read_text())
+    sigma = manifest["auto_blur"]["sigma_px"]
+    assert 5.5 < sigma < 7.0 and manifest["auto_blur"]["split"] == "test"  # the challenge's ~6.3 px
+    assert manifest["auto_blur"]["filled_in"] == ["models.a.preprocess[0]"]  # not the analyses: no analysis ran
+    recorded = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
+    assert recorded["models"]["a"]["preprocess"] == [{"wiener": {"sigma": sigma, "balance": 0.1}}]
+    view = json.loads((tmp_path / "first" / "models" / "a" / "model.json").read_text())["views"][0]
+    assert view["steps"][-1] == {"step": "wiener", "sigma": sigma, "edges": "mirror", "balance": 0.1}
+    # every later use reads the cache, the estimate's too; the same sigma given as a number is the same entry
+    assert run("again") == encoded and run("number", [{"wiener": {"sigma": sigma}}]) == encoded
+    # another blur (other test images, a changed estimate) is another entry: nothing stale is read
+    (estimate,) = (Path(make_config().cache_dir) / "blur").glob("*.json")
+    estimate.write_text(json.dumps({**json.loads(estimate.read_text()), "sigma_px": round(sigma + 0.5, 2)}))
+    assert run("changed") > encoded
+    assert yaml.safe_load((tmp_path / "changed" / "config.yaml").read_text())["models"]["a"]["preprocess"] == [
+        {"wiener": {"sigma": round(sigma + 0.5, 2), "balance": 0.1}}]
