@@ -2,6 +2,7 @@
 
     python -m helpers.bench --images 512 [--arch ViT-B-32-quickgelu] [--batch-size 32] [--variants ...] [--out F]
     python -m helpers.bench store --rows 1000000 --dim 1280      (the embedding store: see its --help)
+    python -m helpers.bench restoration [--config configs/demo.yaml]   (restoring the dev set's blur: its --help)
 
 A randomly initialised model (the compute is the real architecture's) reads the first N challenge images.
 Printed, and written to a JSON file whose copy is the last line of the output:
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         from .store import store_main
 
         store_main(argv[1:])
+        return
+    if argv[:1] == ["restoration"]:
+        from .restoration import restoration_main
+
+        restoration_main(argv[1:])
         return
     from .report import encoding_main
 

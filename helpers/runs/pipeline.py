@@ -192,21 +192,10 @@ BLUR_SAMPLE = 256  # images the run's blur is estimated on, evenly spaced (the m
 BLUR_ESTIMATOR = "radial-power-spectrum-1"  # in the estimate's cache key: a change of helpers.research.blur renames it
 
 
-def resolve_auto_blur(config: RunConfig, splits: dict[str, ImageSet], recorded: dict | None = None,
-                      analysis: bool = False) -> dict | None:
-    """Fill in `sigma: auto` (a restoration step's PSF, `helpers.research.steps.restore`) with the run's estimated
-    blur, in the config itself, once, when the run loads its images: every command and notebook loads them here, and
-    the run folder's config (which the notebooks read) then has the number, which is part of each step's cache key.
-    The analyses' steps (`analysis.restoration_grid`) are filled in where an analysis asks (`analysis`), so that a
-    run without analyses estimates nothing for them.
-
-    The blur is the median `estimate_sigma` of up to BLUR_SAMPLE evenly spaced images of the test set (of the dev set
-    when the config has no test set), rounded to 0.01 px; it is computed once per set of images and kept in the cache
-    (`<cache_dir>/blur/`). Returns what was estimated, to be recorded in the run (`run_data.json`, the manifest):
-    `recorded` when the config had nothing left to fill in (a run folder's config, filled in before)."""
-    wanting = steps_wanting_blur(config, analysis)
-    if not wanting:
-        return recorded
+def estimated_blur(config: RunConfig, splits: dict[str, ImageSet]) -> dict:
+    """The run's estimated blur, what `sigma: auto` becomes: the median `estimate_sigma` of up to BLUR_SAMPLE evenly
+    spaced images of the test set (of the dev set when the config has no test set), rounded to 0.01 px; computed once
+    per set of images and kept in the cache (`<cache_dir>/blur/`)."""
     split = "test" if "test" in splits else "dev"
     images = splits[split]
     sample = np.unique(np.linspace(0, len(images) - 1, min(BLUR_SAMPLE, len(images))).round().astype(int))
@@ -218,14 +207,30 @@ def resolve_auto_blur(config: RunConfig, splits: dict[str, ImageSet], recorded: 
 
         measured = measure_blur([images.files[i] for i in sample])
         if not np.isfinite(measured["median"]):
-            raise DataError(f"{wanting[0]}: sigma is auto, but the blur of the {split} set ({images.root}) could not "
-                            "be estimated (its images are too flat to measure): give sigma in px")
+            raise DataError(f"sigma: auto needs the blur of the {split} set ({images.root}), which could not be "
+                            "estimated (its images are too flat to measure): give sigma in px")
         estimate = {"sigma_px": round(measured["median"], 2), "split": split, "images": len(sample),
                     **{k: round(measured[k], 3) for k in ("p10", "p90") if k in measured}}
         write_json(cache, estimate)
+    return estimate
+
+
+def resolve_auto_blur(config: RunConfig, splits: dict[str, ImageSet], recorded: dict | None = None,
+                      analysis: bool = False) -> dict | None:
+    """Fill in `sigma: auto` (a restoration step's PSF, `helpers.research.steps.restore`) with the run's estimated
+    blur (`estimated_blur`), in the config itself, once, when the run loads its images: every command and notebook
+    loads them here, and the run folder's config (which the notebooks read) then has the number, which is part of
+    each step's cache key. The analyses' steps (`analysis.restoration_grid`) are filled in where an analysis asks
+    (`analysis`), so that a run without analyses estimates nothing for them.
+
+    Returns what was estimated, to be recorded in the run (`run_data.json`, the manifest): `recorded` when the
+    config had nothing left to fill in (a run folder's config, filled in before)."""
+    if not steps_wanting_blur(config, analysis):
+        return recorded
+    estimate = estimated_blur(config, splits)
     filled = fill_in_blur(config, estimate["sigma_px"], analysis)
     log.info("sigma: auto is %.2f px, the %s set's estimated blur (median of %d images), in %s", estimate["sigma_px"],
-             split, estimate["images"], ", ".join(filled))
+             estimate["split"], estimate["images"], ", ".join(filled))
     return {**estimate, "filled_in": filled}
 
 

@@ -43,11 +43,12 @@ def to_channels(img: Image.Image) -> np.ndarray:
 
 
 def to_image(channels: np.ndarray) -> Image.Image:
-    """The inverse of `to_channels`: values clipped to [0, 1], rounded to 8 bits."""
-    pixels = np.ascontiguousarray(channels[0] if len(channels) == 1 else channels.transpose(1, 2, 0))
-    pixels *= 255
-    np.clip(pixels, 0, 255, out=pixels)
-    return Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8))
+    """The inverse of `to_channels`: values clipped to [0, 1], rounded to 8 bits (the channels merged by PIL, which
+    is faster than numpy's transposing copy)."""
+    levels = channels * np.float32(255)
+    np.clip(levels, 0, 255, out=levels)
+    bands = [Image.fromarray(band) for band in np.rint(levels, out=levels).astype(np.uint8)]
+    return bands[0] if len(bands) == 1 else Image.merge("RGB", bands)
 
 
 def gaussian_psf_1d(sigma: float) -> np.ndarray:
