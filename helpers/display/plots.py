@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,8 +79,6 @@ def restoration_gallery(files: list[Path], settings: dict[str, list], crop: int 
     """The same crop of each image (its most detailed, `detail_box`) under every setting (a name -> its steps after
     the resize: sharpening factors and restorations side by side; [] is the image as given), and under each, the
     change from the image as given, amplified `gain` times (mid-grey: none)."""
-    import textwrap
-
     from ..research.restoration import apply_steps
 
     names = list(settings)
@@ -168,6 +167,30 @@ def sharpness_curve(table: pd.DataFrame):
     ax.set_ylabel("dev accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def preprocessing_chart(table: pd.DataFrame):
+    """`ablation.preprocessing_ablation`'s tables in one figure, a panel per model: each setting's accuracy with its
+    95% interval, sharpening factors as circles and restorations as squares; the configured preprocessing in black,
+    settings that differ from it beyond chance (paired, Holm-adjusted McNemar) in red, the rest in grey."""
+    models = list(dict.fromkeys(table["model"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models) + 2.6, 0.32 * len(variants) + 1.4),
+                             sharey=True, squeeze=False)
+    y = {v: len(variants) - 1 - i for i, v in enumerate(variants)}
+    markers = {"sharpening": "o", "restoration": "s", "configured": "D"}
+    for ax, model in zip(axes[0], models):
+        for _, row in table[table["model"] == model].iterrows():
+            color = "black" if row["reference"] else ("tab:red" if row["differs"] else "tab:gray")
+            err = [[row["accuracy"] - row["accuracy_ci_low"]], [row["accuracy_ci_high"] - row["accuracy"]]]
+            ax.errorbar([row["accuracy"]], [y[row["variant"]]], xerr=err, fmt=markers[row["kind"]], color=color,
+                        capsize=3)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("dev accuracy (95% interval)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].set_yticks(list(y.values()), [textwrap.fill(v, 40) for v in y], fontsize=7)
+    fig.tight_layout()
     return fig
 
 

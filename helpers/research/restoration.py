@@ -21,6 +21,7 @@ from PIL import Image
 from .blur import degrade_bytes
 from .data import DataError, open_image
 from .steps import Step
+from .steps.standard import Sharpen
 
 
 @dataclass
@@ -52,6 +53,12 @@ def degraded_pairs(dev_dir: str | Path, limit: int | None = None) -> DegradedPai
         clean.append(photo.convert("RGB").resize((recipe["size"], recipe["size"]), Image.BICUBIC))
         blurred.append(Image.open(io.BytesIO(data)).convert("RGB"))
     return DegradedPairs(names, clean, blurred, recipe, identical)
+
+
+def preprocessing_settings(factors: list[float], restorations: dict[str, list[Step]]) -> dict[str, list[Step]]:
+    """The image as given, each sharpening factor (other than 1: the image as given) and each restoration, by name:
+    what notebook 01 shows side by side and measures."""
+    return {"as given": [], **{f"sharpness {f:g}": [Sharpen(f)] for f in factors if f != 1.0}, **restorations}
 
 
 def steps_label(steps: list[Step]) -> str:
