@@ -30,7 +30,7 @@ from helpers.research.steps.restore import (
 )
 from helpers.runs.pipeline import predict
 
-from .conftest import INTEL, INTEL_CLASS_MAP, require_shared
+from .conftest import INTEL, INTEL_CLASS_MAP, PROJECT_ROOT, require_shared
 
 RNG = np.random.default_rng(0)
 NOISE = RNG.random((3, 60, 84))  # not square: height and width are not mixed up
@@ -169,3 +169,18 @@ def test_the_restoration_bench_measures_against_the_dev_sets_clean_photos(make_c
     assert report["best_deconvolution_gain_db"] == max(v for k, v in gains.items() if k.startswith(("wiener", "rich")))
     assert report["best_deconvolution_gain_db"] > 0.5 > gains["wiener balance=0.1 edges=periodic"]
     assert report["wiener_images_per_s"] > 0 and report["machine"]
+
+
+def test_the_restoration_sweep_encodes_each_setting_once(monkeypatch):
+    """configs/sweeps/restoration.yaml: each Wiener setting is a cache entry of its own (its points wait for the
+    base alone, and encode their own views), while the model left as it was is the base's entry."""
+    from helpers.runs.sweep import design_points, make_design
+    from helpers.runs.sweep.launch import dependencies, image_needs
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    points = design_points(make_design("configs/sweeps/restoration.yaml", [], [], False))
+    needs = [image_needs(p) for p in points]
+    assert len(points) == 3 and all(len(n) == 2 for n in needs)  # a cache entry per model (one view each)
+    assert needs[1] & needs[0] == needs[2] & needs[0] and len(needs[1] & needs[0]) == 1  # metaclip: the base's
+    assert not (needs[1] - needs[0]) & (needs[2] - needs[0])  # eva: each balance its own entry
+    assert dependencies(points) == {points[0].id: set(), points[1].id: {points[0].id}, points[2].id: {points[0].id}}
