@@ -17,6 +17,7 @@ from skimage.restoration import richardson_lucy, wiener
 from helpers.bench import main as bench_main
 from helpers.config import ConfigError, build_step
 from helpers.research.blur import degrade
+from helpers.research.restoration import apply_steps
 from helpers.research.steps import view
 from helpers.research.steps.restore import (
     RichardsonLucy,
@@ -28,6 +29,7 @@ from helpers.research.steps.restore import (
     to_image,
     wiener_deconvolve,
 )
+from helpers.research.steps.standard import RGB, CenterCrop, Resize
 from helpers.runs.pipeline import predict
 
 from .conftest import INTEL, INTEL_CLASS_MAP, PROJECT_ROOT, require_shared
@@ -184,3 +186,16 @@ def test_the_restoration_sweep_encodes_each_setting_once(monkeypatch):
     assert needs[1] & needs[0] == needs[2] & needs[0] and len(needs[1] & needs[0]) == 1  # metaclip: the base's
     assert not (needs[1] - needs[0]) & (needs[2] - needs[0])  # eva: each balance its own entry
     assert dependencies(points) == {points[0].id: set(), points[1].id: {points[0].id}, points[2].id: {points[0].id}}
+
+
+def test_a_restoration_runs_where_the_config_lists_it_before_or_after_the_resize(photos):
+    """After the model's resize by default; listed before `resize` (a list that orders every step), at the image's
+    own size, with the PSF in that size's pixels."""
+    after = view([Wiener(6.26)], 224)
+    before = view([Wiener(12.5), Resize(), CenterCrop(), RGB()], 224)
+    assert [s["step"] for s in after.key()["steps"]] == ["resize", "center_crop", "rgb", "wiener"]
+    assert [s["step"] for s in before.key()["steps"]] == ["wiener", "resize", "center_crop", "rgb"]
+    large = photos[1][0].resize((448, 448), Image.BICUBIC)
+    first, second = (np.asarray(apply_steps(list(v.steps), large), dtype=float) for v in (before, after))
+    assert first.shape == second.shape == (224, 224, 3)
+    assert 0 < np.abs(first - second).mean() < 10  # close (the same blur undone at either size), not the same
