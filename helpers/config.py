@@ -145,6 +145,11 @@ class Analysis:
     sharpness_grid: list[float | list[float]] = field(default_factory=lambda: [1.0, 1.5, 2.0, 2.3, 2.6, 3.0])
     weight_grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.45, 0.5, 0.54, 0.55, 0.6, 0.7])
     drop_thresholds: list[float] = field(default_factory=lambda: [0.0005, 0.001, 0.002, 0.005, 0.01])
+    # restorations beside the sharpening factors (01's gallery, 02's ablation): each entry a step or a list of steps
+    # after the model's resize, crop and RGB (helpers/research/steps/restore.py; sigma: auto is the run's blur)
+    restoration_grid: list[StepSpec | list[StepSpec]] = field(default_factory=lambda: [
+        {"wiener": {"sigma": "auto"}}, {"richardson_lucy": {"sigma": "auto"}},
+        {"unsharp_mask": {"radius": 6.0, "amount": 3.0}}])
 
 
 @dataclass
@@ -440,6 +445,58 @@ def model_views(m: ModelEntry, where: str = "model") -> list[list]:
     return views
 
 
+def restoration_views(analysis: Analysis) -> list[list]:
+    """The steps of each entry of `analysis.restoration_grid` (a step, or a list of steps), checked."""
+    grid = analysis.restoration_grid
+    views = [[build_step(spec, f"analysis.restoration_grid[{e}]" + (f"[{i}]" if isinstance(entry, list) else ""))
+              for i, spec in enumerate(entry if isinstance(entry, list) else [entry])] for e, entry in enumerate(grid)]
+    if len({repr(steps) for steps in views}) != len(views):
+        raise ConfigError("analysis.restoration_grid lists the same entry twice")
+    return views
+
+
+def _step_specs(config: RunConfig, analysis: bool) -> list[tuple[list, int, str]]:
+    """Every preprocessing step the config names (the models' `preprocess`; with `analysis`,
+    `analysis.restoration_grid` too), as the list that holds its spec, its index there, and where it is."""
+    found = []
+    for name, m in config.models.items():
+        nested = bool(m.preprocess) and isinstance(m.preprocess[0], list)
+        for v, steps in enumerate((m.preprocess if nested else [m.preprocess]) if m.preprocess else []):
+            where = f"models.{name}.preprocess" + (f"[{v}]" if nested else "")
+            found += [(steps, i, f"{where}[{i}]") for i in range(len(steps))]
+    grid = config.analysis.restoration_grid if analysis else []
+    for e, entry in enumerate(grid):
+        if isinstance(entry, list):
+            found += [(entry, i, f"analysis.restoration_grid[{e}][{i}]") for i in range(len(entry))]
+        else:
+            found.append((grid, e, f"analysis.restoration_grid[{e}]"))
+    return found
+
+
+def steps_wanting_blur(config: RunConfig, analysis: bool) -> list[str]:
+    """Where the config's steps say `auto` for the run's estimated blur (`sigma: auto`): the models' (with
+    `analysis`, the analyses' too)."""
+    return [where for holder, i, where in _step_specs(config, analysis) if build_step(holder[i], where).wants_blur]
+
+
+def fill_in_blur(config: RunConfig, sigma_px: float, analysis: bool) -> list[str]:
+    """Write the run's estimated blur into every step of the config whose parameter says `auto` (the models'; with
+    `analysis`, the analyses' too), in place, so that the config a run records, and its notebooks read, has the
+    number; returns where it did."""
+    filled = []
+    for holder, i, where in _step_specs(config, analysis):
+        step = build_step(holder[i], where)
+        if not step.wants_blur:
+            continue
+        resolved = step.with_blur(sigma_px)
+        name, params = (holder[i], None) if isinstance(holder[i], str) else next(iter(holder[i].items()))
+        changed = {f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)
+                   if getattr(resolved, f.name) != getattr(step, f.name)}
+        holder[i] = {name: {**(params or {}), **changed}}
+        filled.append(where)
+    return filled
+
+
 def build_step(spec, where: str):
     """A registered preprocessing step from its config form (`name` or `{name: {parameter: value}}`), checked."""
     from .research.steps import STEPS
@@ -568,6 +625,7 @@ def transductive_method(spec: Transductive, classes: list[str] | None = None):
 
 def _check_analysis(analysis: Analysis) -> None:
     _in_range(analysis.inspect_images, "analysis.inspect_images", 0, 10000)
+    restoration_views(analysis)
     for i, factors in enumerate(analysis.sharpness_grid):
         _check_factors(factors, f"analysis.sharpness_grid[{i}]")
     for i, w in enumerate(analysis.weight_grid):

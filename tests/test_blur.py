@@ -1,6 +1,7 @@
 """Blur estimation on known blurs, the challenge's degradation, and the dev-set builder."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,10 @@ def test_make_dev_maps_classes_and_is_deterministic(dev_dir, tmp_path):
     recorded = json.loads((tmp_path / "one" / "degradation.json").read_text())
     assert recorded["degradation"] == {"size": 224, "resize": "bicubic", "sigma": 6.3, "kernel_size": None,
                                        "jpeg_quality": 75}
+    # where each dev image's clean photo is, below the source folder
+    assert set(recorded["sources"]) == {p.relative_to(tmp_path / "one").as_posix() for p in files}
+    assert all((dev_dir / src).is_file() and Path(src).stem == Path(dev).stem
+               for dev, src in recorded["sources"].items())
     dev = load_dev_set(tmp_path / "one", CLASSES)  # class folders need no class_map any more
     assert np.bincount(dev.labels).tolist() == [4] * 6
 

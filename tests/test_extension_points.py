@@ -28,9 +28,12 @@ def test_every_step_builds_from_its_config_form_and_transforms_an_image(name):
     step = build_step(name, "models.a.preprocess[0]")
     assert type(step) is STEPS[name] and step.name == name
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
-    out = step.for_model(224)(image)
+    # as a run has it: the model's size and the run's estimated blur filled in where the config leaves them out
+    step = step.for_model(224).with_blur(2.0)
+    assert not step.wants_blur
+    out = step(image)
     assert isinstance(out, Image.Image)
-    key = step.for_model(224).key()
+    key = step.key()
     assert key["step"] == name and set(key) == {"step", *(f.name for f in dataclasses.fields(step))}
 
 
@@ -40,7 +43,7 @@ def test_every_step_parameter_is_in_its_cache_key(name):
     cls = STEPS[name]
     for f in dataclasses.fields(cls):
         a, b = cls(), dataclasses.replace(cls(), **{f.name: 3 if f.type in ("int | None", "int") else 1.5})
-        assert a.for_model(224).key() != b.for_model(224).key()
+        assert a.for_model(224).with_blur(2.0).key() != b.for_model(224).with_blur(2.0).key()
 
 
 def test_the_sharpness_shorthand_keeps_the_cache_keys_written_before_steps():

@@ -9,6 +9,7 @@ from PIL import Image
 
 from helpers.display.interactive import (
     change_lines,
+    change_panel,
     detail_box,
     difference_image,
     group_accuracy,
@@ -17,9 +18,11 @@ from helpers.display.interactive import (
     sharpening_change,
     sharpness_panel,
     sharpness_slider,
+    step_change,
 )
 from helpers.infra.progress import SAVED_RUN_ENV, FinalLineTqdm
 from helpers.research.ablation import load_model_embeddings, prompt_group_ablation
+from helpers.research.steps.restore import Wiener
 from helpers.research.steps.standard import Sharpen
 
 from .conftest import INTEL_CLASS_MAP
@@ -28,8 +31,9 @@ from .conftest import INTEL_CLASS_MAP
 def test_the_slider_redraws_the_picture_and_the_numbers_on_change(scene_dir, monkeypatch):
     monkeypatch.delenv(SAVED_RUN_ENV, raising=False)
     files = sorted((scene_dir / "0").iterdir())[:1]
-    box = sharpness_slider(files)
-    slider, lines, view = box.children
+    wiener = [Wiener(6.3)]
+    box = sharpness_slider(files, restorations={"wiener 6.3": wiener})
+    menu, slider, lines, view = box.children
     before, text = view.value, lines.value
     assert "sharpness 2.3 changes values by" in text
     assert (view.layout.width, view.layout.height) == tuple(f"{n}px" for n in Image.open(io.BytesIO(before)).size)
@@ -37,6 +41,12 @@ def test_the_slider_redraws_the_picture_and_the_numbers_on_change(scene_dir, mon
     png, changes = sharpness_panel([model_input(files[0])], 4.0)
     assert view.value != before and view.value == png
     assert "sharpness 4 changes values by" in lines.value and f"at most {changes[0].max} " in lines.value
+    menu.value = "wiener 6.3"  # a restoration instead: its own picture, the slider idle
+    png, changes = change_panel([step_change(model_input(files[0]), "wiener 6.3", wiener)])
+    assert view.value == png and slider.disabled and "wiener 6.3 changes values by" in lines.value
+    assert changes[0].mean > 4 * sharpening_change(model_input(files[0]), 2.3).mean  # deconvolution moves far more
+    menu.value = "sharpening"
+    assert not slider.disabled and "sharpness 4 changes values by" in lines.value
 
 
 @pytest.fixture
@@ -98,7 +108,7 @@ def test_sharpness_panel_shows_the_crop_at_an_integer_zoom_and_the_change(scene_
     given = panel.crop((6 + 224 + 6, 22, 6 + 224 + 6 + 224, 22 + 224))
     sharpened = panel.crop((6 + 2 * (224 + 6), 22, 6 + 2 * (224 + 6) + 224, 22 + 224))
     assert given.tobytes() == images[0].crop((x0, y0, x1, y1)).resize((224, 224), Image.NEAREST).tobytes()
-    assert sharpened.tobytes() == changes[0].sharpened.crop((x0, y0, x1, y1)).resize((224, 224),
+    assert sharpened.tobytes() == changes[0].after.crop((x0, y0, x1, y1)).resize((224, 224),
                                                                                      Image.NEAREST).tobytes()
     lines = change_lines(["0.jpg", "1.jpg"], changes)
     assert lines[0].startswith(f"0.jpg: sharpness 2.3 changes values by {changes[0].mean:.2f} of 255 on average, "

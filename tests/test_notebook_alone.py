@@ -7,6 +7,7 @@ import subprocess
 
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -74,7 +75,8 @@ def test_each_notebook_runs_alone_from_nothing(path, scene_dir, dev_dir, tiny_ar
            "models": {first: {**entry, "sharpness": 2.3, "pretrained": str(tiny_checkpoints[0])},
                       second: {**entry, "sharpness": 2.0, "pretrained": "random", "seed": 2}},
            "cache_dir": str(tmp_path / "cache"), "num_workers": 0,
-           "analysis": {"inspect_images": 2, "sharpness_grid": [1.0, 2.3], "weight_grid": [0.4, 0.5]}}
+           "analysis": {"inspect_images": 2, "sharpness_grid": [1.0, 2.3], "weight_grid": [0.4, 0.5],
+                        "restoration_grid": [{"wiener": {"sigma": "auto"}}]}}
     config = tmp_path / "alone.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
@@ -83,6 +85,12 @@ def test_each_notebook_runs_alone_from_nothing(path, scene_dir, dev_dir, tiny_ar
     assert len(list((tmp_path / "dev").rglob("*.jpg"))) == 24  # built on first use
     if path.name == "05_ensemble.ipynb":
         assert read_submission(out / "submission.csv")[0] == SCENE_IDS
+    if path.name == "01_inspect.ipynb":  # the dev set built here records its clean photos: restoration is measured
+        quality = pd.read_csv(out / "tables" / "restoration_quality.csv").set_index("setting")
+        (wiener,) = [s for s in quality.index if s.startswith("wiener")]
+        assert quality.loc["as given", "gain_db"] == 0 and quality.loc[wiener, "gain_db"] > 0.5
+    if path.name == "02_preprocessing_ablation.ipynb":
+        assert (out / "figures" / "preprocessing_ablation.png").is_file()
     book = nbformat.read(tmp_path / path.name, as_version=4)
     outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
     banners = [i for i, o in enumerate(outputs) if "Random weights" in o.get("data", {}).get("text/markdown", "")]

@@ -5,6 +5,7 @@ why. Kept cheap: one tiny model, 8 test images, 12 dev images, one-factor grids.
 import json
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
@@ -28,7 +29,8 @@ def _config(folder, scene_dir, dev_dir, tiny_arch, tiny_checkpoints, kind: str):
            "models": {"a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(tiny_checkpoints[0]),
                             "sharpness": 2.3, "precision": "fp32"}},
            "cache_dir": str(folder.parent / "cache"), "num_workers": 0,
-           "analysis": {"inspect_images": 2, "sharpness_grid": [2.3], "drop_thresholds": [0.002]}}
+           "analysis": {"inspect_images": 2, "sharpness_grid": [2.3], "drop_thresholds": [0.002],
+                        "restoration_grid": [{"wiener": {"sigma": "auto"}}]}}
     path = folder / f"{kind}-only.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -101,6 +103,10 @@ def test_a_dev_only_run_writes_dev_metrics_and_no_submission(runs):
     assert 0 <= metrics["dev"]["ensemble"]["accuracy"] <= 1
     for name in ("sharpness_ablation", "prompt_groups-a", "dev_accuracy", "transductive"):
         assert (run_dir / "tables" / f"{name}.csv").is_file(), name
+    # sigma: auto without a test set is the dev set's estimated blur (these dev photos are sharp: about 1 px or less)
+    ablation = pd.read_csv(run_dir / "tables" / "preprocessing_ablation.csv")
+    (wiener,) = [v for v in ablation["variant"] if v.startswith("wiener")]
+    assert 0 < float(wiener.split("sigma=")[1].split()[0]) < 1.5
 
 
 @pytest.mark.parametrize("kind", ["test", "dev"])

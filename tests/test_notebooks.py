@@ -56,12 +56,15 @@ def run_config(tmp_path_factory, scene_dir, dev_dir, tiny_arch, tiny_checkpoints
         # fp32 named: the notebooks' kernels resolve `auto` for their machine, and the tests compare with fp32 runs
         "models": {"a": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(a), "sharpness": 2.3,
                          "precision": "fp32"},
-                   "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b), "sharpness": 2.0,
-                         "precision": "fp32"}},
+                   # a restoration step, its sigma the test set's estimated blur (README, "Restoring the blur")
+                   "b": {"backend": "open_clip", "arch": str(tiny_arch), "pretrained": str(b),
+                         "preprocess": [{"wiener": {"sigma": "auto"}}], "precision": "fp32"}},
         "ensemble": {"weights": {"a": 0.5, "b": 0.5}, "drop_below": 0.002},
         "cache_dir": str(folder / "cache"),
         "num_workers": 0,
         "analysis": {"inspect_images": 3, "sharpness_grid": [1.0, 2.3, [2.0, 2.5]], "weight_grid": [0.4, 0.5, 0.6],
+                     "restoration_grid": [{"wiener": {"sigma": "auto"}}, {"richardson_lucy": {"iterations": 3}},
+                                          {"unsharp_mask": {"radius": 3.0, "amount": 2.0}}],
                      "drop_thresholds": [0.001, 0.002]},
         # the transductive stage on each model, then combined: the submission is its labels (run and predict alike)
         "transductive": {"method": "label_propagation", "applies_to": "each_model", "params": {"k": 5}},
@@ -84,7 +87,8 @@ def run_dir(run_config, tmp_path_factory):
 
 EXECUTED = ["04_inference-a.ipynb", "04_inference-b.ipynb", "05_ensemble.ipynb", "01_inspect.ipynb",
             "02_preprocessing_ablation.ipynb", "03_prompt_ablation-a.ipynb", "03_prompt_ablation-b.ipynb"]
-FIGURES = ["sharpening_gallery", "blur_histograms", "sharpness_ablation", "prompt_groups-a", "scoring_modes-b",
+FIGURES = ["sharpening_gallery", "restoration_gallery", "blur_histograms", "sharpness_ablation",
+           "preprocessing_ablation", "prompt_groups-a", "scoring_modes-b",
            "predicted_classes-a", "predicted_classes-ensemble", "dev_confusion-ensemble", "ensemble_weights",
            "drop_threshold", "transductive"]
 
@@ -123,6 +127,15 @@ def test_tables_carry_intervals(run_dir):
         assert {"accuracy", "accuracy_ci_low", "accuracy_ci_high"} <= set(table.columns), name
         assert (table["accuracy_ci_low"] <= table["accuracy"]).all(), name
         assert (table["accuracy"] <= table["accuracy_ci_high"]).all(), name
+    # restorations beside the sharpening factors, each model against its configured preprocessing (b's: Wiener)
+    ablation = pd.read_csv(run_dir / "tables" / "preprocessing_ablation.csv")
+    sigma = json.loads((run_dir / "manifest.json").read_text())["auto_blur"]["sigma_px"]
+    wiener = f"wiener sigma={sigma} edges=mirror balance=0.1"
+    assert ablation[ablation["reference"]][["model", "variant", "kind"]].values.tolist() == [
+        ["a", "sharpness 2.3", "configured"], ["b", wiener, "configured"]]
+    assert ablation.groupby(["model", "kind"]).size().to_dict() == {
+        ("a", "configured"): 1, ("a", "restoration"): 3, ("a", "sharpening"): 2,  # sharpness 2.3 is a's configured
+        ("b", "configured"): 1, ("b", "restoration"): 2, ("b", "sharpening"): 3}  # and the Wiener b's
     blur = pd.read_csv(run_dir / "tables" / "blur_statistics.csv").set_index("split")
     assert 5.5 < blur.loc["test", "median"] < 7.2 and blur.loc["dev", "median"] < 1  # the dev photos are sharp
 

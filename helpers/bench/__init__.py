@@ -3,6 +3,7 @@
     python -m helpers.bench --images 512 [--arch ViT-B-32-quickgelu] [--batch-size 32] [--variants ...] [--out F]
     python -m helpers.bench store --rows 1000000 --dim 1280      (the embedding store: see its --help)
     python -m helpers.bench transductive [--rows 8100]            (the transductive methods: see its --help)
+    python -m helpers.bench restoration [--config configs/demo.yaml]   (restoring the dev set's blur: its --help)
 
 A randomly initialised model (the compute is the real architecture's) reads the first N challenge images.
 Printed, and written to a JSON file whose copy is the last line of the output:
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 
 The package: `runners` measures (each function one figure), `report` runs them in order and assembles the report,
-`store` is the embedding store's benchmark, `transductive` the transductive methods'.
+`store` is the embedding store's benchmark, `transductive` the transductive methods', `restoration` the restoration
+steps' against the dev set's clean photos.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         from .transductive import transductive_main
 
         transductive_main(argv[1:])
+        return
+    if argv[:1] == ["restoration"]:
+        from .restoration import restoration_main
+
+        restoration_main(argv[1:])
         return
     from .report import encoding_main
 

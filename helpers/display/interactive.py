@@ -1,5 +1,6 @@
-"""The notebooks' ipywidgets: a sharpening slider that shows what the factor does to the pixels a model sees, and
-prompt-group checkboxes that recompute from cached embeddings (a few small matrix products: milliseconds).
+"""The notebooks' ipywidgets: a sharpening slider that shows what the factor (or, switched to one, a restoration)
+does to the pixels a model sees, and prompt-group checkboxes that recompute from cached embeddings (a few small
+matrix products: milliseconds).
 
 In a saved run (`helpers.infra.progress.saved_run`: papermill, no live frontend) each widget is shown as what it would
 show at its starting setting, a static picture or text, with a line saying to run the notebook live to change it.
@@ -22,20 +23,25 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..infra.progress import live_hint, saved_run, wrapped
 from ..research.ablation import ModelEmbeddings
-from ..research.data import open_image
+from ..research.restoration import apply_steps
 from ..research.scoring import SCORERS
 from ..research.stats import accuracy_summary, interval_text
+from ..research.steps import Step
 from ..research.steps.standard import Sharpen
+from .plots import detail_box, difference_image, model_input
+
+SHARPENING = "sharpening"  # the slider's own mode; the others are restorations, by name
 
 
 @dataclass(frozen=True)
-class SharpeningChange:
-    """What sharpening by `factor` does to one model input: the signed change of every value (0-255 levels)."""
+class PreprocessingChange:
+    """What a preprocessing setting (`label`: `sharpness 2.3`, a restoration) does to one model input: the signed
+    change of every value (0-255 levels)."""
 
-    factor: float
-    given: Image.Image  # the image as the model's preprocessing resizes it, before sharpening
-    sharpened: Image.Image
-    difference: np.ndarray  # int16, H x W x 3: sharpened - given
+    label: str
+    given: Image.Image  # the image as the model's preprocessing resizes it, before the setting's steps
+    after: Image.Image  # the same after the setting's steps
+    difference: np.ndarray  # int16, H x W x 3: after - given
 
     @property
     def mean(self) -> float:
@@ -53,43 +59,16 @@ class SharpeningChange:
         return float(np.count_nonzero(self.difference) / self.difference.size)
 
 
-def model_input(path: Path, size: int = 224) -> Image.Image:
-    """The image as the preprocessing gives it to the sharpening step: squash-resized (bicubic) to size x size, RGB
-    (`helpers.research.steps.Preprocess`)."""
-    return open_image(path).resize((size, size), Image.BICUBIC).convert("RGB")
+def step_change(image: Image.Image, label: str, steps: list[Step]) -> PreprocessingChange:
+    """The change that `steps` make to an image (RGB, at the size the model sees)."""
+    after = apply_steps(steps, image)
+    difference = np.asarray(after, dtype=np.int16) - np.asarray(image, dtype=np.int16)
+    return PreprocessingChange(label, image, after, difference)
 
 
-def sharpening_change(image: Image.Image, factor: float) -> SharpeningChange:
-    """The change that `adjust_sharpness(factor)` makes to an image (RGB, at the size the model sees)."""
-    sharpened = Sharpen(factor)(image)
-    difference = np.asarray(sharpened, dtype=np.int16) - np.asarray(image, dtype=np.int16)
-    return SharpeningChange(factor, image, sharpened, difference)
-
-
-def detail_box(image: Image.Image, crop: int) -> tuple[int, int, int, int]:
-    """The crop x crop window with the most edges (summed gradient magnitude, on an 8-pixel grid): where sharpening
-    changes most, whatever the factor, so the window stays put while the slider moves."""
-    gray = np.asarray(image.convert("L"), dtype=np.float64)
-    edges = np.zeros_like(gray)
-    edges[:, 1:] += np.abs(np.diff(gray, axis=1))
-    edges[1:, :] += np.abs(np.diff(gray, axis=0))
-    integral = np.pad(edges.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    h, w = gray.shape
-    crop = min(crop, h, w)
-    best, box = -1.0, (0, 0)
-    for y in list(range(0, h - crop + 1, 8)) + [h - crop]:
-        for x in list(range(0, w - crop + 1, 8)) + [w - crop]:
-            total = integral[y + crop, x + crop] - integral[y, x + crop] - integral[y + crop, x] + integral[y, x]
-            if total > best:
-                best, box = total, (x, y)
-    return box[0], box[1], box[0] + crop, box[1] + crop
-
-
-def difference_image(difference: np.ndarray, gain: float) -> Image.Image:
-    """The signed change, averaged over the channels and amplified: mid-grey is unchanged, lighter is brighter after
-    sharpening, darker is darker; `gain` levels of grey per level of change (clipped)."""
-    signed = difference.astype(np.float64).mean(axis=2)
-    return Image.fromarray(np.clip(128 + gain * signed, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+def sharpening_change(image: Image.Image, factor: float) -> PreprocessingChange:
+    """The change that `adjust_sharpness(factor)` makes to an image."""
+    return step_change(image, f"sharpness {factor:g}", [Sharpen(factor)])
 
 
 @functools.lru_cache
@@ -101,14 +80,20 @@ def _font(size: int):
 
 
 def sharpness_panel(images: list[Image.Image], factor: float, crop: int = 112, zoom: int = 2,
-                    gain: float = 32.0) -> tuple[bytes, list[SharpeningChange]]:
-    """PNG of what the factor does, one row per model input (`model_input`): the input at native size (the box marks
-    the crop), the crop as given and sharpened at an integer zoom (nearest neighbour: every pixel a `zoom` x `zoom`
+                    gain: float = 32.0) -> tuple[bytes, list[PreprocessingChange]]:
+    """`change_panel` of sharpening by `factor`."""
+    return change_panel([sharpening_change(img, factor) for img in images], crop, zoom, gain)
+
+
+def change_panel(changes: list[PreprocessingChange], crop: int = 112, zoom: int = 2,
+                 gain: float = 32.0) -> tuple[bytes, list[PreprocessingChange]]:
+    """PNG of what a setting does, one row per model input (`model_input`): the input at native size (the box marks
+    the crop), the crop as given and changed at an integer zoom (nearest neighbour: every pixel a `zoom` x `zoom`
     block), and the change amplified `gain` times; with the change of each image."""
-    changes = [sharpening_change(img, factor) for img in images]
+    images = [change.given for change in changes]
     size = max(img.width for img in images)
     tile, header, pad = crop * zoom, 22, 6
-    titles = ["model input (box: crop)", f"crop x{zoom}, as given", f"crop x{zoom}, sharpness {factor:g}",
+    titles = ["model input (box: crop)", f"crop x{zoom}, as given", f"crop x{zoom}, {changes[0].label}",
               f"change x{gain:g} (grey: none)"]
     widths = [size, tile, tile, tile]
     height = max(max(img.height for img in images), tile)
@@ -123,49 +108,58 @@ def sharpness_panel(images: list[Image.Image], factor: float, crop: int = 112, z
         box = detail_box(change.given, crop)
         panel.paste(change.given, (xs[0], y))
         draw.rectangle((xs[0] + box[0], y + box[1], xs[0] + box[2] - 1, y + box[3] - 1), outline=(255, 40, 40))
-        for x, img in zip(xs[1:], (change.given, change.sharpened, difference_image(change.difference, gain))):
+        for x, img in zip(xs[1:], (change.given, change.after, difference_image(change.difference, gain))):
             panel.paste(img.crop(box).resize((tile, tile), Image.NEAREST), (x, y))
     buf = io.BytesIO()
     panel.save(buf, format="PNG", compress_level=1)  # a redraw's time is mostly the PNG encode
     return buf.getvalue(), changes
 
 
-def change_lines(names: list[str], changes: list[SharpeningChange]) -> list[str]:
-    """One line per image: how much the factor changed it, in levels of 255."""
-    return [f"{name}: sharpness {c.factor:g} changes values by {c.mean:.2f} of 255 on average, at most {c.max} "
+def change_lines(names: list[str], changes: list[PreprocessingChange]) -> list[str]:
+    """One line per image: how much the setting changed it, in levels of 255."""
+    return [f"{name}: {c.label} changes values by {c.mean:.2f} of 255 on average, at most {c.max} "
             f"({100 * c.changed:.0f}% of values change at all)" for name, c in zip(names, changes)]
 
 
 def sharpness_slider(files: list[Path], size: int = 224, start: float = 2.3, crop: int = 112, zoom: int = 2,
-                     gain: float = 32.0):
+                     gain: float = 32.0, restorations: dict[str, list[Step]] | None = None):
     """The model's input beside a crop of it as given and sharpened (at an integer zoom) and the amplified change,
-    with the mean and largest change printed; the slider sets the factor. (An Image widget, not an Output widget with
-    a figure: it redraws faster and does not stall headless runs.) In a saved run: the picture at `start`."""
+    with the mean and largest change printed; the slider sets the factor, and the menu switches from sharpening to
+    one of `restorations` (a name -> its steps) and back. (An Image widget, not an Output widget with a figure: it
+    redraws faster and does not stall headless runs.) In a saved run: the picture at `start`."""
     images = [model_input(p, size) for p in files]
 
-    def draw(factor: float) -> tuple[bytes, str]:
-        png, changes = sharpness_panel(images, factor, crop, zoom, gain)
+    def draw(mode: str, factor: float) -> tuple[bytes, str]:
+        if mode == SHARPENING:
+            changes = [sharpening_change(img, factor) for img in images]
+        else:
+            changes = [step_change(img, mode, restorations[mode]) for img in images]
+        png, changes = change_panel(changes, crop, zoom, gain)
         return png, "\n".join(change_lines([p.name for p in files], changes))
 
-    png, text = draw(start)
+    png, text = draw(SHARPENING, start)
     if saved_run():
         print(wrapped(text))
         display(ImageOutput(data=png))
-        print(wrapped(f"Sharpness {start:g}. {live_hint('move the slider')}"))
+        print(wrapped(f"Sharpness {start:g}. {live_hint('move the slider, or switch to a restoration')}"))
         return None
     width, height = Image.open(io.BytesIO(png)).size
     # at its own size in pixels: a VBox stretches its children to its width otherwise
     view = widgets.Image(value=png, format="png", layout=widgets.Layout(width=f"{width}px", height=f"{height}px"))
     lines = widgets.HTML(_pre(text))
+    menu = widgets.Dropdown(options=[SHARPENING, *(restorations or {})], value=SHARPENING, description="shows",
+                            layout=widgets.Layout(width="max-content"))
     slider = widgets.FloatSlider(value=start, min=0.0, max=5.0, step=0.1, description="sharpness",
                                  continuous_update=False)
 
-    def redraw(change) -> None:
-        view.value, text = draw(change["new"])
+    def redraw(_) -> None:
+        slider.disabled = menu.value != SHARPENING  # a restoration has its own parameters, in its name
+        view.value, text = draw(menu.value, slider.value)
         lines.value = _pre(text)
 
     slider.observe(redraw, names="value")
-    box = widgets.VBox([slider, lines, view], layout=widgets.Layout(align_items="flex-start"))
+    menu.observe(redraw, names="value")
+    box = widgets.VBox([menu, slider, lines, view], layout=widgets.Layout(align_items="flex-start"))
     display(box)
     return box
 

@@ -13,6 +13,7 @@ from ..config import RunConfig, load_config
 from ..infra.errors import install_notebook_handler, show_notes
 from ..infra.files import PROJECT_ROOT
 from ..infra.progress import saved_run, wrapped
+from ..research.data import DataError
 from ..research.stats import interval_columns, interval_text
 from ..research.steps import describe
 from ..runs.pipeline import RunData, load_run_data
@@ -105,6 +106,19 @@ def blur_statistics(data: RunData, limit: int = 2000) -> tuple[pd.DataFrame, dic
         del stats["qualities"]  # one row per split: the most common quality is in it
         rows.append({"split": split, **stats})
     return pd.DataFrame(rows), sigmas
+
+
+def restoration_quality(config: RunConfig, settings: dict[str, list]) -> pd.DataFrame | None:
+    """`restoration_table` of the settings on the dev set's images, against their clean photos; None, with a sentence
+    saying why, where the dev set does not record them (a folder that make-dev did not build)."""
+    from ..research.restoration import degraded_pairs, restoration_table
+
+    try:
+        pairs = degraded_pairs(config.data.dev.path, config.data.dev.limit)
+    except DataError as e:
+        say(f"The restoration table is skipped: {e}.")
+        return None
+    return restoration_table(pairs, settings)
 
 
 def accuracy_table(metrics: dict, split: str = "dev") -> pd.DataFrame:

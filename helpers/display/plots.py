@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pandas as pd
 from PIL import Image
 
 from ..infra.files import atomic_write_bytes, atomic_write_csv
+from ..research.data import open_image
 from ..research.steps.standard import Sharpen
 
 
@@ -39,6 +41,64 @@ def save_table(table: pd.DataFrame, output_dir: str | Path, name: str, random_we
     path = Path(output_dir) / "tables" / f"{name}.csv"
     atomic_write_csv(path, table, index=False)
     return path
+
+
+def model_input(path: Path, size: int = 224) -> Image.Image:
+    """The image as the preprocessing gives it to the steps after the head: squash-resized (bicubic) to size x size,
+    RGB (`helpers.research.steps.Preprocess`)."""
+    return open_image(path).resize((size, size), Image.BICUBIC).convert("RGB")
+
+
+def detail_box(image: Image.Image, crop: int) -> tuple[int, int, int, int]:
+    """The crop x crop window with the most edges (summed gradient magnitude, on an 8-pixel grid): where sharpening
+    and restoration change most, whatever the setting, so the window stays put while it changes."""
+    gray = np.asarray(image.convert("L"), dtype=np.float64)
+    edges = np.zeros_like(gray)
+    edges[:, 1:] += np.abs(np.diff(gray, axis=1))
+    edges[1:, :] += np.abs(np.diff(gray, axis=0))
+    integral = np.pad(edges.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = gray.shape
+    crop = min(crop, h, w)
+    best, box = -1.0, (0, 0)
+    for y in list(range(0, h - crop + 1, 8)) + [h - crop]:
+        for x in list(range(0, w - crop + 1, 8)) + [w - crop]:
+            total = integral[y + crop, x + crop] - integral[y, x + crop] - integral[y + crop, x] + integral[y, x]
+            if total > best:
+                best, box = total, (x, y)
+    return box[0], box[1], box[0] + crop, box[1] + crop
+
+
+def difference_image(difference: np.ndarray, gain: float) -> Image.Image:
+    """The signed change, averaged over the channels and amplified: mid-grey is unchanged, lighter is brighter after
+    the change, darker is darker; `gain` levels of grey per level of change (clipped)."""
+    signed = difference.astype(np.float64).mean(axis=2)
+    return Image.fromarray(np.clip(128 + gain * signed, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+
+
+def restoration_gallery(files: list[Path], settings: dict[str, list], crop: int = 96, gain: float = 8.0):
+    """The same crop of each image (its most detailed, `detail_box`) under every setting (a name -> its steps after
+    the resize: sharpening factors and restorations side by side; [] is the image as given), and under each, the
+    change from the image as given, amplified `gain` times (mid-grey: none)."""
+    from ..research.restoration import apply_steps
+
+    names = list(settings)
+    fig, axes = plt.subplots(2 * len(files), len(names), figsize=(1.9 * len(names), 3.9 * len(files)),
+                             squeeze=False)
+    for row, path in enumerate(files):
+        image = model_input(path)
+        box = detail_box(image, crop)
+        given = np.asarray(image.crop(box), dtype=np.int16)
+        for col, name in enumerate(names):
+            changed = apply_steps(settings[name], image).crop(box)
+            axes[2 * row, col].imshow(changed)
+            axes[2 * row + 1, col].imshow(difference_image(np.asarray(changed, dtype=np.int16) - given, gain))
+            axes[2 * row, col].set_title(textwrap.fill(name, 22), fontsize=7)
+        axes[2 * row, 0].set_ylabel(path.name, fontsize=8)
+        axes[2 * row + 1, 0].set_ylabel(f"change x{gain:g}", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    return fig
 
 
 def sharpening_gallery(files: list[Path], factors: list[float], size: int = 224):
@@ -107,6 +167,30 @@ def sharpness_curve(table: pd.DataFrame):
     ax.set_ylabel("dev accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def preprocessing_chart(table: pd.DataFrame):
+    """`ablation.preprocessing_ablation`'s tables in one figure, a panel per model: each setting's accuracy with its
+    95% interval, sharpening factors as circles and restorations as squares; the configured preprocessing in black,
+    settings that differ from it beyond chance (paired, Holm-adjusted McNemar) in red, the rest in grey."""
+    models = list(dict.fromkeys(table["model"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models) + 2.6, 0.32 * len(variants) + 1.4),
+                             sharey=True, squeeze=False)
+    y = {v: len(variants) - 1 - i for i, v in enumerate(variants)}
+    markers = {"sharpening": "o", "restoration": "s", "configured": "D"}
+    for ax, model in zip(axes[0], models):
+        for _, row in table[table["model"] == model].iterrows():
+            color = "black" if row["reference"] else ("tab:red" if row["differs"] else "tab:gray")
+            err = [[row["accuracy"] - row["accuracy_ci_low"]], [row["accuracy_ci_high"] - row["accuracy"]]]
+            ax.errorbar([row["accuracy"]], [y[row["variant"]]], xerr=err, fmt=markers[row["kind"]], color=color,
+                        capsize=3)
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("dev accuracy (95% interval)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].set_yticks(list(y.values()), [textwrap.fill(v, 40) for v in y], fontsize=7)
+    fig.tight_layout()
     return fig
 
 

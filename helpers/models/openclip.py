@@ -52,6 +52,18 @@ def warnings_silenced():
         logging.disable(previous)
 
 
+@contextmanager
+def root_logger_kept():
+    """The root logger's handlers as they were: open_clip logs through `logging.info`, which first gives a root logger
+    without handlers one to stderr (basicConfig), and every later record of the workbench's would then also be
+    printed there, on a notebook's error stream."""
+    handlers = list(logging.root.handlers)
+    try:
+        yield
+    finally:
+        logging.root.handlers[:] = handlers
+
+
 def pools_class_token(visual: torch.nn.Module) -> bool:
     """Whether an open_clip image tower is a plain ViT whose feature is its class token after the last block."""
     from open_clip.transformer import ResidualAttentionBlock, Transformer, VisionTransformer
@@ -263,6 +275,7 @@ class OpenClipBackend(Backend):
                                  "`weights_only: false`) or `pretrained: local-dir:/path/to/folder`")
         return open_clip.download_pretrained(cfg) if download else None
 
+    @root_logger_kept()  # open_clip logs through the root logger
     def load(self, device):
         import open_clip
 

@@ -1,5 +1,6 @@
 """Ablations on a labeled split, computed from cached embeddings: prompt groups, scoring modes, sharpening
-factors (one encode per factor, cached), ensemble weights, the drop threshold and the transductive methods.
+factors and restorations (one encode per setting, cached), ensemble weights, the drop threshold and the transductive
+methods.
 
 Each returns a table with one row per variant: accuracy with its 95% bootstrap interval, the paired difference to
 the reference row with its interval, McNemar's p (Holm-adjusted over the table, since a grid tests many variants
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..config import RunConfig
+from ..config import RunConfig, restoration_views
 from ..infra.cache import encode_texts
 from ..models import ModelHandle
 from ..runs.pipeline import (
@@ -23,10 +24,12 @@ from ..runs.pipeline import (
     load_run_data,
     model_image_embeddings,
     model_probabilities,
+    resolve_auto_blur,
     score_views,
     split_embeddings,
 )
 from .prompts import PromptSet
+from .restoration import steps_label
 from .scoring import FLOAT32, SCORERS, LogitArithmetic, Scores, average_scores, ensemble_scores, score
 from .stats import LEVEL, accuracy_summary, interval_columns, paired_comparison
 from .transductive import METHODS, build_method, run_method
@@ -158,6 +161,48 @@ def sharpness_ablation(config: RunConfig, name: str, factors: list, split: str =
     finally:
         handle.close()
     table = compare_predictions(labels, predictions, reference)
+    table.insert(0, "model", name)
+    return table
+
+
+def analysis_restorations(config: RunConfig, data: RunData) -> dict[str, list]:
+    """`analysis.restoration_grid` as steps by name (`steps_label`), `sigma: auto` filled in with the run's
+    estimated blur (`resolve_auto_blur`, once: the config keeps the number)."""
+    resolve_auto_blur(config, data.splits, analysis=True)
+    return {steps_label(steps): steps for steps in restoration_views(config.analysis)}
+
+
+def preprocessing_ablation(config: RunConfig, name: str, split: str = "dev", data: RunData | None = None,
+                           progress: bool = True) -> pd.DataFrame:
+    """Accuracy of model `name` under each sharpening factor of `analysis.sharpness_grid` and each restoration of
+    `analysis.restoration_grid` (`kind`), against the model's configured preprocessing (the reference, every other
+    row paired with it; a setting that is the configured one is that row). Every setting is encoded once and cached.
+    """
+    data = data or load_run_data(config)
+    labels = data.splits[split].labels
+    if labels is None:
+        raise ValueError(f"split '{split}' has no labels")
+    handle = ModelHandle(name, config.models[name], config.device)
+    settings = {"configured": ("configured", handle.views)}
+    for factor in config.analysis.sharpness_grid:
+        views = [handle.sharpened_view(f) for f in (factor if isinstance(factor, list) else [factor])]
+        settings.setdefault(f"sharpness {_factor_name(factor)}", ("sharpening", views))
+    for label, steps in analysis_restorations(config, data).items():
+        settings.setdefault(label, ("restoration", [handle.view(steps)]))
+    configured = {"configured": settings.pop("configured")}
+    same = [n for n, (_, views) in settings.items() if views == configured["configured"][1]]
+    reference = same[0] if same else "configured"
+    settings = {**({} if same else configured), **settings}
+    predictions = {}
+    try:
+        text = encode_texts(handle, data.prompts.texts, config.cache_dir)
+        for setting, (_, views) in settings.items():
+            embs = split_embeddings(handle, config, data, split, views, progress)
+            predictions[setting] = score_views(config, embs, text, data.prompts, handle.logit_arithmetic).labels
+    finally:
+        handle.close()
+    kinds = {n: {"kind": "configured" if n == reference else kind} for n, (kind, _) in settings.items()}
+    table = compare_predictions(labels, predictions, reference, kinds)
     table.insert(0, "model", name)
     return table
 

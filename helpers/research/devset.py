@@ -89,8 +89,8 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
                   sigma: float, quality: int | None, kernel_size: int | None = None, size: int = 224,
                   provenance: dict | None = None, progress: bool = True, limit_per_class: int | None = None) -> dict:
     """Degrade every image of the labeled folder `src` (with `limit_per_class`, the first N of each class in
-    natural order) into `out/<class name>/<stem>.jpg`; returns what was done (also written to
-    `out/degradation.json`).
+    natural order) into `out/<class name>/<stem>.jpg`; returns what was done, with where each image's clean photo is
+    (`sources`), also written to `out/degradation.json`.
 
     Deterministic (no randomness; JPEG encoding is a pure function of the pixels). The set is written into a
     temporary folder beside `out` and moved into place when complete, so `out` is never half-built.
@@ -109,20 +109,22 @@ def build_dev_set(src: str | Path, out: str | Path, classes: list[str], class_ma
     try:
         for c in classes:
             (tmp / c).mkdir()
-        names = set()
+        names, sources = set(), {}
         for path, label in tqdm(list(zip(source.files, source.labels)), desc="make dev set", unit="img",
                                 disable=not progress):
             target = tmp / classes[label] / f"{path.stem}.{'png' if quality is None else 'jpg'}"
             if target in names:
                 raise DataError(f"{path}: a second image named {path.stem} maps to class {classes[label]}")
             names.add(target)
+            sources[target.relative_to(tmp).as_posix()] = path.relative_to(src).as_posix()
             target.write_bytes(degrade_bytes(open_image(path), sigma, quality, size, kernel_size))
         info = {"source": str(src), "images": len(source), "per_class": dict(zip(classes, np.bincount(
             source.labels, minlength=len(classes)).tolist())), "limit_per_class": limit_per_class,
             "class_map": class_map,
             "degradation": {"size": size, "resize": "bicubic", "sigma": sigma, "kernel_size": kernel_size,
                             "jpeg_quality": quality}, "ignored_non_images": [str(p) for p in stray],
-            **(provenance or {})}
+            # each dev image's clean photo, below `source` (what `helpers.research.restoration` measures against)
+            "sources": sources, **(provenance or {})}
         (tmp / "degradation.json").write_text(json.dumps(info, indent=2) + "\n")
         tmp.rename(out)
     except BaseException:

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 import yaml
 
-from ..config import ConfigError, RunConfig, json_digest, transductive_method
+from ..config import ConfigError, RunConfig, fill_in_blur, json_digest, steps_wanting_blur, transductive_method
 from ..infra.cache import EmbeddingStore, check_images, encode_texts, ensure_encoded
 from ..infra.distributed import ONE_PROCESS, World
 from ..infra.errors import UserError
@@ -86,6 +86,12 @@ class RunData:
     splits: dict[str, ImageSet] = field(default_factory=dict)
     # per split, what the check found of every file listed (`prepare_run` writes it into the run folder)
     checks: dict[str, dict] = field(default_factory=dict)
+    # the estimated blur that the config's `sigma: auto` became (`resolve_auto_blur`), recorded in the run
+    auto_blur: dict | None = None
+
+    def record(self) -> dict:
+        """What `prepare_run` writes into the run folder (`RUN_DATA`) for the notebooks' kernels."""
+        return {**self.checks, **({"auto_blur": self.auto_blur} if self.auto_blur else {})}
 
     @property
     def digests(self) -> dict[str, list[str]]:
@@ -181,7 +187,53 @@ def load_run_data(config: RunConfig, progress: bool = False, recorded_in: str | 
         splits[name] = splits[name].without(found)
         log.warning("%s set: skipping %d unusable image(s) (on_bad_image: skip), e.g. %s (%s)", name, len(found),
                     splits[name].skipped[0].path, splits[name].skipped[0].reason)
-    return RunData(classes, prompts, splits, checks)
+    return RunData(classes, prompts, splits, checks, resolve_auto_blur(config, splits, recorded.get("auto_blur")))
+
+
+BLUR_SAMPLE = 256  # images the run's blur is estimated on, evenly spaced (the median settles long before)
+BLUR_ESTIMATOR = "radial-power-spectrum-1"  # in the estimate's cache key: a change of helpers.research.blur renames it
+
+
+def estimated_blur(config: RunConfig, splits: dict[str, ImageSet]) -> dict:
+    """The run's estimated blur, what `sigma: auto` becomes: the median `estimate_sigma` of up to BLUR_SAMPLE evenly
+    spaced images of the test set (of the dev set when the config has no test set), rounded to 0.01 px; computed once
+    per set of images and kept in the cache (`<cache_dir>/blur/`)."""
+    split = "test" if "test" in splits else "dev"
+    images = splits[split]
+    sample = np.unique(np.linspace(0, len(images) - 1, min(BLUR_SAMPLE, len(images))).round().astype(int))
+    key = json_digest([BLUR_ESTIMATOR, [images.digests[i] for i in sample]])
+    cache = Path(config.cache_dir) / "blur" / f"{key}.json"
+    estimate = read_json_or_none(cache, dict)
+    if estimate is None:
+        from ..research.devset import measure_blur  # scipy: only for a config that asks for the blur
+
+        measured = measure_blur([images.files[i] for i in sample])
+        if not np.isfinite(measured["median"]):
+            raise DataError(f"sigma: auto needs the blur of the {split} set ({images.root}), which could not be "
+                            "estimated (its images are too flat to measure): give sigma in px")
+        estimate = {"sigma_px": round(measured["median"], 2), "split": split, "images": len(sample),
+                    **{k: round(measured[k], 3) for k in ("p10", "p90") if k in measured}}
+        write_json(cache, estimate)
+    return estimate
+
+
+def resolve_auto_blur(config: RunConfig, splits: dict[str, ImageSet], recorded: dict | None = None,
+                      analysis: bool = False) -> dict | None:
+    """Fill in `sigma: auto` (a restoration step's PSF, `helpers.research.steps.restore`) with the run's estimated
+    blur (`estimated_blur`), in the config itself, once, when the run loads its images: every command and notebook
+    loads them here, and the run folder's config (which the notebooks read) then has the number, which is part of
+    each step's cache key. The analyses' steps (`analysis.restoration_grid`) are filled in where an analysis asks
+    (`analysis`), so that a run without analyses estimates nothing for them.
+
+    Returns what was estimated, to be recorded in the run (`run_data.json`, the manifest): `recorded` when the
+    config had nothing left to fill in (a run folder's config, filled in before)."""
+    if not steps_wanting_blur(config, analysis):
+        return recorded
+    estimate = estimated_blur(config, splits)
+    filled = fill_in_blur(config, estimate["sigma_px"], analysis)
+    log.info("sigma: auto is %.2f px, the %s set's estimated blur (median of %d images), in %s", estimate["sigma_px"],
+             estimate["split"], estimate["images"], ", ".join(filled))
+    return {**estimate, "filled_in": filled}
 
 
 def model_dir(output_dir: Path, name: str) -> Path:
@@ -499,6 +551,8 @@ def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, wo
     models = {n: json.loads((model_dir(output_dir, n) / "model.json").read_text()) for n in config.models}
     manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
     manifest["world_size"] = world.size  # processes that shared the encodes (torchrun); the results do not depend on it
+    if data.auto_blur:
+        manifest["auto_blur"] = data.auto_blur  # what `sigma: auto` became (config.yaml has the number)
     write_json(output_dir / "manifest.json", manifest)
 
 
@@ -572,7 +626,7 @@ def prepare_run(config: RunConfig, output_dir: str | Path | None, world: World =
     if output_dir is not None and world.is_main:
         claim_output_dir(Path(output_dir), config)
         remove_stale_temporaries(Path(output_dir))  # what a killed run was writing: never whole, never read
-        write_json(Path(output_dir) / RUN_DATA, data.checks)
+        write_json(Path(output_dir) / RUN_DATA, data.record())
     return data
 
 

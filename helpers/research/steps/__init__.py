@@ -44,6 +44,15 @@ class Step:
         """This step with the model's input size filled in where the config left it out."""
         return self
 
+    @property
+    def wants_blur(self) -> bool:
+        """Whether a parameter says `auto`: the run's estimated blur, which `with_blur` fills in."""
+        return False
+
+    def with_blur(self, sigma_px: float) -> Step:
+        """This step with the run's estimated blur (px) filled in where a parameter says `auto`."""
+        return self
+
     def key(self) -> dict:
         return {"step": self.name, **dataclasses.asdict(self)}
 
