@@ -54,8 +54,9 @@ class Registry:
             importlib.import_module(f"{self.home}.{module.name}")
 
     def names(self) -> list[str]:
+        """Sorted, as timm lists its models: registration follows import order, which differs between processes."""
         self._load()
-        return list(self._entries)
+        return sorted(self._entries)
 
     def __iter__(self):
         return iter(self.names())
@@ -75,10 +76,10 @@ class Registry:
 
     def items(self):
         self._load()
-        return self._entries.items()
+        return [(name, self._entries[name]) for name in self.names()]
 
     def unknown(self, name: str) -> str:
         """What to say of a name that is not registered: the registered ones, and the nearest."""
         near = difflib.get_close_matches(str(name), self._entries, n=1)
-        return (f"'{name}' is not a registered {self.kind} (registered: {', '.join(self._entries)})"
+        return (f"'{name}' is not a registered {self.kind} (registered: {', '.join(sorted(self._entries))})"
                 + (f"; did you mean '{near[0]}'?" if near else ""))

@@ -177,7 +177,8 @@ def test_which_analyses_a_setting_changes(run_config):
     assert changed("ensemble.weights.a=0.7", "ensemble.weights.b=0.3", "ensemble.drop_below=null", "name=other",
                    "cache_dir=/elsewhere", "num_workers=2", "reference=winner-116", "analysis.weight_grid=[0.5]",
                    "transductive=null") == []
-    assert changed("models.b.sharpness=1.0") == ANALYSES[1:2] + ANALYSES[3:]  # 02 (every model) and b's 03
+    assert changed("models.a.sharpness=1.0") == ANALYSES[1:3]  # 02 (every model) and a's 03
+    assert changed("models.b.preprocess=[{wiener: {sigma: 5.0}}]") == ANALYSES[1:2] + ANALYSES[3:]  # and b's
     assert changed("prompts={set: winner, exclude: [descriptions]}") == ANALYSES[1:]  # the dev-set ablations
     assert changed("analysis.inspect_images=2") == ANALYSES[:1]
     assert changed("data.limit=8") == ANALYSES
