@@ -270,11 +270,11 @@ def test_device_map_and_max_memory_are_not_for_open_clip(key):
     model = {"backend": "open_clip", "arch": "A", "pretrained": "random", **fields}
     with pytest.raises(ConfigError) as e:
         config_from_dict(base(models={"a": model}), source="run.yaml")
-    assert str(e.value) == ("run.yaml: models.a.device_map is for backends hf_clip and eva_clip only; open_clip "
+    assert str(e.value) == ("run.yaml: models.a.device_map is for backends eva_clip and hf_clip only; open_clip "
                             "loads the whole model onto the run's device")
     if key == "max_memory":
         del model["device_map"]
-        with pytest.raises(ConfigError, match=r"models\.a\.max_memory is for backends hf_clip and eva_clip only"):
+        with pytest.raises(ConfigError, match=r"models\.a\.max_memory is for backends eva_clip and hf_clip only"):
             config_from_dict(base(models={"a": model}))
 
 

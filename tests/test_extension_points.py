@@ -139,8 +139,8 @@ def test_a_new_scorer_with_per_prompt_probabilities_takes_drop_below(registered,
                                                                   name="joint_softmax_copy"))
     config = make_config(scoring="joint_softmax_copy", ensemble={"drop_below": 0.001})
     assert config.scoring == "joint_softmax_copy"
-    with pytest.raises(ConfigError, match=r"needs a scoring mode that gives them \(joint_softmax_mean, "
-                                          r"joint_softmax_copy\), not prototype"):
+    with pytest.raises(ConfigError, match=r"needs a scoring mode that gives them \(joint_softmax_copy, "
+                                          r"joint_softmax_mean\), not prototype"):
         make_config(scoring="prototype", ensemble={"drop_below": 0.001})
     assert SCORERS["joint_softmax_mean"].score is joint_softmax_scores
 
