@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from ..config import ModelEntry
+from ..config import ConfigError, ModelEntry
+from ..research.prompts import PromptSet
 from ..research.scoring import FLOAT32, LogitArithmetic
 from ..research.steps import Preprocess, sharpened
 from .backend import BACKENDS, Backend, register_backend
@@ -82,6 +83,21 @@ class ModelHandle:
 
     def check_weights(self) -> None:
         self.backend.check_weights()
+
+    def check_prompts(self, prompts: PromptSet) -> None:
+        """Every prompt fits the model's context, unless the entry says `truncate: true`; else one error that names
+        the first prompt that does not, its group, its length and the limit (the tokenizer only: loads no model)."""
+        if self.entry.truncate:
+            return
+        limit = self.backend.context_length()
+        too_long = [(p, n) for p, n in zip(prompts.prompts, self.backend.token_counts(prompts.texts)) if n > limit]
+        if too_long:
+            (prompt, tokens), others = too_long[0], len(too_long) - 1
+            more = f" (and {others} more prompt{'s' * (others > 1)})" if others else ""
+            raise ConfigError(
+                f"prompts: '{prompt.text}' (group {prompt.group}, class {prompts.classes[prompt.class_index]}) is "
+                f"{tokens} tokens, more than the {limit} of model {self.name}'s context{more}: shorten it, or set "
+                f"models.{self.name}.truncate: true to cut such prompts to {limit} tokens")
 
     @property
     def loaded(self) -> bool:

@@ -80,6 +80,18 @@ class Backend:
     def _defaults(self) -> tuple[int, tuple, tuple]:
         raise NotImplementedError
 
+    def tokenizer(self):
+        """The model's tokenizer, without the model (its files only)."""
+        raise NotImplementedError
+
+    def context_length(self) -> int:
+        """The most tokens the text tower takes, its start and end tokens included (its position table)."""
+        raise NotImplementedError
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """How many tokens each text is, its start and end tokens included, before any cut to the context."""
+        raise NotImplementedError
+
     def check_weights(self) -> None:
         """Fail now, with the clear message, if the weights are neither on disk nor downloadable (loads nothing)."""
         raise NotImplementedError

@@ -25,13 +25,17 @@ class HfClipEncoder(Encoder):
 
 
 class EvaClipEncoder(Encoder):
-    """EVA-CLIP through its remote code: `encode_image` / `encode_text` on CLIPTokenizer ids padded as the winner."""
+    """EVA-CLIP through its remote code: `encode_image` / `encode_text` on CLIPTokenizer ids padded as the winner
+    (with `truncate`, cut to `truncate` tokens, the end token kept, as open_clip's tokenizer cuts)."""
+
+    truncate: int | None = None
 
     def _image_features(self, pixels):
         return self.model.encode_image(pixels)
 
     def _text_features(self, texts):
-        ids = self.tokenizer(texts, return_tensors="pt", padding=True).input_ids.to(self.device)
+        cut = {"truncation": True, "max_length": self.truncate} if self.truncate else {}
+        ids = self.tokenizer(texts, return_tensors="pt", padding=True, **cut).input_ids.to(self.device)
         return self.model.encode_text(ids)
 
 def _transformers_weights_format(folder: Path) -> str | None:
@@ -113,6 +117,21 @@ class TransformersBackend(Backend):
     def check_weights(self) -> None:
         self._defaults()
 
+    tokenizer_class = "AutoTokenizer"
+
+    def tokenizer(self):
+        import transformers
+
+        return self._from_pretrained(getattr(transformers, self.tokenizer_class))
+
+    def context_length(self) -> int:
+        """The text tower's position table (config.json), else what the tokenizer says."""
+        text = self._config_dict().get("text_config") or {}
+        return text.get("max_position_embeddings") or self.tokenizer().model_max_length
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer()(texts).input_ids]
+
     def _source(self) -> str:
         if self.local_dir is not None:
             return str(self.local_dir)
@@ -176,18 +195,19 @@ class TransformersBackend(Backend):
 @register_backend("hf_clip")
 class HfClipBackend(TransformersBackend):
     def load(self, device):
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import CLIPModel
 
         if self.random_weights:
             raise ValueError(f"models.{self.name}: hf_clip has no architecture to initialise randomly; "
                              "save a CLIPModel with save_pretrained and give its folder")
         loaded = self._load_model(CLIPModel, device)
-        return HfClipEncoder(tokenizer=self._from_pretrained(AutoTokenizer), **loaded)
+        return HfClipEncoder(tokenizer=self.tokenizer(), **loaded)
 
 
 @register_backend("eva_clip")
 class EvaClipBackend(TransformersBackend):
     trust_remote_code = True
+    tokenizer_class = "CLIPTokenizer"  # the model card's
 
     @classmethod
     def check_entry(cls, entry: ModelEntry, where: str) -> None:
@@ -197,9 +217,11 @@ class EvaClipBackend(TransformersBackend):
                               f"'{entry.pretrained}' must be pinned to a commit")
 
     def load(self, device):
-        from transformers import AutoModel, CLIPTokenizer
+        from transformers import AutoModel
 
         loaded = self._load_model(AutoModel, device)
-        return EvaClipEncoder(tokenizer=self._from_pretrained(CLIPTokenizer), **loaded)
+        encoder = EvaClipEncoder(tokenizer=self.tokenizer(), **loaded)
+        encoder.truncate = self.context_length() if self.entry.truncate else None
+        return encoder
 
 

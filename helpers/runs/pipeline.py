@@ -168,6 +168,7 @@ def load_run_data(config: RunConfig, progress: bool = False, recorded_in: str | 
         build_missing_dev_set(dev, classes, progress)
         splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
     prompts = load_prompts(config.prompts, classes)
+    check_prompts(config, prompts)  # before the images are read
     recorded = (read_json_or_none(Path(recorded_in) / RUN_DATA, dict) or {}) if recorded_in is not None else {}
     problems, checks = {}, {}
     for name, images in splits.items():
@@ -584,6 +585,12 @@ def check_models(config: RunConfig) -> None:
             problems.append(str(e))
     if problems:
         raise WeightsUnavailableError(" | ".join(problems))
+
+
+def check_prompts(config: RunConfig, prompts: PromptSet) -> None:
+    """Before anything is encoded: every prompt fits the context of every model (or its entry says `truncate`)."""
+    for name, entry in config.models.items():
+        ModelHandle(name, entry, config.device).check_prompts(prompts)
 
 
 def check_paths(config: RunConfig, output_dir: str | Path) -> None:
