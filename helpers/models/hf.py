@@ -9,6 +9,7 @@ import torch
 
 from ..config import DEVICE_MAP_STRATEGIES, ConfigError, ModelEntry, is_hub_id
 from ..research.steps import OPENAI_MEAN, OPENAI_STD
+from . import shards
 from .backend import Backend, register_backend
 from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
 from .device import DTYPES, input_device, placement_record, with_index
@@ -116,6 +117,35 @@ class TransformersBackend(Backend):
 
     def check_weights(self) -> None:
         self._defaults()
+        self.check_shards()
+
+    def check_shards(self) -> None:
+        """Every weight shard that the index names is in the model folder, or in the revision (the hub's listing of
+        it, else its cached snapshot when offline): else one error naming the missing shards and the revisions to
+        use, before a byte of the weights is downloaded (`shards`)."""
+        if self.local_dir is not None:
+            files, what = shards.folder_files(self.local_dir), str(self.local_dir)
+            key = f"models.{self.name}.pretrained"
+        else:
+            repo, revision = self.entry.pretrained, self.entry.revision
+            snapshot = Path(self._hub_file("config.json")).parent  # fails at once, offline without a snapshot
+            online = host_reachable(hub_host())
+            files = shards.hub_revision_files(repo, revision) if online else shards.folder_files(snapshot)
+            what, key = f"'{repo}' at revision {revision or 'main'}", f"models.{self.name}.revision"
+        index = shards.weights_index_name(files)
+        if index is None:
+            return
+        path = self.local_dir / index if self.local_dir is not None else Path(self._hub_file(index))
+        named = shards.indexed_shards(path, key)
+        missing = [shard for shard in named if shard not in files]
+        if not missing:
+            return
+        if self.local_dir is not None:
+            advice = "copy them into the folder (or download the model again)"
+        else:
+            found = (shards.hub_complete_revisions if online else shards.cached_complete_revisions)(repo, named)
+            advice = shards.revisions_advice(found or list(shards.KNOWN_COMPLETE_REVISIONS.get(repo, ())))
+        raise shards.missing_shards_error(key, what, index, missing, named, advice)
 
     tokenizer_class = "AutoTokenizer"
 
@@ -169,6 +199,7 @@ class TransformersBackend(Backend):
 
     def _load_model(self, cls, device: torch.device) -> dict:
         """The model on its devices, and the Encoder arguments that say where and from what."""
+        self.check_shards()
         kwargs = self._placement_kwargs(device)
         try:
             model = self._from_pretrained(cls, dtype=DTYPES[self.entry.precision], **kwargs)
