@@ -21,6 +21,7 @@ import copy
 import errno
 import io
 import json
+import logging
 import random
 import re
 import shutil
@@ -644,8 +645,9 @@ def test_pytorch_weights_load_without_use_safetensors(hf_clip_bin_dir, hf_clip_d
 
 @pytest.mark.parametrize("backend", TRANSFORMERS_BACKENDS)
 @pytest.mark.parametrize("device_map", ["auto", "balanced", "balanced_low_0", "sequential"])
-def test_device_map_and_max_memory_reach_from_pretrained(backend, device_map, request, from_pretrained):
-    """What a two-GPU machine would be given (stopped before loading: there are no GPUs here)."""
+def test_device_map_and_max_memory_reach_from_pretrained(backend, device_map, request, from_pretrained, caplog):
+    """What a two-GPU machine would be given (stopped before loading: there are no GPUs here): the strategy's map,
+    built by the workbench and printed (tests/test_placement.py: at EVA-CLIP-18B's full sizes)."""
     entry = config_from_dict({
         "name": "t", "data": {"test": "/x"},
         "models": {"m": {"backend": backend, "pretrained": str(request.getfixturevalue(f"{backend}_dir")),
@@ -653,10 +655,12 @@ def test_device_map_and_max_memory_reach_from_pretrained(backend, device_map, re
     }).models["m"]
     assert entry.max_memory == {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}
     from_pretrained.stop = True
-    with pytest.raises(Stop):
+    with pytest.raises(Stop), caplog.at_level(logging.INFO, logger="helpers"):
         load(ModelHandle("m", entry, device="cpu"))
     kwargs = from_pretrained.calls[0]
-    assert kwargs["device_map"] == device_map
+    planned = ModelHandle("m", entry, device="cpu").backend.placement(kwargs["max_memory"])
+    assert kwargs["device_map"] == planned.device_map and set(planned.device_map.values()) <= {0, 1}
+    assert f"models.m: {planned.describe()}" in caplog.messages
     assert kwargs["max_memory"] == {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}
     assert kwargs["low_cpu_mem_usage"] is True and kwargs["use_safetensors"] is True
     assert entry.max_memory == {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}, "the entry itself is left as it was"

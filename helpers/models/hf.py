@@ -3,6 +3,7 @@ local folder or a hub id at a revision."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,9 @@ from .backend import Backend, register_backend
 from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
 from .device import DTYPES, input_device, placement_record, with_index
 from .encoder import Encoder
+from .placement import Placement, plan_placement
+
+log = logging.getLogger(__name__)
 
 
 class HfClipEncoder(Encoder):
@@ -182,10 +186,14 @@ class TransformersBackend(Backend):
 
     def _placement_kwargs(self, device: torch.device) -> dict:
         """from_pretrained's arguments that place the weights: always a device map, so that they go straight to
-        their devices; safetensors only, where there are safetensors; max_memory with GPU indices as ints."""
+        their devices (a spreading strategy's map built here, every layer whole, and printed); safetensors only,
+        where there are safetensors; max_memory with GPU indices as ints."""
         e = self.entry
+        max_memory = {int(k) if str(k).isdigit() else k: v for k, v in e.max_memory.items()} if e.max_memory else None
         if e.device_map in DEVICE_MAP_STRATEGIES:
-            device_map = e.device_map
+            placement = self.placement(max_memory)
+            log.info("models.%s: %s", self.name, placement.describe())
+            device_map = placement.device_map
         else:
             if e.device_map is not None and e.device_map.startswith("cuda") and not torch.cuda.is_available():
                 raise ValueError(f"models.{self.name}.device_map is '{e.device_map}' but CUDA is not available here")
@@ -193,9 +201,23 @@ class TransformersBackend(Backend):
         kwargs = {"device_map": device_map, "low_cpu_mem_usage": True}
         if self._weights_format() == "safetensors":
             kwargs["use_safetensors"] = True  # never falls back to a pytorch_model.bin beside them
-        if e.max_memory:  # a new dict each load: accelerate rewrites the sizes in place
-            kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in e.max_memory.items()}
+        if max_memory:  # a new dict each load: accelerate rewrites the sizes in place
+            kwargs["max_memory"] = max_memory
         return kwargs
+
+    def placement(self, max_memory: dict | None) -> Placement:
+        """Where the entry's device_map strategy puts each part of the model, every layer whole (`placement`),
+        planned on the model's modules on the meta device (no weights read, no memory taken)."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self._source(), **self._hub_kwargs())
+        with init_empty_weights():
+            model = self._model_class(config)._from_config(config)
+        return plan_placement(model, self.entry.device_map, max_memory, DTYPES[self.entry.precision])
+
+    def _model_class(self, config):
+        raise NotImplementedError
 
     def _load_model(self, cls, device: torch.device) -> dict:
         """The model on its devices, and the Encoder arguments that say where and from what."""
@@ -204,7 +226,7 @@ class TransformersBackend(Backend):
         try:
             model = self._from_pretrained(cls, dtype=DTYPES[self.entry.precision], **kwargs)
         except Exception as e:
-            if not isinstance(kwargs["device_map"], str):
+            if self.entry.device_map not in DEVICE_MAP_STRATEGIES:
                 raise
             key, text = f"models.{self.name}.{'max_memory' if self.entry.max_memory else 'device_map'}", str(e)
             if "offload_folder" in text:
@@ -225,6 +247,11 @@ class TransformersBackend(Backend):
 
 @register_backend("hf_clip")
 class HfClipBackend(TransformersBackend):
+    def _model_class(self, config):
+        from transformers import CLIPModel
+
+        return CLIPModel
+
     def load(self, device):
         from transformers import CLIPModel
 
@@ -246,6 +273,12 @@ class EvaClipBackend(TransformersBackend):
         if is_hub_id(entry.pretrained) and not entry.revision:
             raise ConfigError(f"{where}.revision is required: eva_clip runs remote code, so the hub id "
                               f"'{entry.pretrained}' must be pinned to a commit")
+
+    def _model_class(self, config):
+        """The remote code's class that AutoModel loads (config.json's auto_map), at the entry's revision."""
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(config.auto_map["AutoModel"], self._source(), revision=self.entry.revision)
 
     def load(self, device):
         from transformers import AutoModel
