@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,15 +26,23 @@ from .device import DTYPES, autocasts_on, resolve_device, resolve_precision, wei
 from .encoder import Encoder
 
 
+def weights_cache(cache_dir: str | Path) -> Path:
+    """Where a run's converted copies of model weights are kept: beside its embeddings, in the run's cache."""
+    return Path(cache_dir) / "weights"
+
+
 class ModelHandle:
     """One model entry of a run: identity and preprocessing at once, the model itself only when first needed."""
 
-    def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto"):
+    def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto",
+                 weights_cache: str | Path | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision_setting = entry.precision  # `entry.precision` is what it means here (`auto` resolved)
         self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(
             entry.precision, weights_device(entry, self.device)))
         self.backend = BACKENDS[entry.backend](name, self.entry)
+        # where converted copies of the weights are kept (`converted`): the run's cache, else none is made
+        self.backend.weights_cache = Path(weights_cache) if weights_cache is not None else None
         self._encoder: Encoder | None = None
 
     @property
@@ -122,4 +131,4 @@ class ModelHandle:
 
 
 __all__ = ["BACKENDS", "DTYPES", "Backend", "Encoder", "ModelHandle",
-           "WeightsUnavailableError", "register_backend", "resolve_device", "resolve_precision"]
+           "WeightsUnavailableError", "register_backend", "resolve_device", "resolve_precision", "weights_cache"]

@@ -34,6 +34,7 @@ class Backend:
 
     # the entry keys only some backends take: each backend that takes one says so
     places_weights = False  # device_map and max_memory: from_pretrained places the weights on the devices
+    weights_cache: Path | None = None  # where a backend may keep converted copies of the weights (ModelHandle's)
 
     def __init__(self, name: str, entry: ModelEntry):
         self.name, self.entry = name, entry

@@ -13,6 +13,7 @@ from ..research.steps import OPENAI_MEAN, OPENAI_STD
 from . import shards
 from .backend import Backend, register_backend
 from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
+from .converted import ConvertedCopy, copy_folder_name
 from .device import DTYPES, input_device, placement_record, with_index
 from .encoder import Encoder
 from .placement import Placement, plan_placement
@@ -172,8 +173,8 @@ class TransformersBackend(Backend):
         self._hub_file("config.json")  # fails at once, with the offline message, when it cannot be had
         return self.entry.pretrained
 
-    def _from_pretrained(self, cls, **kwargs):
-        source = self._source()
+    def _from_pretrained(self, cls, source: str | None = None, **kwargs):
+        source = source or self._source()
         try:
             return cls.from_pretrained(source, **self._hub_kwargs(), **kwargs)
         except OSError as e:
@@ -184,7 +185,21 @@ class TransformersBackend(Backend):
         folder = self.local_dir if self.local_dir is not None else Path(self._hub_file("config.json")).parent
         return _transformers_weights_format(folder)
 
-    def _placement_kwargs(self, device: torch.device) -> dict:
+    def _converted_copy(self) -> ConvertedCopy | None:
+        """The safetensors copy of pickled weights in the workbench's cache (`converted`), where one applies: pickled
+        weights (as far as they are downloaded), a handle with a cache, an entry that does not skip it."""
+        if self.weights_cache is None or not self.entry.convert_weights:
+            return None
+        hub = self.local_dir is None
+        source = Path(self._hub_file("config.json")).parent if hub else self.local_dir
+        if _transformers_weights_format(source) != "pytorch":
+            return None
+        name = copy_folder_name(self.entry.pretrained if hub else str(source), self.entry.revision if hub else None,
+                                self.entry.precision)
+        what = f"'{self.entry.pretrained}' at revision {self.entry.revision or 'main'}" if hub else str(source)
+        return ConvertedCopy(self.weights_cache / name, source, DTYPES[self.entry.precision], what)
+
+    def _placement_kwargs(self, device: torch.device, weights_format: str | None) -> dict:
         """from_pretrained's arguments that place the weights: always a device map, so that they go straight to
         their devices (a spreading strategy's map built here, every layer whole, and printed); safetensors only,
         where there are safetensors; max_memory with GPU indices as ints."""
@@ -199,7 +214,7 @@ class TransformersBackend(Backend):
                 raise ValueError(f"models.{self.name}.device_map is '{e.device_map}' but CUDA is not available here")
             device_map = {"": str(with_index(torch.device(e.device_map) if e.device_map else device))}
         kwargs = {"device_map": device_map, "low_cpu_mem_usage": True}
-        if self._weights_format() == "safetensors":
+        if weights_format == "safetensors":
             kwargs["use_safetensors"] = True  # never falls back to a pytorch_model.bin beside them
         if max_memory:  # a new dict each load: accelerate rewrites the sizes in place
             kwargs["max_memory"] = max_memory
@@ -222,9 +237,13 @@ class TransformersBackend(Backend):
     def _load_model(self, cls, device: torch.device) -> dict:
         """The model on its devices, and the Encoder arguments that say where and from what."""
         self.check_shards()
-        kwargs = self._placement_kwargs(device)
+        copy = self._converted_copy()
+        from_copy = copy is not None and copy.ready
+        weights_format = "safetensors" if from_copy else self._weights_format()
+        kwargs = self._placement_kwargs(device, weights_format)
         try:
-            model = self._from_pretrained(cls, dtype=DTYPES[self.entry.precision], **kwargs)
+            model = self._from_pretrained(cls, str(copy.folder) if from_copy else None,
+                                          dtype=DTYPES[self.entry.precision], **kwargs)
         except Exception as e:
             if self.entry.device_map not in DEVICE_MAP_STRATEGIES:
                 raise
@@ -232,17 +251,25 @@ class TransformersBackend(Backend):
             if "offload_folder" in text:
                 raise WeightsUnavailableError(
                     f"{key}: the model does not fit the memory of the devices, and transformers puts the rest on "
-                    f"disk only from safetensors weights ({self._weights_format() or 'none'} here): give the devices "
+                    f"disk only from safetensors weights ({weights_format or 'none'} here): give the devices "
                     f"more memory, or save the weights as safetensors") from e
             if any(part in text for part in _ALL_ON_DISK):
                 raise WeightsUnavailableError(f"{key}: no part of the model fits the memory of the devices, so all of "
                                               f"it would be on disk: give the devices more memory") from e
             raise
+        if from_copy:
+            log.info("models.%s: read the %s copy %s of the weights of %s", self.name, self.entry.precision,
+                     copy.folder, copy.what)
+        else:
+            weights_format = self._weights_format()  # after the load: a hub download is now in the snapshot
+            copy = self._converted_copy()
+            if copy is not None:  # for the next loads
+                copy.write()
         fallback = kwargs["device_map"] if isinstance(kwargs["device_map"], dict) else {"": str(with_index(device))}
         placement = placement_record(getattr(model, "hf_device_map", None) or fallback)  # accelerate always sets it
         return {"model": model, "device": input_device(placement), "dtype": DTYPES[self.entry.precision],
                 "compile": self.entry.compile, "autocast": self.entry.autocast, "placement": placement,
-                "weights_format": self._weights_format()}  # after the load: a hub download is now in the snapshot
+                "weights_format": weights_format}
 
 
 @register_backend("hf_clip")

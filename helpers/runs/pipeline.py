@@ -47,7 +47,7 @@ from ..infra.files import (
     read_yaml_or_none,
     remove_stale_temporaries,
 )
-from ..models import ModelHandle, WeightsUnavailableError, resolve_device
+from ..models import ModelHandle, WeightsUnavailableError, resolve_device, weights_cache
 from ..research.data import (
     DataError,
     ImageSet,
@@ -306,7 +306,8 @@ def encode_model_images(config: RunConfig, name: str, data: RunData, world: Worl
                         prompts: bool = False) -> None:
     """A rank's share of model `name`'s image encodes, every split and view, in the order `run_model` takes them
     (and with `prompts`, the prompts too, with the same loaded model)."""
-    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)),
+                         weights_cache(config.cache_dir))
     try:
         for split in data.splits:
             split_stores(handle, config, data, split, progress=progress, world=world)
@@ -326,7 +327,8 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
     if name not in config.models:
         raise KeyError(f"no model '{name}' in the config (models: {', '.join(config.models)})")
     data = data or load_run_data(config)
-    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)),
+                         weights_cache(config.cache_dir))
     out = model_dir(output_dir, name)
     started = time.perf_counter()
     try:
