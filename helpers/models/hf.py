@@ -153,11 +153,15 @@ class TransformersBackend(Backend):
         raise shards.missing_shards_error(key, what, index, missing, named, advice)
 
     tokenizer_class = "AutoTokenizer"
+    _tokenizer = None
 
     def tokenizer(self):
+        """The tokenizer from the model's files, read once (the prompt check and the encoder both use it)."""
         import transformers
 
-        return self._from_pretrained(getattr(transformers, self.tokenizer_class))
+        if self._tokenizer is None:
+            self._tokenizer = self._from_pretrained(getattr(transformers, self.tokenizer_class))
+        return self._tokenizer
 
     def context_length(self) -> int:
         """The text tower's position table (config.json), else what the tokenizer says."""
