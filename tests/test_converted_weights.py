@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -14,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from helpers.config import ModelEntry
-from helpers.models import ModelHandle, WeightsUnavailableError
+from helpers.models import ModelHandle, converted
 
 from .fixtures.eva_clip import REPO, REVISION
 from .fixtures.hub_cache import repo_folder
@@ -99,7 +101,10 @@ def test_a_copy_that_is_not_whole_or_came_from_other_shards_is_made_again(hub_of
     assert sources[-1] == str(tmp_path / COPY)
 
 
-def test_a_converted_shard_that_differs_from_its_source_is_never_put_in_place(hub_offline, tmp_path, monkeypatch):
+def test_a_converted_shard_that_differs_from_its_source_is_never_put_in_place(hub_offline, tmp_path, monkeypatch,
+                                                                             caplog, sources):
+    """The check of each converted shard against its source (here a conversion that alters a tensor): nothing of the
+    shard is kept, no record is written, and the run goes on with the model it loaded from the shards."""
     save_file = safetensors.torch.save_file
 
     def damaged(tensors, path, metadata=None):
@@ -107,8 +112,22 @@ def test_a_converted_shard_that_differs_from_its_source_is_never_put_in_place(hu
         save_file({**tensors, key: tensors[key] + 1}, path, metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", damaged)
-    with pytest.raises(WeightsUnavailableError, match=r"differs from that of .*pytorch_model-00001-of-"):
-        load(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="helpers"):
+        encoder = load(tmp_path)
+    assert encoder.weights_format == "pytorch"
+    [warning] = [m for m in caplog.messages if "no converted copy" in m]
+    assert re.search(r"differs from that of .*pytorch_model-00001-of-.*the next load reads the shards again", warning)
     copy = tmp_path / COPY
     assert not (copy / "converted_from.json").exists() and not list(copy.glob("*.safetensors"))
     assert not list(copy.glob(".*~*.tmp"))
+    load(tmp_path)
+    assert sources == [REPO, REPO]
+
+
+def test_a_disk_that_cannot_hold_the_copy_is_said_before_any_is_written(hub_offline, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(converted.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
+    with caplog.at_level(logging.WARNING, logger="helpers"):
+        load(tmp_path)
+    [warning] = [m for m in caplog.messages if "no converted copy" in m]
+    assert re.search(r"the copy needs about 0\.\d\d? GB and the disk has 0\.0 GB free", warning)
+    assert not any(p.is_file() for p in (tmp_path / COPY).iterdir() if p.name != ".lock")

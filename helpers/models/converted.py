@@ -15,6 +15,7 @@ the source holds now. Two processes converting at once (torchrun's ranks) take t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -90,8 +91,9 @@ class ConvertedCopy:
             if self.ready:
                 return
             (self.folder / RECORD).unlink(missing_ok=True)
-            self._copy_small_files()
             shards = source_shards(self.source)
+            self._check_space(shards)
+            self._copy_small_files()
             weight_map, total = {}, 0
             for number, shard in enumerate(shards, 1):
                 name = (f"model-{number:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
@@ -106,6 +108,16 @@ class ConvertedCopy:
             atomic_write_text(self.folder / RECORD, json.dumps(self.expected_record(), indent=2))
         log.info("converted the %s weights of %s into %s (%.2f GB of safetensors)", self.dtype, self.what,
                  self.folder, total / 1e9)
+
+    def _check_space(self, shards: list[str]) -> None:
+        """An OSError before any work when the disk cannot hold the copy (about the shards' size in their dtype's
+        share: half of fp32 shards for fp16)."""
+        share = torch.finfo(self.dtype).bits / 32 if self.dtype.is_floating_point else 1
+        needed = int(sum((self.source / name).stat().st_size for name in shards) * share)
+        free = shutil.disk_usage(self.folder).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"the copy needs about {needed / 1e9:.1f} GB and the disk has "
+                          f"{free / 1e9:.1f} GB free", str(self.folder))
 
     def _copy_small_files(self) -> None:
         """The config, remote code and tokenizer files: the copy is a model folder of its own."""

@@ -135,8 +135,8 @@ class TransformersBackend(Backend):
             repo, revision = self.entry.pretrained, self.entry.revision
             snapshot = Path(self._hub_file("config.json")).parent  # fails at once, offline without a snapshot
             online = host_reachable(hub_host())
-            files = shards.hub_revision_files(repo, revision) if online else shards.folder_files(snapshot)
             what, key = f"'{repo}' at revision {revision or 'main'}", f"models.{self.name}.revision"
+            files = shards.hub_revision_files(repo, revision, key) if online else shards.folder_files(snapshot)
         index = shards.weights_index_name(files)
         if index is None:
             return
@@ -267,8 +267,12 @@ class TransformersBackend(Backend):
         else:
             weights_format = self._weights_format()  # after the load: a hub download is now in the snapshot
             copy = self._converted_copy()
-            if copy is not None:  # for the next loads
-                copy.write()
+            if copy is not None:  # for the next loads; without it they read the shards again, as this one did
+                try:
+                    copy.write()
+                except (OSError, WeightsUnavailableError) as e:
+                    log.warning("models.%s: no converted copy of the weights was kept (%s); the next load reads "
+                                "the shards again (convert_weights: false says not to try)", self.name, e)
         fallback = kwargs["device_map"] if isinstance(kwargs["device_map"], dict) else {"": str(with_index(device))}
         placement = placement_record(getattr(model, "hf_device_map", None) or fallback)  # accelerate always sets it
         return {"model": model, "device": input_device(placement), "dtype": DTYPES[self.entry.precision],

@@ -45,10 +45,19 @@ def folder_files(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
-def hub_revision_files(repo: str, revision: str | None) -> set[str]:
+def hub_revision_files(repo: str, revision: str | None, key: str) -> set[str]:
+    """The files the hub lists for `repo` at `revision`; a repo or revision it does not know is one error."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    return set(HfApi().list_repo_files(repo, revision=revision))
+    try:
+        return set(HfApi().list_repo_files(repo, revision=revision))
+    except RevisionNotFoundError as e:
+        raise WeightsUnavailableError(f"{key}: the hub has no revision {revision} of '{repo}': pin one of its "
+                                      "commits") from e
+    except RepositoryNotFoundError as e:
+        raise WeightsUnavailableError(f"{key}: the hub has no repository '{repo}' (or it is private: log in with "
+                                      "`hf auth login`)") from e
 
 
 def cached_complete_revisions(repo: str, shards: list[str]) -> list[str]:
