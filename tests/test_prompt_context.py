@@ -5,6 +5,7 @@ EVA-CLIP's remote code would fail deep inside on a 77-row position table; `trunc
 
 from __future__ import annotations
 
+import logging
 import re
 
 import open_clip
@@ -17,6 +18,8 @@ from helpers.config import ConfigError
 from helpers.models import Encoder, ModelHandle
 from helpers.research.prompts import load_prompts
 from helpers.runs.pipeline import predict
+
+from .conftest import CLASSES
 
 LONG = "a photo of a {c} " + "seen through a very blurry window on a rainy day " * 8
 
@@ -77,3 +80,12 @@ def test_truncate_true_accepts_open_clips_cut(make_config, long_prompts, tmp_pat
         expected = handle.encoder.model.encode_text(ids)
     torch.testing.assert_close(features, expected / expected.norm(dim=-1, keepdim=True), rtol=0, atol=0)
 
+
+
+def test_the_check_leaves_the_root_logger_without_a_handler(make_config, monkeypatch):
+    """open_clip's tokenizer logs through `logging.info`, which gives a handler-less root logger a stderr handler: in
+    a notebook's kernel every INFO record of the workbench would then be printed again, in red."""
+    monkeypatch.setattr(logging.root, "handlers", [])
+    config = make_config()
+    ModelHandle("a", config.models["a"], "cpu").check_prompts(load_prompts("winner", CLASSES))
+    assert logging.root.handlers == []

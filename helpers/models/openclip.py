@@ -307,10 +307,13 @@ class OpenClipBackend(Backend):
     def tokenizer(self):
         import open_clip
 
-        if self.local_dir is not None:
-            return open_clip.get_tokenizer(self.entry.pretrained)
-        # an architecture file is read each time: it may have changed
-        return open_clip.get_tokenizer(self.arch) if self.arch != self.entry.arch else _shipped_tokenizer(self.arch)
+        with root_logger_kept():
+            if self.local_dir is not None:
+                return open_clip.get_tokenizer(self.entry.pretrained)
+            # an architecture file is read each time: it may have changed
+            if self.arch != self.entry.arch:
+                return open_clip.get_tokenizer(self.arch)
+            return _shipped_tokenizer(self.arch)
 
     def context_length(self) -> int:
         return self.tokenizer().context_length
