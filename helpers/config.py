@@ -109,6 +109,12 @@ class ModelEntry:
     # with a spreading device_map: the most each device may take, e.g. {0: 70GiB, 1: 70GiB, cpu: 100GiB}; keys are
     # GPU indices, cpu or disk (stored as strings), sizes as accelerate writes them (GiB, MiB, KiB, GB, MB, KB)
     max_memory: dict[str | int, str] | None = None
+    # hf_clip, eva_clip with pickled weights (.bin shards): after the first load, a safetensors copy in `precision` in
+    # <cache_dir>/weights, read by every later load (memory-mapped, nothing cast); false: read the pickles each time
+    convert_weights: bool = True
+    # a prompt longer than the model's context (77 tokens for CLIP's): an error before anything is encoded (false),
+    # or cut to the context keeping its end token (true: what open_clip's tokenizer does silently)
+    truncate: bool = False
     mean: list[float] | None = None  # normalisation; default: the model's own
     std: list[float] | None = None
 

@@ -254,3 +254,89 @@ SLOWEST_MODULES = ("test_slurm.py", "test_notebooks.py", "test_sweep.py", "test_
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# --- EVA-CLIP's own remote code at tiny sizes (tests/fixtures/eva_clip.py): built once per session
+
+
+@pytest.fixture(scope="session")
+def remote_code_modules(tmp_path_factory):
+    """transformers copies remote code into its modules cache before importing it: here a folder of the session's
+    (also for the processes the tests start)."""
+    from transformers import dynamic_module_utils
+
+    folder = str(tmp_path_factory.mktemp("hf_modules"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", folder)
+        patch.setenv("HF_MODULES_CACHE", folder)
+        yield folder
+
+
+@pytest.fixture(scope="session")
+def eva_clip_dir(tmp_path_factory, remote_code_modules) -> Path:
+    """A local folder of a tiny EVA-CLIP of the real remote code (seed 0), its weights in model.safetensors."""
+    from .fixtures.eva_clip import REFERENCE, build_safetensors_folder, tiny_config
+
+    require_shared(REFERENCE)
+    return build_safetensors_folder(tmp_path_factory.mktemp("eva_clip") / "EVA-CLIP-tiny", tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def eva_clip_hub_cache(tmp_path_factory, remote_code_modules) -> Path:
+    """A hub cache that holds BAAI/EVA-CLIP-18B at the winner's revision: the same tiny model as eva_clip_dir, as the
+    repository holds it (fp32 .bin shards and their index, remote code, config.json, tokenizer files)."""
+    from .fixtures.eva_clip import REFERENCE, REPO, REVISION, build_sharded_bin_folder, tiny_config
+    from .fixtures.hub_cache import write_snapshot
+
+    require_shared(REFERENCE)
+    tmp = tmp_path_factory.mktemp("eva_clip_hub")
+    repository = build_sharded_bin_folder(tmp / "repository", tiny_config(), seed=0, max_shard_size="4MB")
+    write_snapshot(tmp / "hub", REPO, REVISION, {p.name: p for p in sorted(repository.iterdir())})
+    return tmp / "hub"
+
+
+@pytest.fixture
+def hub_offline(monkeypatch, eva_clip_hub_cache) -> Path:
+    """The hub offline (HF_HUB_OFFLINE=1, as read at import by huggingface_hub and transformers too) and its cache
+    the one that holds the tiny BAAI/EVA-CLIP-18B (returned)."""
+    from huggingface_hub import constants
+    from transformers.utils import hub
+
+    from helpers import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(eva_clip_hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(eva_clip_hub_cache))
+    monkeypatch.setattr(hub, "_is_offline_mode", True)
+    monkeypatch.setattr(hub, "TRANSFORMERS_CACHE", str(eva_clip_hub_cache))
+    monkeypatch.setattr(models.checkpoints, "_reachable", {})
+    return eva_clip_hub_cache
+
+
+# --- the winner's CUDA autocast, on the CPU (tests/test_fp16_arithmetic.py)
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _float32_like_cuda(op):
+    """An AutocastCPU kernel with CUDA autocast's `fp32_set_opt_dtype` policy: low-precision inputs are reduced in,
+    and give, float32."""
+    def kernel(x, *args, dtype=None, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+            return op(x, *args, dtype=torch.float32 if dtype is None and x.dtype in LOW_PRECISION else dtype,
+                      **kwargs)
+    return kernel
+
+
+@pytest.fixture
+def cuda_autocast_on_cpu(monkeypatch):
+    """The winner's `torch.cuda.amp.autocast()` and the workbench's `autocast: true` both autocast to fp16 on the
+    CPU, with CUDA's policy for `x.norm(...)` (linalg_vector_norm) and `softmax`."""
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("linalg_vector_norm", _float32_like_cuda(torch.ops.aten.linalg_vector_norm.default), "AutocastCPU")
+    library.impl("softmax.int", _float32_like_cuda(torch.ops.aten.softmax.int), "AutocastCPU")
+    monkeypatch.setattr(device, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(torch.cuda.amp, "autocast", lambda: torch.autocast("cpu", dtype=torch.float16))
+    yield
+    library._destroy()

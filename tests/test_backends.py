@@ -1,10 +1,11 @@
 """Every model backend of helpers.models, for real, on tiny randomly initialised models that the tests save to
 local files: open_clip (architecture JSON + checkpoint file, local-dir:, random weights, pickled checkpoints),
-hf_clip (a CLIPModel folder) and eva_clip (a folder whose config.json `auto_map` points at remote code, loaded with
-trust_remote_code as EVA-CLIP is). Tags and hub ids are checked offline: they must fail at once, with a message
-that says what is missing, where it was looked for and how to give a local copy. Unusable model files (not a
-checkpoint, cut short, of another architecture, malformed JSON, a folder, unreadable) fail on one line that names the
-setting, the file, what is wrong and what to do; before any work wherever the file itself shows it. hf_clip and
+hf_clip (a CLIPModel folder) and eva_clip (EVA-CLIP-18B's own remote code at tiny sizes, named in config.json's
+`auto_map` and loaded with trust_remote_code: tests/fixtures/eva_clip.py; its own tests in tests/test_eva_clip.py).
+Tags and hub ids are checked offline: they must fail at once, with a message that says what is missing, where it
+was looked for and how to give a local copy. Unusable model files (not a checkpoint, cut short, of another
+architecture, malformed JSON, a folder, unreadable) fail on one line that names the setting, the file, what is wrong
+and what to do; before any work wherever the file itself shows it. hf_clip and
 eva_clip load straight onto their devices (a device map always, safetensors only where there are safetensors), and
 every encoder records where each part of the model went, what the weights were read from and how long it took.
 
@@ -20,6 +21,7 @@ import copy
 import errno
 import io
 import json
+import logging
 import random
 import re
 import shutil
@@ -30,7 +32,7 @@ import open_clip
 import pytest
 import safetensors.torch
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedModel, dynamic_module_utils
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, PreTrainedModel
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from helpers import models
@@ -39,7 +41,6 @@ from helpers.models import BACKENDS, ModelHandle, WeightsUnavailableError
 from helpers.research.steps import OPENAI_MEAN
 
 from .conftest import TINY_ARCH, save_open_clip_checkpoint
-from .fixtures.tiny_eva import TinyEvaConfig, TinyEvaModel
 
 PIXELS = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 TEXTS = ["a photo of a glacier.", "a busy street"]
@@ -103,11 +104,6 @@ def tiny_hf_clip(tokenizer: CLIPTokenizer, seed: int = 0) -> CLIPModel:
     return CLIPModel(tiny_clip_config(tokenizer)).eval()
 
 
-def tiny_eva(seed: int = 0) -> TinyEvaModel:
-    torch.manual_seed(seed)
-    return TinyEvaModel(TinyEvaConfig(embed_dim=EMBED_DIM["eva_clip"])).eval()
-
-
 @pytest.fixture(scope="session")
 def clip_tokenizer(tmp_path_factory) -> CLIPTokenizer:
     """A CLIPTokenizer without merges: every byte-level character, alone and word-final, plus the two specials."""
@@ -144,20 +140,6 @@ def hf_clip_bin_dir(tmp_path_factory, clip_tokenizer) -> Path:
     tiny_hf_clip(clip_tokenizer).save_pretrained(folder, safe_serialization=False)
     clip_tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="session")
-def eva_clip_dir(tmp_path_factory, clip_tokenizer) -> Path:
-    """tiny_eva.py is copied into the folder and named in config.json's auto_map; transformers imports it from its
-    modules cache, redirected here to a temporary folder."""
-    folder = tmp_path_factory.mktemp("eva_clip_dir")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
-        TinyEvaConfig.register_for_auto_class()
-        TinyEvaModel.register_for_auto_class("AutoModel")
-        tiny_eva().save_pretrained(folder)
-        clip_tokenizer.save_pretrained(folder)
-        yield folder
 
 
 @pytest.fixture
@@ -234,7 +216,7 @@ CONFIG_ONLY = {  # a model folder whose config says image_size 96, with no weigh
     "hf_clip": lambda folder: _transformers_config_only(
         "hf_clip", {"model_type": "clip", "vision_config": {"image_size": 96, "patch_size": 32}}, folder),
     "eva_clip": lambda folder: _transformers_config_only(
-        "eva_clip", {"model_type": "tiny_eva", "vision_config": {"image_size": 96}}, folder),
+        "eva_clip", {"model_type": "clip", "vision_config": {"image_size": 96}}, folder),
 }
 
 
@@ -558,28 +540,7 @@ def test_hf_clip_refuses_random_weights():
         load(make_handle("hf_clip", "random"))
 
 
-# --- eva_clip ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_eva_clip_runs_the_remote_code(eva_clip_dir, clip_tokenizer, precision):
-    handle = make_handle("eva_clip", eva_clip_dir, precision=precision)
-    images, texts = handle.encoder.encode_images(PIXELS), handle.encoder.encode_texts(TEXTS)
-    model = handle.encoder.model
-    assert type(model).__module__.startswith("transformers_modules.") and type(model) is not TinyEvaModel
-    assert model.patch_embed.weight.dtype == models.DTYPES[precision]
-    assert_unit_features(images, (2, EMBED_DIM["eva_clip"]))
-    assert_unit_features(texts, (2, EMBED_DIM["eva_clip"]))
-
-    reference = tiny_eva()
-    ids = clip_tokenizer(TEXTS, padding=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        expected_images, expected_texts = unit(reference.encode_image(PIXELS)), unit(reference.encode_text(ids))
-        by_hand = unit(model.encode_image(PIXELS.to(model.dtype)))
-    tolerance = {"rtol": 0, "atol": 1e-6} if precision == "fp32" else {"rtol": 0, "atol": 5e-3}
-    torch.testing.assert_close(images, by_hand, **tolerance)
-    torch.testing.assert_close(images, expected_images, **tolerance)
-    torch.testing.assert_close(texts, expected_texts, **tolerance)
+# --- eva_clip (its real remote code: tests/test_eva_clip.py) -------------------------------------------------------
 
 
 def test_eva_clip_hub_id_needs_a_revision(tmp_path):
@@ -684,8 +645,9 @@ def test_pytorch_weights_load_without_use_safetensors(hf_clip_bin_dir, hf_clip_d
 
 @pytest.mark.parametrize("backend", TRANSFORMERS_BACKENDS)
 @pytest.mark.parametrize("device_map", ["auto", "balanced", "balanced_low_0", "sequential"])
-def test_device_map_and_max_memory_reach_from_pretrained(backend, device_map, request, from_pretrained):
-    """What a two-GPU machine would be given (stopped before loading: there are no GPUs here)."""
+def test_device_map_and_max_memory_reach_from_pretrained(backend, device_map, request, from_pretrained, caplog):
+    """What a two-GPU machine would be given (stopped before loading: there are no GPUs here): the strategy's map,
+    built by the workbench and printed (tests/test_placement.py: at EVA-CLIP-18B's full sizes)."""
     entry = config_from_dict({
         "name": "t", "data": {"test": "/x"},
         "models": {"m": {"backend": backend, "pretrained": str(request.getfixturevalue(f"{backend}_dir")),
@@ -693,10 +655,12 @@ def test_device_map_and_max_memory_reach_from_pretrained(backend, device_map, re
     }).models["m"]
     assert entry.max_memory == {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}
     from_pretrained.stop = True
-    with pytest.raises(Stop):
+    with pytest.raises(Stop), caplog.at_level(logging.INFO, logger="helpers"):
         load(ModelHandle("m", entry, device="cpu"))
     kwargs = from_pretrained.calls[0]
-    assert kwargs["device_map"] == device_map
+    planned = ModelHandle("m", entry, device="cpu").backend.placement(kwargs["max_memory"])
+    assert kwargs["device_map"] == planned.device_map and set(planned.device_map.values()) <= {0, 1}
+    assert f"models.m: {planned.describe()}" in caplog.messages
     assert kwargs["max_memory"] == {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}
     assert kwargs["low_cpu_mem_usage"] is True and kwargs["use_safetensors"] is True
     assert entry.max_memory == {"0": "70GiB", "1": "70GiB", "cpu": "100GiB"}, "the entry itself is left as it was"

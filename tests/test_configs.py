@@ -36,7 +36,7 @@ def test_the_winner_config_is_the_winning_solution():
     assert (meta.backend, meta.arch, meta.pretrained, meta.sharpness) == (
         "open_clip", "ViT-bigG-14-quickgelu", "metaclip_fullcc", 2.3)
     assert (eva.backend, eva.pretrained, eva.revision, eva.sharpness, eva.precision) == (
-        "eva_clip", "BAAI/EVA-CLIP-18B", "ac8597aed12b1ecf2eda2130d0458bb1a0b50011", 2.0, "fp16")
+        "eva_clip", "BAAI/EVA-CLIP-18B", "36bce190dbcec6baf4d28a8ae43b05362196e4be", 2.0, "fp16")
     assert (meta.precision, meta.autocast, eva.autocast) == ("fp32", True, True)  # SPEC 6: under autocast
     assert config.scoring == "joint_softmax_mean" and config.logit_scale == 100
     assert config.ensemble.weights == {"metaclip": 0.5, "eva": 0.5}
@@ -49,6 +49,6 @@ def test_reproduce_offline_stops_at_once_with_the_message_for_every_model(tmp_pa
                             capture_output=True, text=True, cwd=PROJECT_ROOT, env=env, timeout=120)
     assert result.returncode == 2
     for part in ("models.metaclip", "ViT-bigG-14-quickgelu 'metaclip_fullcc'", "models.eva",
-                 "'BAAI/EVA-CLIP-18B' at revision ac8597aed12b1ecf2eda2130d0458bb1a0b50011", "local-dir:"):
+                 "'BAAI/EVA-CLIP-18B' at revision 36bce190dbcec6baf4d28a8ae43b05362196e4be", "local-dir:"):
         assert part in result.stderr
     assert not Path(tmp_path / "run").exists()  # no work was done

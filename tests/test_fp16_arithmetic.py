@@ -12,10 +12,8 @@ import runpy
 
 import numpy as np
 import open_clip
-import pytest
 import torch
 
-from helpers import models
 from helpers.models import ModelHandle
 from helpers.research import oracle
 from helpers.research.scoring import FLOAT32, LogitArithmetic, joint_softmax_probs, scaled_logits
@@ -23,31 +21,6 @@ from helpers.runs.outputs import PROJECT_ROOT, read_submission
 from helpers.runs.pipeline import predict
 
 from .conftest import CLASSES, SCENE_IDS
-
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _float32_like_cuda(op):
-    """An AutocastCPU kernel with CUDA autocast's `fp32_set_opt_dtype` policy: low-precision inputs are reduced in,
-    and give, float32."""
-    def kernel(x, *args, dtype=None, **kwargs):
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
-            return op(x, *args, dtype=torch.float32 if dtype is None and x.dtype in LOW_PRECISION else dtype,
-                      **kwargs)
-    return kernel
-
-
-@pytest.fixture
-def cuda_autocast_on_cpu(monkeypatch):
-    """The winner's `torch.cuda.amp.autocast()` and the workbench's `autocast: true` both autocast to fp16 on the
-    CPU, with CUDA's policy for `x.norm(...)` (linalg_vector_norm) and `softmax`."""
-    library = torch.library.Library("aten", "IMPL")
-    library.impl("linalg_vector_norm", _float32_like_cuda(torch.ops.aten.linalg_vector_norm.default), "AutocastCPU")
-    library.impl("softmax.int", _float32_like_cuda(torch.ops.aten.softmax.int), "AutocastCPU")
-    monkeypatch.setattr(models.device, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(torch.cuda.amp, "autocast", lambda: torch.autocast("cpu", dtype=torch.float16))
-    yield
-    library._destroy()
 
 
 def _loop_probs(scene_dir, tiny_arch, tiny_checkpoints) -> list[np.ndarray]:

@@ -4,6 +4,8 @@
     python -m helpers.bench store --rows 1000000 --dim 1280      (the embedding store: see its --help)
     python -m helpers.bench transductive [--rows 8100]            (the transductive methods: see its --help)
     python -m helpers.bench restoration [--config configs/demo.yaml]   (restoring the dev set's blur: its --help)
+    python -m helpers.bench load                                 (EVA-CLIP's weights: fp32 .bin shards against the
+                                                                  converted fp16 copy; see its --help)
 
 A randomly initialised model (the compute is the real architecture's) reads the first N challenge images.
 Printed, and written to a JSON file whose copy is the last line of the output:
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 The package: `runners` measures (each function one figure), `report` runs them in order and assembles the report,
 `store` is the embedding store's benchmark, `transductive` the transductive methods', `restoration` the restoration
-steps' against the dev set's clean photos.
+steps' against the dev set's clean photos, `load` the model-loading one (`eva_checkpoint` builds its checkpoint).
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         from .restoration import restoration_main
 
         restoration_main(argv[1:])
+        return
+    if argv[:1] == ["load"]:
+        from .load import load_main
+
+        load_main(argv[1:])
         return
     from .report import encoding_main
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+from pathlib import Path
 
 import torch
 
-from ..config import ModelEntry
+from ..config import ConfigError, ModelEntry
+from ..research.prompts import PromptSet
 from ..research.scoring import FLOAT32, LogitArithmetic
 from ..research.steps import Preprocess, sharpened
 from .backend import BACKENDS, Backend, register_backend
@@ -24,15 +26,23 @@ from .device import DTYPES, autocasts_on, resolve_device, resolve_precision, wei
 from .encoder import Encoder
 
 
+def weights_cache(cache_dir: str | Path) -> Path:
+    """Where a run's converted copies of model weights are kept: beside its embeddings, in the run's cache."""
+    return Path(cache_dir) / "weights"
+
+
 class ModelHandle:
     """One model entry of a run: identity and preprocessing at once, the model itself only when first needed."""
 
-    def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto"):
+    def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto",
+                 weights_cache: str | Path | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.precision_setting = entry.precision  # `entry.precision` is what it means here (`auto` resolved)
         self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(
             entry.precision, weights_device(entry, self.device)))
         self.backend = BACKENDS[entry.backend](name, self.entry)
+        # where converted copies of the weights are kept (`converted`): the run's cache, else none is made
+        self.backend.weights_cache = Path(weights_cache) if weights_cache is not None else None
         self._encoder: Encoder | None = None
 
     @property
@@ -83,6 +93,21 @@ class ModelHandle:
     def check_weights(self) -> None:
         self.backend.check_weights()
 
+    def check_prompts(self, prompts: PromptSet) -> None:
+        """Every prompt fits the model's context, unless the entry says `truncate: true`; else one error that names
+        the first prompt that does not, its group, its length and the limit (the tokenizer only: loads no model)."""
+        if self.entry.truncate:
+            return
+        limit = self.backend.context_length()
+        too_long = [(p, n) for p, n in zip(prompts.prompts, self.backend.token_counts(prompts.texts)) if n > limit]
+        if too_long:
+            (prompt, tokens), others = too_long[0], len(too_long) - 1
+            more = f" (and {others} more prompt{'s' * (others > 1)})" if others else ""
+            raise ConfigError(
+                f"prompts: '{prompt.text}' (group {prompt.group}, class {prompts.classes[prompt.class_index]}) is "
+                f"{tokens} tokens, more than the {limit} of model {self.name}'s context{more}: shorten it, or set "
+                f"models.{self.name}.truncate: true to cut such prompts to {limit} tokens")
+
     @property
     def loaded(self) -> bool:
         return self._encoder is not None
@@ -106,4 +131,4 @@ class ModelHandle:
 
 
 __all__ = ["BACKENDS", "DTYPES", "Backend", "Encoder", "ModelHandle",
-           "WeightsUnavailableError", "register_backend", "resolve_device", "resolve_precision"]
+           "WeightsUnavailableError", "register_backend", "resolve_device", "resolve_precision", "weights_cache"]

@@ -34,6 +34,7 @@ class Backend:
 
     # the entry keys only some backends take: each backend that takes one says so
     places_weights = False  # device_map and max_memory: from_pretrained places the weights on the devices
+    weights_cache: Path | None = None  # where a backend may keep converted copies of the weights (ModelHandle's)
 
     def __init__(self, name: str, entry: ModelEntry):
         self.name, self.entry = name, entry
@@ -78,6 +79,18 @@ class Backend:
         return view(steps, size, mean, std)
 
     def _defaults(self) -> tuple[int, tuple, tuple]:
+        raise NotImplementedError
+
+    def tokenizer(self):
+        """The model's tokenizer, without the model (its files only)."""
+        raise NotImplementedError
+
+    def context_length(self) -> int:
+        """The most tokens the text tower takes, its start and end tokens included (its position table)."""
+        raise NotImplementedError
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """How many tokens each text is, its start and end tokens included, before any cut to the context."""
         raise NotImplementedError
 
     def check_weights(self) -> None:

@@ -3,6 +3,7 @@ weights, or random ones."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -286,7 +287,6 @@ class OpenClipBackend(Backend):
             with torch.random.fork_rng(devices=[]), warnings_silenced():
                 torch.manual_seed(self.entry.seed)
                 model = open_clip.create_model(self.arch, pretrained=None, device=device)
-            tokenizer = open_clip.get_tokenizer(self.arch)
         else:
             weights = self._weights_file()  # before the model is built: a large one takes minutes
             # open_clip finds a local-dir:'s file itself (the one _weights_file checked)
@@ -299,10 +299,31 @@ class OpenClipBackend(Backend):
                 if problem is None:
                     raise
                 raise WeightsUnavailableError(f"models.{self.name}.pretrained: {weights} {problem}") from e
-            tokenizer = open_clip.get_tokenizer(model_name)
         dtype = DTYPES[self.entry.precision]
-        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, tokenizer, self.entry.compile,
-                               self.entry.autocast, weights_format=_open_clip_weights_format(weights))
+        return OpenClipEncoder(model.to(device=device, dtype=dtype), device, dtype, self.tokenizer(),
+                               self.entry.compile, self.entry.autocast,
+                               weights_format=_open_clip_weights_format(weights))
+
+    def tokenizer(self):
+        import open_clip
+
+        with root_logger_kept():
+            if self.local_dir is not None:
+                return open_clip.get_tokenizer(self.entry.pretrained)
+            # an architecture file is read each time: it may have changed
+            if self.arch != self.entry.arch:
+                return open_clip.get_tokenizer(self.arch)
+            return _shipped_tokenizer(self.arch)
+
+    def context_length(self) -> int:
+        return self.tokenizer().context_length
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        tokenizer = self.tokenizer()
+        if hasattr(tokenizer, "encode"):  # CLIP's BPE (SimpleTokenizer): its ids, then start and end of text
+            return [len(tokenizer.encode(text)) + 2 for text in texts]
+        clean = getattr(tokenizer, "clean_fn", str)  # a transformers tokenizer inside, given the cleaned text
+        return [len(tokenizer.tokenizer(clean(text)).input_ids) for text in texts]
 
     def _loading_problem(self, error: Exception) -> str | None:
         """What open_clip's failure to load the weights file says about the file, on one line (None: not the file)."""
@@ -322,6 +343,15 @@ class OpenClipBackend(Backend):
         if isinstance(error, EOFError) or text.startswith(TORCH_READ_ERRORS):  # an EOFError may say nothing
             return f"is not a readable checkpoint ({first_sentence(text) or type(error).__name__}): {TRUNCATED}"
         return None
+
+
+@functools.lru_cache(maxsize=16)
+def _shipped_tokenizer(arch: str):
+    """open_clip's tokenizer of an architecture it ships, built once: the prompt check and the model both need it,
+    and it reads CLIP's BPE vocabulary (0.15 s)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(arch)
 
 
 def _open_clip_weights_format(path: str | None) -> str | None:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..config import RunConfig, restoration_views
 from ..infra.cache import encode_texts
-from ..models import ModelHandle
+from ..models import ModelHandle, weights_cache
 from ..runs.pipeline import (
     RunData,
     ensemble_split,
@@ -102,7 +102,7 @@ def load_model_embeddings(config: RunConfig, name: str, split: str = "dev", data
     data = data or load_run_data(config)
     if split not in data.splits or data.splits[split].labels is None:
         raise ValueError(f"no labeled split '{split}' in the config (data.dev gives one)")
-    handle = ModelHandle(name, config.models[name], config.device)
+    handle = ModelHandle(name, config.models[name], config.device, weights_cache(config.cache_dir))
     try:
         text = encode_texts(handle, data.prompts.texts, config.cache_dir)
         image = split_embeddings(handle, config, data, split, progress=progress)
@@ -149,7 +149,7 @@ def sharpness_ablation(config: RunConfig, name: str, factors: list, split: str =
         raise ValueError(f"split '{split}' has no labels")
     configured = config.models[name].sharpness
     reference = _factor_name(configured) if configured in factors else _factor_name(factors[0])
-    handle = ModelHandle(name, config.models[name], config.device)
+    handle = ModelHandle(name, config.models[name], config.device, weights_cache(config.cache_dir))
     predictions = {}
     try:
         text = encode_texts(handle, data.prompts.texts, config.cache_dir)
@@ -182,7 +182,7 @@ def preprocessing_ablation(config: RunConfig, name: str, split: str = "dev", dat
     labels = data.splits[split].labels
     if labels is None:
         raise ValueError(f"split '{split}' has no labels")
-    handle = ModelHandle(name, config.models[name], config.device)
+    handle = ModelHandle(name, config.models[name], config.device, weights_cache(config.cache_dir))
     settings = {"configured": ("configured", handle.views)}
     for factor in config.analysis.sharpness_grid:
         views = [handle.sharpened_view(f) for f in (factor if isinstance(factor, list) else [factor])]

@@ -47,7 +47,7 @@ from ..infra.files import (
     read_yaml_or_none,
     remove_stale_temporaries,
 )
-from ..models import ModelHandle, WeightsUnavailableError, resolve_device
+from ..models import ModelHandle, WeightsUnavailableError, resolve_device, weights_cache
 from ..research.data import (
     DataError,
     ImageSet,
@@ -168,6 +168,7 @@ def load_run_data(config: RunConfig, progress: bool = False, recorded_in: str | 
         build_missing_dev_set(dev, classes, progress)
         splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
     prompts = load_prompts(config.prompts, classes)
+    check_prompts(config, prompts)  # before the images are read
     recorded = (read_json_or_none(Path(recorded_in) / RUN_DATA, dict) or {}) if recorded_in is not None else {}
     problems, checks = {}, {}
     for name, images in splits.items():
@@ -305,7 +306,8 @@ def encode_model_images(config: RunConfig, name: str, data: RunData, world: Worl
                         prompts: bool = False) -> None:
     """A rank's share of model `name`'s image encodes, every split and view, in the order `run_model` takes them
     (and with `prompts`, the prompts too, with the same loaded model)."""
-    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)),
+                         weights_cache(config.cache_dir))
     try:
         for split in data.splits:
             split_stores(handle, config, data, split, progress=progress, world=world)
@@ -325,7 +327,8 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
     if name not in config.models:
         raise KeyError(f"no model '{name}' in the config (models: {', '.join(config.models)})")
     data = data or load_run_data(config)
-    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)))
+    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)),
+                         weights_cache(config.cache_dir))
     out = model_dir(output_dir, name)
     started = time.perf_counter()
     try:
@@ -584,6 +587,12 @@ def check_models(config: RunConfig) -> None:
             problems.append(str(e))
     if problems:
         raise WeightsUnavailableError(" | ".join(problems))
+
+
+def check_prompts(config: RunConfig, prompts: PromptSet) -> None:
+    """Before anything is encoded: every prompt fits the context of every model (or its entry says `truncate`)."""
+    for name, entry in config.models.items():
+        ModelHandle(name, entry, config.device).check_prompts(prompts)
 
 
 def check_paths(config: RunConfig, output_dir: str | Path) -> None:
