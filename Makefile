@@ -41,10 +41,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 		(apt-get update -q >/dev/null && $(APT_INSTALL) slurm-wlm munge >/dev/null)
 	touch $@
 
-# The lint first (a second), then one worker per core (pytest-xdist), a test module per worker at a time (its
+# The lint first (a second), then one worker per core and one more (pytest-xdist: the Slurm, JupyterLab and
+# torchrun tests spend much of their time waiting on other processes), a test module per worker at a time (its
 # fixtures are built once); the 15 slowest tests are listed at the end.
 test: lint
-	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations 15
+	$(BIN)/python -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadscope --durations 15
 
 lint: setup
 	$(BIN)/ruff check helpers tests checks notebooks tools

@@ -65,7 +65,7 @@ def test_prompt_and_scoring_ablations_run_from_cached_embeddings(dev_config, cou
     counts = groups.set_index("variant")["prompts"]
     assert counts["all groups"] == 312 and counts["only name"] == 6 and counts["without descriptions"] == 294
     modes = scoring_mode_ablation(emb)
-    assert modes["variant"].tolist() == ["joint_softmax_mean", "prototype", "mean_logit"]
+    assert modes["variant"].tolist() == ["joint_softmax_mean", "mean_logit", "prototype"]  # the reference first
     # the reference row is the accuracy predict reports
     expected = score("joint_softmax_mean", emb.image[0], emb.text, emb.prompts.class_index, 6).labels
     assert groups.iloc[0]["accuracy"] == pytest.approx(np.mean(expected == emb.labels))

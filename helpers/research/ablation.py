@@ -132,7 +132,8 @@ def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_me
 def scoring_mode_ablation(emb: ModelEmbeddings, logit_scale: float = 100.0,
                           reference: str = "joint_softmax_mean") -> pd.DataFrame:
     idx = np.arange(len(emb.prompts.prompts))
-    return compare_predictions(emb.labels, {m: emb.predict(idx, m, logit_scale) for m in SCORERS.names()}, reference)
+    modes = [reference, *(m for m in SCORERS.names() if m != reference)]  # the reference's row first
+    return compare_predictions(emb.labels, {m: emb.predict(idx, m, logit_scale) for m in modes}, reference)
 
 
 def _factor_name(factor) -> str:
