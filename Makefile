@@ -33,8 +33,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m helpers install-kernel
 	@# headless Chromium for the JupyterLab test (tests/test_lab.py), from Debian's packages where it is missing
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
-		apt-get install -y -q chromium >/dev/null || \
-		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)
+		$(APT_INSTALL) chromium >/dev/null || (apt-get update -q >/dev/null && $(APT_INSTALL) chromium >/dev/null)
 	@# Slurm and munge for the single-node cluster of the Slurm tests (tests/slurm_cluster.py), the same way
 	[ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
 		$(APT_INSTALL) slurm-wlm munge >/dev/null || \
