@@ -18,7 +18,6 @@ printed is the JSON report.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 from ..config import ModelEntry
 from ..models import ModelHandle
-from . import cpu_model, proc_status_bytes, timed
+from . import cpu_model, proc_status_bytes, timed, write_report
 from .eva_checkpoint import DEFAULT_REFERENCE, build_checkpoint, sized_config
 
 LOAD_TARGET = 4.0  # the issue's: loading from the copy at least 4x faster than from the fp32 shards
@@ -116,8 +115,4 @@ def load_main(argv: list[str]) -> None:
     parser.add_argument("--tmp", help="where the checkpoint and its copy are written (default: the system's)")
     parser.add_argument("--out", default="outputs/bench/bench-load.json", help="JSON file")
     args = parser.parse_args(argv)
-    report = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
+    write_report(run(args), Path(args.out))

@@ -5,7 +5,6 @@ object (also written to --out)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ..research.restoration import degraded_pairs, restoration_table, step_rate
 from ..research.steps import Step
 from ..research.steps.restore import RichardsonLucy, UnsharpMask, Wiener
 from ..research.steps.standard import Sharpen
-from . import cpu_model
+from . import cpu_model, write_report
 
 WINNER = "sharpen factor=2.3 (the winner's)"
 BLURRED = "none (the blurred input)"
@@ -91,8 +90,4 @@ def restoration_main(argv: list[str]) -> None:
           f"(periodic edges: {rates['wiener_periodic_images_per_s']:.0f}, "
           f"{rates['wiener_periodic_images_per_cpu_s']:.0f}); load average {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} cores")
-    out = Path(args.out or PROJECT_ROOT / "outputs" / "bench" / "restoration.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
-    print(json.dumps(report))
+    write_report(report, Path(args.out or PROJECT_ROOT / "outputs" / "bench" / "restoration.json"))
