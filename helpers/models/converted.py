@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..infra.files import atomic_file, atomic_write_text
+from ..infra.files import atomic_file, atomic_write_text, read_json_or_none
 from .checkpoints import WeightsUnavailableError
+from .shards import indexed_shards
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def source_shards(folder: Path) -> list[str]:
 
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
-        return sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+        return indexed_shards(index, str(folder))
     return [WEIGHTS_NAME] if (folder / WEIGHTS_NAME).is_file() else []
 
 
@@ -68,30 +69,26 @@ class ConvertedCopy:
     def __init__(self, folder: Path, source: Path, dtype: torch.dtype, what: str):
         self.folder, self.source, self.dtype, self.what = Path(folder), Path(source), dtype, what
 
-    def expected_record(self) -> dict:
+    def expected_record(self, shards: list[str]) -> dict:
+        """The record of a copy converted from `shards` as the source holds them now."""
         return {"source": self.what, "dtype": str(self.dtype).removeprefix("torch."),
-                "shards": {name: _shard_stamp(self.source / name) for name in source_shards(self.source)}}
+                "shards": {name: _shard_stamp(self.source / name) for name in shards}}
 
     @property
     def ready(self) -> bool:
         """Whether the copy is whole and was converted from the shards the source holds now."""
-        record = self.folder / RECORD
-        if not record.is_file():
-            return False
-        try:
-            return json.loads(record.read_bytes()) == self.expected_record()
-        except (ValueError, OSError):
-            return False
+        record = read_json_or_none(self.folder / RECORD, dict)
+        return record is not None and record == self.expected_record(source_shards(self.source))
 
     def write(self) -> None:
         """Convert the source's shards, one at a time, check each, then write the record (see the module)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting the same shards
-            if self.ready:
+            shards = source_shards(self.source)
+            if read_json_or_none(self.folder / RECORD, dict) == self.expected_record(shards):
                 return
             (self.folder / RECORD).unlink(missing_ok=True)
-            shards = source_shards(self.source)
             self._check_space(shards)
             self._copy_small_files()
             weight_map, total = {}, 0
@@ -105,7 +102,7 @@ class ConvertedCopy:
             if len(shards) > 1:
                 atomic_write_text(self.folder / INDEX, json.dumps(
                     {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-            atomic_write_text(self.folder / RECORD, json.dumps(self.expected_record(), indent=2))
+            atomic_write_text(self.folder / RECORD, json.dumps(self.expected_record(shards), indent=2))
         log.info("converted the %s weights of %s into %s (%.2f GB of safetensors)", self.dtype, self.what,
                  self.folder, total / 1e9)
 
@@ -143,10 +140,8 @@ class ConvertedCopy:
         with atomic_file(target) as (_, tmp):
             save_file(converted, tmp, metadata={"format": "pt"})
             with safe_open(tmp, framework="pt") as written:
-                differs = sorted(set(written.keys()) ^ set(state)) or [
-                    key for key, tensor in state.items()
-                    if not torch.equal(written.get_tensor(key), tensor.to(self.dtype) if tensor.is_floating_point()
-                                       else tensor)]
+                differs = sorted(set(written.keys()) ^ set(converted)) or [
+                    key for key, tensor in converted.items() if not torch.equal(written.get_tensor(key), tensor)]
                 if differs:
                     raise WeightsUnavailableError(
                         f"{target}: the converted copy's tensor {differs[0]} differs from that of {shard} (a fault "
