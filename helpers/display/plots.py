@@ -105,11 +105,10 @@ def sharpening_gallery(files: list[Path], factors: list[float], size: int = 224)
     """Each row one test image, each column a sharpening factor (1.0: the image as given)."""
     fig, axes = plt.subplots(len(files), len(factors), figsize=(2.2 * len(factors), 2.2 * len(files)), squeeze=False)
     for row, path in zip(axes, files):
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-            for ax, factor in zip(row, factors):
-                ax.imshow(Sharpen(factor)(img) if factor != 1.0 else img)
-                ax.set_xticks([]), ax.set_yticks([])
+        img = model_input(path, size)
+        for ax, factor in zip(row, factors):
+            ax.imshow(Sharpen(factor)(img) if factor != 1.0 else img)
+            ax.set_xticks([]), ax.set_yticks([])
         row[0].set_ylabel(path.name, fontsize=8)
     for ax, factor in zip(axes[0], factors):
         ax.set_title(f"sharpness {factor:g}", fontsize=9)
