@@ -23,10 +23,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..infra.progress import live_hint, saved_run, wrapped
 from ..research.ablation import ModelEmbeddings
-from ..research.restoration import apply_steps
 from ..research.scoring import SCORERS
 from ..research.stats import accuracy_summary, interval_text
-from ..research.steps import Step
+from ..research.steps import Step, apply_steps
 from ..research.steps.standard import Sharpen
 from .plots import detail_box, difference_image, model_input
 

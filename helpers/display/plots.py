@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..infra.files import atomic_write_bytes, atomic_write_csv
 from ..research.data import open_image
+from ..research.steps import apply_steps
 from ..research.steps.standard import Sharpen
 
 
@@ -79,7 +80,6 @@ def restoration_gallery(files: list[Path], settings: dict[str, list], crop: int 
     """The same crop of each image (its most detailed, `detail_box`) under every setting (a name -> its steps after
     the resize: sharpening factors and restorations side by side; [] is the image as given), and under each, the
     change from the image as given, amplified `gain` times (mid-grey: none)."""
-    from ..research.restoration import apply_steps
 
     names = list(settings)
     fig, axes = plt.subplots(2 * len(files), len(names), figsize=(1.9 * len(names), 3.9 * len(files)),

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .blur import degrade_bytes
 from .data import DataError, open_image
-from .steps import Step
+from .steps import Step, apply_steps
 from .steps.standard import Sharpen
 
 
@@ -47,10 +47,11 @@ def degraded_pairs(dev_dir: str | Path, limit: int | None = None) -> DegradedPai
     names = sorted(info["sources"])[:limit]
     clean, blurred, identical = [], [], 0
     for name in names:
-        photo = open_image(Path(info["source"]) / info["sources"][name])
-        data = degrade_bytes(photo, recipe["sigma"], recipe["jpeg_quality"], recipe["size"], recipe["kernel_size"])
+        photo = open_image(Path(info["source"]) / info["sources"][name]).convert("RGB")
+        clean.append(photo.resize((recipe["size"], recipe["size"]), Image.BICUBIC))
+        # degrade_bytes's own resize of an image already at the size is a copy: the same bytes as from the photo
+        data = degrade_bytes(clean[-1], recipe["sigma"], recipe["jpeg_quality"], recipe["size"], recipe["kernel_size"])
         identical += (dev_dir / name).read_bytes() == data
-        clean.append(photo.convert("RGB").resize((recipe["size"], recipe["size"]), Image.BICUBIC))
         blurred.append(Image.open(io.BytesIO(data)).convert("RGB"))
     return DegradedPairs(names, clean, blurred, recipe, identical)
 
@@ -65,12 +66,6 @@ def steps_label(steps: list[Step]) -> str:
     """The steps with their parameters, for tables: `wiener sigma=6.31 edges=mirror balance=0.1`."""
     return " > ".join(" ".join([step.name, *(f"{f.name}={getattr(step, f.name)}" for f in fields(step))])
                       for step in steps) or "none"
-
-
-def apply_steps(steps: list[Step], img: Image.Image) -> Image.Image:
-    for step in steps:
-        img = step(img)
-    return img
 
 
 def image_quality(clean: Image.Image, image: Image.Image) -> tuple[float, float]:

@@ -122,6 +122,14 @@ def default_head() -> list[Step]:
     return [Resize(), CenterCrop(), RGB()]
 
 
+def apply_steps(steps: list[Step], img):
+    """`img` through `steps`, in order (a view's steps without its ToTensor and Normalize: for figures and the
+    restoration table)."""
+    for step in steps:
+        img = step(img)
+    return img
+
+
 def sharpened(factor: float) -> list[Step]:
     """The `sharpness` shorthand's steps after the head: sharpen, unless the factor is 1 (unchanged)."""
     from .standard import Sharpen
