@@ -80,7 +80,6 @@ def restoration_gallery(files: list[Path], settings: dict[str, list], crop: int 
     """The same crop of each image (its most detailed, `detail_box`) under every setting (a name -> its steps after
     the resize: sharpening factors and restorations side by side; [] is the image as given), and under each, the
     change from the image as given, amplified `gain` times (mid-grey: none)."""
-
     names = list(settings)
     fig, axes = plt.subplots(2 * len(files), len(names), figsize=(1.9 * len(names), 3.9 * len(files)),
                              squeeze=False)
