@@ -4,17 +4,23 @@ Everything here takes L2-normalised float32 embeddings and is a few small matrix
 the winner's notebook operation by operation (scale, then matmul, then softmax over all prompts) so that labels
 match it exactly, in float32 or, for features computed under the winner's CUDA autocast, in its fp16
 (`LogitArithmetic`); pooling is over each class's own prompts, never a reshape that assumes equal counts.
+
+torch is imported where it computes, not with the module: the config check reads the registry (the modes' names,
+and which give per-prompt probabilities) without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 # scoring modes by config name (`scoring:`): a new mode is a function here (or in a module of its own) and one
 # `@register_scorer` line
@@ -32,11 +38,15 @@ class Scores:
 
 
 def _t(x) -> torch.Tensor:
+    import torch
+
     return torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x, dtype=torch.float32)
 
 
 def pool_by_class(prompt_scores: torch.Tensor, class_index, n_classes: int) -> torch.Tensor:
     """Mean of each class's own prompt columns: (images, prompts) -> (images, classes)."""
+    import torch
+
     class_index = torch.as_tensor(np.asarray(class_index))
     return torch.stack([prompt_scores[:, class_index == c].mean(dim=-1) for c in range(n_classes)], dim=-1)
 
@@ -59,16 +69,21 @@ class LogitArithmetic:
     blocks of 32 images.
     """
 
-    dtype: torch.dtype = torch.float32
+    dtype: str = "float32"  # torch's name of the dtype
     device: str = "cpu"
 
     @classmethod
     def fp16_on(cls, device) -> LogitArithmetic:
-        return cls(torch.float16, str(device))
+        return cls("float16", str(device))
 
     def record(self) -> dict:
         """For model.json."""
-        return {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device}
+        return {"dtype": self.dtype, "device": self.device}
+
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype)
 
 
 FLOAT32 = LogitArithmetic()
@@ -97,17 +112,21 @@ def scaled_logits(image_emb, text_emb, logit_scale: float = 100.0,
                   arithmetic: LogitArithmetic = FLOAT32) -> torch.Tensor:
     """scale * cos(image, prompt), in blocks of SCORE_BLOCK_ROWS images, in the arithmetic's dtype and on its
     device."""
-    image = _t(image_emb)
-    text = _t(text_emb).to(arithmetic.device, arithmetic.dtype)
+    import torch
+
+    image, dtype = _t(image_emb), arithmetic.torch_dtype()
+    text = _t(text_emb).to(arithmetic.device, dtype)
     # scaled, then rounded: for fp16 features `100.0 * x` is exact in float32, so this is the fp16 product the winner
     # rounded; for features its autocast left in float32 (a model ending in a float32 op) it is what its matmul cast
-    blocks = [(logit_scale * image[s:s + SCORE_BLOCK_ROWS]).to(arithmetic.device, arithmetic.dtype) @ text.T
+    blocks = [(logit_scale * image[s:s + SCORE_BLOCK_ROWS]).to(arithmetic.device, dtype) @ text.T
               for s in range(0, len(image), SCORE_BLOCK_ROWS)]
     return torch.cat(blocks) if blocks else text.new_zeros(0, len(text))
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
     """The float32 softmax over the last dimension, on the CPU; of fp16 logits, exactly as CUDA autocast takes it."""
+    import torch
+
     return logits.softmax(dim=-1, dtype=torch.float32).cpu()
 
 
@@ -150,6 +169,8 @@ def score(mode: str, image_emb, text_emb, class_index, n_classes: int, logit_sca
 
 def average_scores(views: list[Scores]) -> Scores:
     """Test-time views of the same images (several sharpening factors): the mean of their probabilities."""
+    import torch
+
     if len(views) == 1:
         return views[0]
     probs = None
@@ -162,6 +183,8 @@ def ensemble_scores(scores: dict[str, Scores], weights: dict[str, float], class_
                     drop_below: float | None = None) -> Scores:
     """Weighted sum of the models' per-prompt probabilities (or class scores, for modes without them), the
     optional drop of small probabilities, then the class mean."""
+    import torch
+
     names = [n for n in weights if weights[n] > 0]
     if not names:
         raise ValueError("ensemble: every weight is 0")
