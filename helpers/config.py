@@ -22,7 +22,7 @@ import yaml
 
 from .infra.errors import UserError, one_line
 
-# the backends (helpers.models.backend.BACKENDS), scoring modes (helpers.research.scoring.SCORERS), preprocessing
+# the backends (helpers.models.backends.BACKENDS), scoring modes (helpers.research.scoring.SCORERS), preprocessing
 # steps (helpers.research.steps.STEPS) and transductive methods (helpers.research.transductive.METHODS) are
 # registries: their names are checked against them
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -522,7 +522,7 @@ def build_step(spec, where: str):
 
 
 def _check_model(m: ModelEntry, where: str) -> None:
-    from .models.backend import BACKENDS
+    from .models.backends import BACKENDS
 
     _one_of(m.backend, BACKENDS.names(), f"{where}.backend")
     _one_of(m.precision, PRECISIONS, f"{where}.precision")

@@ -14,7 +14,7 @@ from helpers.config import ConfigError, ModelEntry, build_step
 from helpers.display.nb import model_info
 from helpers.infra.cache import image_store
 from helpers.models import ModelHandle
-from helpers.models.backend import BACKENDS, Backend, register_backend
+from helpers.models.backends import BACKENDS, Backend, register_backend
 from helpers.research.scoring import SCORERS, joint_softmax_scores
 from helpers.research.steps import CLASSIC_RECIPE, STEPS, Preprocess, Step
 from helpers.research.steps.standard import RGB, CenterCrop, Resize, Sharpen

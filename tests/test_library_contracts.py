@@ -18,7 +18,7 @@ class Unlisted:
 
 
 def test_open_clip_picks_a_folders_checkpoint_with_its_private_function(tmp_path):
-    # helpers.models.openclip: the file open_clip loads for local-dir:, found before loading to check it
+    # helpers.models.backends.openclip: the file open_clip loads for local-dir:, found before loading to check it
     from open_clip.factory import _find_checkpoint_in_dir
 
     assert list(inspect.signature(_find_checkpoint_in_dir).parameters) == ["dir_path"]
@@ -47,7 +47,7 @@ def test_torch_reports_the_cpus_bf16_instructions_by_these_names():
 
 
 def test_torch_error_texts_the_checkpoint_messages_read():
-    # helpers.models.openclip._loading_problem: torch raises RuntimeError and UnpicklingError, told apart by text
+    # helpers.models.backends.openclip._loading_problem: torch raises RuntimeError and UnpicklingError, told apart by text
     with pytest.raises(RuntimeError) as mismatch:
         torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(2, 2), "extra": torch.zeros(1)})
     assert str(mismatch.value).startswith("Error(s) in loading state_dict")

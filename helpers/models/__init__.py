@@ -20,7 +20,7 @@ from ..config import ConfigError, ModelEntry
 from ..research.prompts import PromptSet
 from ..research.scoring import FLOAT32, LogitArithmetic
 from ..research.steps import Preprocess, sharpened
-from .backend import BACKENDS, Backend, register_backend
+from .backends import BACKENDS, Backend, register_backend
 from .checkpoints import WeightsUnavailableError
 from .device import DTYPES, autocasts_on, resolve_device, resolve_precision, weights_device, with_index
 from .encoder import Encoder

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelEntry, model_views
-from ..registry import Registry
-from ..research.steps import Preprocess, Step, view
-from .encoder import Encoder
+from ...config import ConfigError, ModelEntry, model_views
+from ...registry import Registry
+from ...research.steps import Preprocess, Step, view
+from ..encoder import Encoder
 
 # every module of helpers.models is imported on the first lookup, so a backend registers itself where it is defined
-BACKENDS = Registry("backend", "helpers.models")
+BACKENDS = Registry("backend", __name__)
 
 
 def register_backend(name: str):

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEVICE_MAP_STRATEGIES, ConfigError, ModelEntry, is_hub_id
-from ..research.steps import OPENAI_MEAN, OPENAI_STD
-from . import shards
-from .backend import Backend, register_backend
-from .checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
-from .converted import ConvertedCopy, copy_folder_name
-from .device import DTYPES, input_device, placement_record, with_index
-from .encoder import Encoder
-from .placement import Placement, plan_placement
+from ...config import DEVICE_MAP_STRATEGIES, ConfigError, ModelEntry, is_hub_id
+from ...research.steps import OPENAI_MEAN, OPENAI_STD
+from .. import shards
+from ..checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
+from ..converted import ConvertedCopy, copy_folder_name
+from ..device import DTYPES, input_device, placement_record, with_index
+from ..encoder import Encoder
+from ..placement import Placement, plan_placement
+from . import Backend, register_backend
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..config import ConfigError, ModelEntry
-from ..infra.errors import describe_os_error
-from ..research.steps import OPENAI_MEAN, OPENAI_STD
-from .backend import Backend, register_backend
-from .checkpoints import (
+from ...config import ConfigError, ModelEntry
+from ...infra.errors import describe_os_error
+from ...research.steps import OPENAI_MEAN, OPENAI_STD
+from ..checkpoints import (
     NOT_A_CHECKPOINT,
     TORCH_READ_ERRORS,
     TRUNCATED,
@@ -35,8 +34,9 @@ from .checkpoints import (
     state_dict_mismatch,
     unpickling_reason,
 )
-from .device import DTYPES
-from .encoder import Encoder
+from ..device import DTYPES
+from ..encoder import Encoder
+from . import Backend, register_backend
 
 # The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
 OPEN_CLIP_TAG_ALIASES = {"metaclip_2_5b": "metaclip_fullcc"}
