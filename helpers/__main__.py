@@ -45,13 +45,13 @@ def _world(config):
 
 
 def cmd_predict(args) -> None:
+    config = load_config(args.config, args.set)  # first: a config's mistake is said before torch is imported
+    if args.min_agreement is not None and config.reference is None:
+        check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
     from .runs.history import record_run
     from .runs.outputs import metrics_summary
     from .runs.pipeline import predict
 
-    config = load_config(args.config, args.set)
-    if args.min_agreement is not None and config.reference is None:
-        check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
     world = _world(config)
     random = [n for n, m in config.models.items() if m.random_weights]
     if random and world.is_main:
@@ -70,9 +70,9 @@ def cmd_predict(args) -> None:
 
 
 def cmd_encode(args) -> None:
+    config = load_config(args.config, args.set)
     from .runs.pipeline import encode_cache
 
-    config = load_config(args.config, args.set)
     world = _world(config)
     encode_cache(config, progress=not args.quiet, world=world)
     if world.is_main:
@@ -80,15 +80,15 @@ def cmd_encode(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .runs.history import record_run
-    from .runs.notebooks import run_pipeline, run_summary
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("`run` under torchrun would run the whole pipeline once per process: run it alone, with "
                         "--nproc N for the encodes")
     config = load_config(args.config, args.set)
     if args.min_agreement is not None and config.reference is None:
         check_agreement({}, args.min_agreement, None)  # says what is missing, before any work
+    from .runs.history import record_run
+    from .runs.notebooks import run_pipeline, run_summary
+
     started = time.perf_counter()
     run_dir = run_pipeline(config, args.output_dir, analyses=not args.no_analyses, progress=not args.quiet,
                            log=lambda m: print(m, file=sys.stderr), nproc=args.nproc,

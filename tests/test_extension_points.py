@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from helpers.config import ConfigError, ModelEntry, build_step
 from helpers.display.nb import model_info
 from helpers.infra.cache import image_store
+from helpers.infra.files import PROJECT_ROOT
 from helpers.models import ModelHandle
 from helpers.models.backends import BACKENDS, Backend, register_backend
 from helpers.research.scoring import SCORERS, joint_softmax_scores
@@ -180,6 +183,26 @@ def test_register_backend_is_the_registry(registered):
     assert register_backend("open_clip")(BACKENDS["open_clip"]) is BACKENDS["open_clip"]
     with pytest.raises(ValueError, match="registered twice"):
         register_backend("open_clip")(Backend)
+
+
+# the libraries a model needs; the config check reads every backend's rules without them
+MODEL_LIBRARIES = ("torch", "torchvision", "open_clip", "transformers")
+
+
+def test_the_config_check_runs_every_backends_rules_without_torch(tmp_path):
+    """Every shipped config is checked, and a config that breaks a backend's own rule (a device_map on open_clip) is
+    refused by the command with its one error line, in a process that never imports torch or a model library."""
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom helpers.config import load_config\n"
+        "from helpers.__main__ import main\n"
+        "for path in sorted(Path('configs').glob('*.yaml')):\n    load_config(path)\n"
+        "status = main(['predict', 'configs/demo.yaml', '--set', 'models.eva.device_map=auto'])\n"
+        f"print(status, [m for m in {MODEL_LIBRARIES!r} if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PROJECT_ROOT,
+                          check=True)
+    assert done.stderr == ("error: --set models.eva.device_map=auto: models.eva.device_map is for backends eva_clip "
+                           "and hf_clip only; open_clip loads the whole model onto the run's device\n")
+    assert done.stdout.splitlines()[-1] == "2 []"
 
 
 # --- a run with steps -------------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ def test_torch_reports_the_cpus_bf16_instructions_by_these_names():
 
 
 def test_torch_error_texts_the_checkpoint_messages_read():
-    # helpers.models.backends.openclip._loading_problem: torch raises RuntimeError and UnpicklingError, told apart by text
+    # helpers.models.backends.openclip._loading_problem: torch raises RuntimeError and UnpicklingError, told apart
+    # by text
     with pytest.raises(RuntimeError) as mismatch:
         torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(2, 2), "extra": torch.zeros(1)})
     assert str(mismatch.value).startswith("Error(s) in loading state_dict")

@@ -1,134 +1,39 @@
 """Model backends behind one interface: L2-normalised float32 image and text features.
 
-A backend is a small class in the BACKENDS registry (`backend`; the `openclip` and `hf` modules register theirs). It
-says, without loading anything, what identifies the weights (for the cache keys and the manifest) and how images are
-preprocessed, and it loads an `Encoder`. `ModelHandle` loads lazily, so a run whose embeddings are all cached never
-loads a model. The modules: `device` (devices and precision), `checkpoints` (what a weights file is, offline errors),
-`encoder` (a loaded model), `backend` (the registry), `openclip` and `hf` (the backend families).
+A backend is a small class in the BACKENDS registry (`backends/`: the registry and `Backend` in its `__init__`, one
+module per backend family, `openclip` and `hf`). It says, without loading anything, what identifies the weights (for
+the cache keys and the manifest) and how images are preprocessed, and it loads an `Encoder`. The backend modules
+import torch only where they load or compute, so the config check reads their rules without it. `ModelHandle`
+(`handle`) loads lazily, so a run whose embeddings are all cached never loads a model. The other modules: `device`
+(devices and precision), `checkpoints` (what a weights file is, offline errors), `encoder` (a loaded model), and for
+transformers models `shards`, `placement` and `converted`.
+
+The names below are imported from their modules when first used (PEP 562), as transformers' lazy modules do:
+importing `helpers.models.backends` for the config check does not import torch through this package.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import time
-from pathlib import Path
+import importlib
 
-import torch
-
-from ..config import ConfigError, ModelEntry
-from ..research.prompts import PromptSet
-from ..research.scoring import FLOAT32, LogitArithmetic
-from ..research.steps import Preprocess, sharpened
-from .backends import BACKENDS, Backend, register_backend
-from .checkpoints import WeightsUnavailableError
-from .device import DTYPES, autocasts_on, resolve_device, resolve_precision, weights_device, with_index
-from .encoder import Encoder
+# each public name -> the module of this package that defines it
+_EXPORTS = {
+    "BACKENDS": "backends", "Backend": "backends", "register_backend": "backends",
+    "ModelHandle": "handle", "weights_cache": "handle",
+    "Encoder": "encoder",
+    "WeightsUnavailableError": "checkpoints",
+    "DTYPES": "device", "resolve_device": "device", "resolve_precision": "device",
+}
 
 
-def weights_cache(cache_dir: str | Path) -> Path:
-    """Where a run's converted copies of model weights are kept: beside its embeddings, in the run's cache."""
-    return Path(cache_dir) / "weights"
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
 
 
-class ModelHandle:
-    """One model entry of a run: identity and preprocessing at once, the model itself only when first needed."""
-
-    def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto",
-                 weights_cache: str | Path | None = None):
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.precision_setting = entry.precision  # `entry.precision` is what it means here (`auto` resolved)
-        self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(
-            entry.precision, weights_device(entry, self.device)))
-        self.backend = BACKENDS[entry.backend](name, self.entry)
-        # where converted copies of the weights are kept (`converted`): the run's cache, else none is made
-        self.backend.weights_cache = Path(weights_cache) if weights_cache is not None else None
-        self._encoder: Encoder | None = None
-
-    @property
-    def identity(self) -> dict:
-        """What determines the image features (cache keys). Under the winner's autocast on a GPU (`exact_batches`)
-        also the batch size: an fp16 GEMM's rounding there can depend on its number of rows."""
-        ident = self.backend.identity()
-        if self.exact_batches:  # elsewhere autocast does nothing: the features are those without it
-            ident.update(autocast="fp16-normalised", batch_size=self.entry.batch_size)
-        return ident
-
-    @property
-    def text_identity(self) -> dict:
-        """What determines the text features: `identity` less `compile` (only the image forward is compiled) and the
-        batch size (the prompts are encoded together: see `exact_batches`)."""
-        return {k: v for k, v in self.identity.items() if k not in ("compile", "batch_size")}
-
-    @property
-    def exact_batches(self) -> bool:
-        """Whether this model computes the winner's arithmetic under CUDA autocast, where a feature's last bits can
-        depend on what else is in its batch: then images are cached per batch size, and prompts per prompt list
-        (encoded in one batch, as the winner did)."""
-        return self.entry.autocast and autocasts_on(self.device)
-
-    @property
-    def logit_arithmetic(self) -> LogitArithmetic:
-        """How this model's logits are computed: as the winner's loop did under autocast (fp16, on this GPU) where
-        its features are that loop's, else in float32 on the CPU."""
-        return LogitArithmetic.fp16_on(with_index(self.device)) if self.exact_batches else FLOAT32
-
-    @property
-    def views(self) -> list[Preprocess]:
-        """The entry's preprocessing, one per test-time view (several: their scores are averaged)."""
-        return self.backend.views()
-
-    def view(self, steps: list) -> Preprocess:
-        """This model's preprocessing with other steps (for ablations): after its resize, crop and RGB."""
-        return self.backend.view(steps)
-
-    def sharpened_view(self, factor: float) -> Preprocess:
-        """This model's preprocessing at another sharpening factor (the `sharpness` shorthand's steps)."""
-        return self.backend.view(sharpened(factor))
-
-    @property
-    def random_weights(self) -> bool:
-        return self.entry.random_weights
-
-    def check_weights(self) -> None:
-        self.backend.check_weights()
-
-    def check_prompts(self, prompts: PromptSet) -> None:
-        """Every prompt fits the model's context, unless the entry says `truncate: true`; else one error that names
-        the first prompt that does not, its group, its length and the limit (the tokenizer only: loads no model)."""
-        if self.entry.truncate:
-            return
-        limit = self.backend.context_length()
-        too_long = [(p, n) for p, n in zip(prompts.prompts, self.backend.token_counts(prompts.texts)) if n > limit]
-        if too_long:
-            (prompt, tokens), others = too_long[0], len(too_long) - 1
-            more = f" (and {others} more prompt{'s' * (others > 1)})" if others else ""
-            raise ConfigError(
-                f"prompts: '{prompt.text}' (group {prompt.group}, class {prompts.classes[prompt.class_index]}) is "
-                f"{tokens} tokens, more than the {limit} of model {self.name}'s context{more}: shorten it, or set "
-                f"models.{self.name}.truncate: true to cut such prompts to {limit} tokens")
-
-    @property
-    def loaded(self) -> bool:
-        return self._encoder is not None
-
-    @property
-    def encoder(self) -> Encoder:
-        if self._encoder is None:
-            start = time.perf_counter()
-            encoder = self.backend.load(self.device)
-            encoder.load_seconds = round(time.perf_counter() - start, 3)
-            self._encoder = encoder
-        return self._encoder
-
-    def close(self) -> None:
-        """Free the model (and its GPU memory) before the next one is loaded."""
-        self._encoder = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
-
-__all__ = ["BACKENDS", "DTYPES", "Backend", "Encoder", "ModelHandle",
-           "WeightsUnavailableError", "register_backend", "resolve_device", "resolve_precision", "weights_cache"]
+__all__ = sorted(_EXPORTS)

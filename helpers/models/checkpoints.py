@@ -12,8 +12,6 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-
 from ..infra.env import env_flag
 from ..infra.errors import UserError
 
@@ -115,6 +113,8 @@ def _checkpoint_format(head: bytes) -> str | None:
 def _torch_zip_problem(path: Path) -> str | None:
     if not zipfile.is_zipfile(path):  # a zip's directory is at its end: a file cut short has none
         return f"is not a readable checkpoint (a torch checkpoint whose zip archive has no end): {TRUNCATED}"
+    import torch
+
     try:  # opens the archive as torch.load does and reads its pickle without running it
         torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except ValueError:  # not a torch.save archive but TorchScript (OpenAI's original .pt), which open_clip also reads
@@ -171,5 +171,3 @@ def state_dict_mismatch(message: str) -> str:
     return ", ".join([counted(keys("Missing"), "missing keys", str), counted(keys("Unexpected"), "unexpected", str),
                       counted(shapes, "of other shapes", lambda s: f"{s[0]} {s[1]} in the file, {s[2]} in the model")])
 
-
-# Where `autocast: true` autocasts: the winner's `torch.cuda.amp.autocast()` did nothing elsewhere. (The tests add

@@ -1,10 +1,14 @@
-"""A loaded model behind one interface: L2-normalised float32 image and text features, as the winner computed them."""
+"""A loaded model behind one interface: L2-normalised float32 image and text features, as the winner computed them.
+
+torch is imported where the encoder computes: the backend modules subclass `Encoder`, and the config check imports
+them for their rules."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from .device import autocasts_on, with_index
+if TYPE_CHECKING:
+    import torch
 
 
 class Encoder:
@@ -36,6 +40,8 @@ class Encoder:
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, tokenizer,
                  compile: bool | str = False, autocast: bool = False, placement: dict[str, str] | None = None,
                  weights_format: str | None = None):
+        from .device import autocasts_on, with_index
+
         self.model, self.device, self.dtype, self.tokenizer = model.eval(), device, dtype, tokenizer
         self.placement = placement if placement is not None else {"": str(with_index(device))}
         self.weights_format, self.load_seconds = weights_format, None
@@ -44,33 +50,41 @@ class Encoder:
         self._compiled_batch: int | None = None
 
     def _compile(self, forward, mode: bool | str):
+        import torch
+
         if isinstance(mode, str):
             return torch.compile(forward, dynamic=False, mode=mode)
         options = {"freezing": True} if self.device.type == "cpu" else {}
         return torch.compile(forward, dynamic=False, options=options)
 
-    @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        n = len(pixels)
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
-        if self.compiled:  # always a fresh buffer: an input made outside inference mode would recompile
-            self._compiled_batch = max(self._compiled_batch or n, n)
-            padded = pixels.new_zeros(self._compiled_batch, *pixels.shape[1:])
-            padded[:n] = pixels
-            pixels = padded
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
-            x = self._image_forward(pixels)[:n]
-        return self._normalised(x)
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode():
+            n = len(pixels)
+            pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+            if self.compiled:  # always a fresh buffer: an input made outside inference mode would recompile
+                self._compiled_batch = max(self._compiled_batch or n, n)
+                padded = pixels.new_zeros(self._compiled_batch, *pixels.shape[1:])
+                padded[:n] = pixels
+                pixels = padded
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+                x = self._image_forward(pixels)[:n]
+            return self._normalised(x)
+
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
-            x = self._text_features(texts)
-        return self._normalised(x)
+        import torch
+
+        with torch.inference_mode():
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+                x = self._text_features(texts)
+            return self._normalised(x)
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         """x / |x| as float32. Under autocast, as the winner's in-place `x /= x.norm(...)`: autocast computes that
         norm by `linalg_vector_norm(x, dtype=float32)`, and the float32 quotient is written back into x's dtype."""
+        import torch
+
         if not self.autocast:
             x = x.float()
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)

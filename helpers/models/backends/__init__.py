@@ -6,13 +6,16 @@ A new backend is a module in `helpers/models/` with one `@register_backend("name
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...config import ConfigError, ModelEntry, model_views
 from ...registry import Registry
 from ...research.steps import Preprocess, Step, view
-from ..encoder import Encoder
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..encoder import Encoder
 
 # every module of helpers.models is imported on the first lookup, so a backend registers itself where it is defined
 BACKENDS = Registry("backend", __name__)

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...config import DEVICE_MAP_STRATEGIES, ConfigError, ModelEntry, is_hub_id
 from ...research.steps import OPENAI_MEAN, OPENAI_STD
 from .. import shards
 from ..checkpoints import WeightsUnavailableError, hf_cache_dir, host_reachable, hub_host, offline_error, read_json
-from ..converted import ConvertedCopy, copy_folder_name
-from ..device import DTYPES, input_device, placement_record, with_index
 from ..encoder import Encoder
-from ..placement import Placement, plan_placement
 from . import Backend, register_backend
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..converted import ConvertedCopy
+    from ..placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,9 @@ class TransformersBackend(Backend):
     def _converted_copy(self) -> ConvertedCopy | None:
         """The safetensors copy of pickled weights in the workbench's cache (`converted`), where one applies: pickled
         weights (as far as they are downloaded), a handle with a cache, an entry that does not skip it."""
+        from ..converted import ConvertedCopy, copy_folder_name
+        from ..device import DTYPES
+
         if self.weights_cache is None or not self.entry.convert_weights:
             return None
         hub = self.local_dir is None
@@ -207,6 +212,10 @@ class TransformersBackend(Backend):
         """from_pretrained's arguments that place the weights: always a device map, so that they go straight to
         their devices (a spreading strategy's map built here, every layer whole, and printed); safetensors only,
         where there are safetensors; max_memory with GPU indices as ints."""
+        import torch
+
+        from ..device import with_index
+
         e = self.entry
         max_memory = {int(k) if str(k).isdigit() else k: v for k, v in e.max_memory.items()} if e.max_memory else None
         if e.device_map in DEVICE_MAP_STRATEGIES:
@@ -230,6 +239,9 @@ class TransformersBackend(Backend):
         from accelerate import init_empty_weights
         from transformers import AutoConfig
 
+        from ..device import DTYPES
+        from ..placement import plan_placement
+
         config = AutoConfig.from_pretrained(self._source(), **self._hub_kwargs())
         with init_empty_weights():
             model = self._model_class(config)._from_config(config)
@@ -240,6 +252,8 @@ class TransformersBackend(Backend):
 
     def _load_model(self, cls, device: torch.device) -> dict:
         """The model on its devices, and the Encoder arguments that say where and from what."""
+        from ..device import DTYPES, input_device, placement_record, with_index
+
         self.check_shards()
         copy = self._converted_copy()
         from_copy = copy is not None and copy.ready

@@ -11,9 +11,8 @@ import os
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-
-import torch
 
 from ...config import ConfigError, ModelEntry
 from ...infra.errors import describe_os_error
@@ -34,9 +33,11 @@ from ..checkpoints import (
     state_dict_mismatch,
     unpickling_reason,
 )
-from ..device import DTYPES
 from ..encoder import Encoder
 from . import Backend, register_backend
+
+if TYPE_CHECKING:
+    import torch
 
 # The winner's fork called upstream open_clip's `metaclip_fullcc` weights `metaclip_2_5b`.
 OPEN_CLIP_TAG_ALIASES = {"metaclip_2_5b": "metaclip_fullcc"}
@@ -279,6 +280,9 @@ class OpenClipBackend(Backend):
     @root_logger_kept()  # open_clip logs through the root logger
     def load(self, device):
         import open_clip
+        import torch
+
+        from ..device import DTYPES
 
         weights = None
         if self.random_weights:
