@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from helpers.__main__ import main
+from helpers.config import PromptSpec
 from helpers.research.data import DataError, load_dev_set
 from helpers.runs import pipeline as pipeline_module
 from helpers.runs.outputs import SubmissionError, read_submission, validate_submission, write_submission
@@ -179,3 +180,24 @@ def test_a_prepared_run_folder_records_the_images_so_kernels_do_not_read_them_ag
     changed.touch()  # a new modification time: the record no longer vouches for the set
     assert load_run_data(config, recorded_in=tmp_path / "o").digests == first.digests and len(reads) == 1
     assert load_run_data(config, recorded_in=tmp_path / "elsewhere").digests == first.digests and len(reads) == 2
+
+
+def test_a_prepared_run_folder_records_the_prompt_check_so_kernels_load_no_tokenizer(make_config, tmp_path,
+                                                                                    monkeypatch):
+    """The prompt check (every model's tokenizer: open_clip's import alone is seconds) runs once, when the run is
+    prepared; a kernel of the run reads in run_data.json that it passed for these prompts and models, and checks
+    again when they differ."""
+    config = make_config(data={"test": make_config().data.test, "limit": 8})
+    predict(config, tmp_path / "o", progress=False)
+    checked = []
+    original = pipeline_module.check_prompts
+    monkeypatch.setattr(pipeline_module, "check_prompts", lambda *args: checked.append(args) or original(*args))
+    data = load_run_data(config, recorded_in=tmp_path / "o")
+    assert checked == []
+    config.models["a"].truncate = True
+    load_run_data(config, recorded_in=tmp_path / "o")
+    assert len(checked) == 1
+    config.models["a"].truncate = False
+    config.prompts = PromptSpec(exclude=[data.prompts.prompts[0].group])
+    load_run_data(config, recorded_in=tmp_path / "o")
+    assert len(checked) == 2

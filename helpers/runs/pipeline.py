@@ -47,7 +47,7 @@ from ..infra.files import (
     read_yaml_or_none,
     remove_stale_temporaries,
 )
-from ..models import ModelHandle, WeightsUnavailableError, resolve_device, weights_cache
+from ..models import BACKENDS, ModelHandle, WeightsUnavailableError, resolve_device, weights_cache
 from ..research.data import (
     DataError,
     ImageSet,
@@ -88,10 +88,13 @@ class RunData:
     checks: dict[str, dict] = field(default_factory=dict)
     # the estimated blur that the config's `sigma: auto` became (`resolve_auto_blur`), recorded in the run
     auto_blur: dict | None = None
+    # what the prompt check passed for (`prompt_check_key`): a kernel with the same need not load the tokenizers
+    prompts_checked: str | None = None
 
     def record(self) -> dict:
         """What `prepare_run` writes into the run folder (`RUN_DATA`) for the notebooks' kernels."""
-        return {**self.checks, **({"auto_blur": self.auto_blur} if self.auto_blur else {})}
+        return {**self.checks, **({"auto_blur": self.auto_blur} if self.auto_blur else {}),
+                **({"prompts_checked": self.prompts_checked} if self.prompts_checked else {})}
 
     @property
     def digests(self) -> dict[str, list[str]]:
@@ -168,8 +171,10 @@ def load_run_data(config: RunConfig, progress: bool = False, recorded_in: str | 
         build_missing_dev_set(dev, classes, progress)
         splits["dev"] = load_dev_set(dev.path, classes, dev.class_map, dev.limit)
     prompts = load_prompts(config.prompts, classes)
-    check_prompts(config, prompts)  # before the images are read
     recorded = (read_json_or_none(Path(recorded_in) / RUN_DATA, dict) or {}) if recorded_in is not None else {}
+    prompts_checked = prompt_check_key(config, prompts)
+    if recorded.get("prompts_checked") != prompts_checked:  # a kernel of the prepared run: checked already
+        check_prompts(config, prompts)  # before the images are read
     problems, checks = {}, {}
     for name, images in splits.items():
         problems[name], checks[name] = check_split(images, config.cache_dir, progress, recorded.get(name))
@@ -188,7 +193,8 @@ def load_run_data(config: RunConfig, progress: bool = False, recorded_in: str | 
         splits[name] = splits[name].without(found)
         log.warning("%s set: skipping %d unusable image(s) (on_bad_image: skip), e.g. %s (%s)", name, len(found),
                     splits[name].skipped[0].path, splits[name].skipped[0].reason)
-    return RunData(classes, prompts, splits, checks, resolve_auto_blur(config, splits, recorded.get("auto_blur")))
+    return RunData(classes, prompts, splits, checks, resolve_auto_blur(config, splits, recorded.get("auto_blur")),
+                   prompts_checked)
 
 
 BLUR_SAMPLE = 256  # images the run's blur is estimated on, evenly spaced (the median settles long before)
@@ -587,6 +593,14 @@ def check_models(config: RunConfig) -> None:
             problems.append(str(e))
     if problems:
         raise WeightsUnavailableError(" | ".join(problems))
+
+
+def prompt_check_key(config: RunConfig, prompts: PromptSet) -> str:
+    """What the prompt check depends on: the prompts, and each model's weights (its tokenizer comes with them) and
+    `truncate`. Read from the entries alone: loads no tokenizer, imports no model library."""
+    models = {name: {**BACKENDS[entry.backend](name, entry).identity(), "truncate": entry.truncate}
+              for name, entry in config.models.items()}
+    return json_digest([prompts.texts, models])
 
 
 def check_prompts(config: RunConfig, prompts: PromptSet) -> None:
