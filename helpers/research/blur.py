@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 FLOOR_DECADES = 2.0  # the fitted band stays this many decades (x100 in power) above the noise floor
 ALPHA_PRIOR, ALPHA_PRIOR_WEIGHT = 2.0, 1.0
@@ -132,6 +131,8 @@ def degrade_bytes(image: Image.Image, sigma: float, quality: int | None, size: i
     `quality` (PNG when quality is None)."""
     image = image.convert("RGB").resize((size, size), Image.BICUBIC)
     if sigma > 0:
+        from scipy import ndimage  # here: every config's check imports this module (the restoration steps use it)
+
         # separable, so a 4-sigma kernel costs O(k) per pixel; 'mirror' is torchvision's reflect padding
         radius = (kernel_size or gaussian_kernel_size(sigma)) // 2
         pixels = np.asarray(image, dtype=np.float32)
