@@ -5,6 +5,7 @@ EVA-CLIP's remote code would fail deep inside on a 77-row position table; `trunc
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -14,7 +15,7 @@ import torch
 import yaml
 
 from helpers.__main__ import main
-from helpers.config import ConfigError
+from helpers.config import ConfigError, ModelEntry
 from helpers.models import Encoder, ModelHandle
 from helpers.research.prompts import load_prompts
 from helpers.runs.pipeline import predict
@@ -89,3 +90,21 @@ def test_the_check_leaves_the_root_logger_without_a_handler(make_config, monkeyp
     config = make_config()
     ModelHandle("a", config.models["a"], "cpu").check_prompts(load_prompts("winner", CLASSES))
     assert logging.root.handlers == []
+
+
+def test_an_architecture_file_is_read_each_time_and_two_of_one_name_stay_apart(tiny_arch, tmp_path):
+    """open_clip registers an architecture file by its stem, and the workbench keeps its tokenizer: a file rewritten
+    since, or another file of the same name in another folder, is what the next handle reads."""
+    def context(arch) -> int:
+        entry = ModelEntry(backend="open_clip", arch=str(arch), pretrained="random")
+        return ModelHandle("a", entry, "cpu").backend.context_length()
+
+    other = tmp_path / "other" / tiny_arch.name
+    other.parent.mkdir()
+    shorter = json.loads(tiny_arch.read_text())
+    shorter["text_cfg"]["context_length"] = 16
+    other.write_text(json.dumps(shorter))
+    assert (context(tiny_arch), context(other), context(tiny_arch)) == (77, 16, 77)
+    shorter["text_cfg"]["context_length"] = 24
+    other.write_text(json.dumps(shorter))
+    assert context(other) == 24

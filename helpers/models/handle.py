@@ -116,6 +116,8 @@ class ModelHandle:
 
     def close(self) -> None:
         """Free the model (and its GPU memory) before the next one is loaded."""
+        if self._encoder is None:  # nothing to free: a collection of a large process takes a quarter of a second
+            return
         self._encoder = None
         gc.collect()
         if torch.cuda.is_available():

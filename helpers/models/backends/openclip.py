@@ -130,11 +130,9 @@ class OpenClipBackend(Backend):
         """The architecture's name in open_clip's registry (an architecture file is added to it first)."""
         arch = self.entry.arch
         if arch and arch.endswith(".json"):
-            import open_clip
-
-            self._architecture_file()  # only a valid file: open_clip rereads every file ever added on each add, so
-            open_clip.add_model_config(arch)  # a bad one would break all later ones
-            return Path(arch).stem
+            # only a valid file: open_clip rereads every file ever added on each add, so a bad one would break all
+            # later ones
+            return _added_architecture(arch, self._architecture_file())
         return arch
 
     def _architecture_file(self) -> dict:
@@ -311,13 +309,12 @@ class OpenClipBackend(Backend):
     def tokenizer(self):
         import open_clip
 
-        with root_logger_kept():
-            if self.local_dir is not None:
+        if self.local_dir is not None:
+            with root_logger_kept():
                 return open_clip.get_tokenizer(self.entry.pretrained)
-            # an architecture file is read each time: it may have changed
-            if self.arch != self.entry.arch:
-                return open_clip.get_tokenizer(self.arch)
-            return _shipped_tokenizer(self.arch)
+        # an architecture file is read each time (it may have changed): its tokenizer is that of what it holds now
+        file = self.entry.arch.endswith(".json")
+        return _tokenizer(self.arch, json.dumps(self._architecture_file(), sort_keys=True) if file else None)
 
     def context_length(self) -> int:
         return self.tokenizer().context_length
@@ -349,13 +346,26 @@ class OpenClipBackend(Backend):
         return None
 
 
-@functools.lru_cache(maxsize=16)
-def _shipped_tokenizer(arch: str):
-    """open_clip's tokenizer of an architecture it ships, built once: the prompt check and the model both need it,
-    and it reads CLIP's BPE vocabulary (0.15 s)."""
+def _added_architecture(path: str, architecture: dict) -> str:
+    """An architecture file in open_clip's registry, by the name it is registered by (its stem), added unless the
+    registry holds that name with this content (`architecture`) already: each add rescans every file added before."""
     import open_clip
 
-    return open_clip.get_tokenizer(arch)
+    name = Path(path).stem
+    if open_clip.get_model_config(name) != architecture:
+        open_clip.add_model_config(path)
+    return name
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer(arch: str, architecture: str | None):
+    """open_clip's tokenizer of an architecture, built once (per content for an architecture file: `architecture`
+    is its JSON; None for one open_clip ships): the prompt check and the model both need it, and it reads CLIP's
+    BPE vocabulary (0.15 s)."""
+    import open_clip
+
+    with root_logger_kept():
+        return open_clip.get_tokenizer(arch)
 
 
 def _open_clip_weights_format(path: str | None) -> str | None:
