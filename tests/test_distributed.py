@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import helpers.research.scoring
 import helpers.runs.pipeline
@@ -41,13 +43,26 @@ def output_files(out: Path) -> dict[str, bytes]:
             and "notebooks" not in p.parts}
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_two_processes_write_what_one_writes_byte_for_byte(scene_dir, tiny_arch, tiny_checkpoints, clean_submission,
                                                            tmp_path):
-    for n in (1, 2):  # the same threads per process (torchrun's default of one), each with a cache of its own
-        config = fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp_path / f"cache-{n}")
-        result = torchrun(n, "-m", "helpers", "predict", write(config, tmp_path / f"run-{n}.yaml"), "--output-dir",
-                          str(tmp_path / f"out-{n}"), "--quiet")
-        assert result.returncode == 0, result.stderr
+    # the same threads per process (torchrun's default of one), each run with a cache of its own
+    with torch_threads(1):
+        predict(fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp_path / "cache-1"), tmp_path / "out-1",
+                progress=False)
+    config = fault_config(scene_dir, tiny_arch, tiny_checkpoints, tmp_path / "cache-2")
+    result = torchrun(2, "-m", "helpers", "predict", write(config, tmp_path / "run-2.yaml"), "--output-dir",
+                      str(tmp_path / "out-2"), "--quiet")
+    assert result.returncode == 0, result.stderr
     assert output_files(tmp_path / "out-2") == output_files(tmp_path / "out-1")
     assert (tmp_path / "out-2" / "submission.csv").read_bytes() == clean_submission  # and two threads in one
     assert json.loads((tmp_path / "out-1" / "manifest.json").read_text())["world_size"] == 1
