@@ -197,6 +197,30 @@ def test_sbatch_flags_and_what_a_failed_run_said(tmp_path):
     assert images_encoded(ledger) == 24
 
 
+def test_a_submitted_job_replaces_the_running_status_of_an_earlier_job(tmp_path, monkeypatch):
+    """A job that Slurm ended (scancel, its time limit) leaves its point `running` under its id: the next job's id
+    is recorded over it, so that a rerun finds the job that is queued now; a job that started and wrote its own
+    `running` before the submission returned keeps it."""
+    from types import SimpleNamespace
+
+    from helpers.runs.sweep.launch import PointJob, SlurmOptions, SubmititLauncher, read_status
+
+    status = tmp_path / "p.json"
+    job = PointJob(point="p", config_file="c.yaml", run_dir=str(tmp_path / "run"), status_file=str(status),
+                   log_file=str(tmp_path / "p.log"), ledger_file=str(tmp_path / "p.jsonl"), cwd=str(tmp_path),
+                   executor="submitit-local")
+    launcher = SubmititLauncher("submitit-local", tmp_path / "submitit", SlurmOptions(), jobs=1)
+    next_id = iter(["12", "13"])
+    monkeypatch.setattr(launcher.executor, "submit", lambda fn, job: SimpleNamespace(job_id=next(next_id)))
+    status.write_text(json.dumps({"point": "p", "status": "running", "executor": "submitit-local", "job_id": "11"}))
+    launcher.start(job)
+    assert {k: read_status(status)[k] for k in ("status", "job_id")} == {"status": "submitted", "job_id": "12"}
+    own = {"point": "p", "status": "running", "executor": "submitit-local", "job_id": "13", "run_pid": 7}
+    status.write_text(json.dumps(own))
+    launcher.start(job)
+    assert read_status(status) == own
+
+
 # --- a real sweep: a tiny model, a handful of images, every point a papermill run (04 and 05)
 
 

@@ -251,7 +251,9 @@ class SubmititLauncher:
             self.executor.update_parameters(job_name=job.point)
         submitted = self.executor.submit(run_point, job)
         status = read_status(job.status_file)
-        if status.get("status") != "running":  # the job may already have started and written its own
+        # the job may already have started and written its own; a `running` of an earlier job (one that Slurm ended
+        # before it could write its end) is replaced, else a rerun could not find this job and would submit it again
+        if status.get("status") != "running" or str(status.get("job_id")) != str(submitted.job_id):
             _write_status(job, {"point": job.point, "status": "submitted", "executor": self.kind,
                                 "job_id": submitted.job_id})
         return submitted
@@ -269,10 +271,13 @@ class SubmititLauncher:
         from .scheduler import job_result
 
         returned, value = job_result(handle)
+        own = read_status(job.status_file)
         if returned and isinstance(value, dict):
             status = value
+        elif own.get("status") == "done" and str(own.get("job_id")) == str(handle.job_id):
+            status = own  # the run finished and said so; its result file is not seen here yet (a shared filesystem)
         else:
-            status = {**read_status(job.status_file), "point": job.point, "status": "failed",
+            status = {**own, "point": job.point, "status": "failed",
                       "executor": self.kind, "job_id": handle.job_id, "error": self._failure(handle, value)}
         if status.get("status") != "done" and self.kind == "slurm":
             state = self._final_state(handle)
