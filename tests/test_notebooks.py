@@ -181,8 +181,29 @@ def test_which_analyses_a_setting_changes(run_config):
     assert changed("models.b.preprocess=[{wiener: {sigma: 5.0}}]") == ANALYSES[1:2] + ANALYSES[3:]  # and b's
     assert changed("prompts={set: winner, exclude: [descriptions]}") == ANALYSES[1:]  # the dev-set ablations
     assert changed("analysis.inspect_images=2") == ANALYSES[:1]
+    assert changed("analysis.restoration_grid=[]") == ANALYSES[:2]  # 01 and 02 show the restorations, 03 does not
     assert changed("data.limit=8") == ANALYSES
     assert changed("models.b.pretrained=random") == ANALYSES  # the figures name the models with random weights
+
+
+def test_an_analysis_key_holds_the_text_of_the_prompts_it_scores_with(run_config, tmp_path):
+    """The config names a prompt-set file by its path: a file rewritten since is other inputs for the notebooks that
+    score (02 and 03), not for 01."""
+    from helpers.runs.analyses import analysis_key, analysis_notebooks
+    from helpers.runs.pipeline import load_run_data
+
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"name": "p", "groups": {"plain": ["a photo of a {c}"]}}))
+    config = load_config(run_config, [f"prompts={{set: {prompts}}}"])
+
+    def keys():
+        data = load_run_data(config)
+        return {a.executed_name: analysis_key(config, a, data) for a in analysis_notebooks(config)}
+
+    before = keys()
+    prompts.write_text(yaml.safe_dump({"name": "p", "groups": {"plain": ["a blurry photo of a {c}"]}}))
+    after = keys()
+    assert [name for name in before if before[name] != after[name]] == ANALYSES[1:]
 
 
 def test_a_run_with_the_same_inputs_copies_the_analyses_instead_of_running_them(run_dir, run_config, tmp_path):

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RunConfig, json_digest
-from ..infra.files import atomic_write_bytes, atomic_write_text
+from ..infra.files import atomic_write_bytes, atomic_write_text, read_json_or_none
+from ..models.backends import BACKENDS
 from .notebooks import INSPECT, NOTEBOOKS, PROMPTS, SHARPNESS
+from .outputs import write_json
 from .pipeline import RunData
 
 OUTPUT_FOLDERS = ("figures", "tables")  # what a notebook writes into its run folder, besides itself
@@ -72,16 +74,23 @@ def reads(config: RunConfig, analysis: AnalysisNotebook) -> dict:
         del raw["analysis"]["inspect_images"]
     if analysis.notebook == PROMPTS:
         raw["models"] = {analysis.model: raw["models"][analysis.model]}
-        del raw["analysis"]["sharpness_grid"]
+        del raw["analysis"]["sharpness_grid"], raw["analysis"]["restoration_grid"]
     return {"notebook": analysis.notebook, "model": analysis.model, "config": raw}
 
 
 def analysis_key(config: RunConfig, analysis: AnalysisNotebook, data: RunData) -> str:
     """What an analysis notebook's outputs depend on, as a digest: what it reads of the config, the images as the
-    run found them (their digests, labels and classes), and the notebook itself."""
+    run found them (their digests, labels and classes), and the notebook itself; for the notebooks that score, also
+    the prompts' text (a prompt-set file is named by its path) and the weights of the models they read (a file's
+    size and time: a model folder rewritten in place)."""
+    read = reads(config, analysis)
     source = hashlib.sha256((NOTEBOOKS / analysis.notebook).read_bytes()).hexdigest()
-    return json_digest({**reads(config, analysis), "classes": data.classes, "images": data.fingerprints(),
-                        "source": source})
+    scored = {}
+    if "models" in read["config"]:
+        scored = {"prompts": json_digest(data.prompts.texts),
+                  "weights": {name: BACKENDS[config.models[name].backend](name, config.models[name]).identity()
+                              for name in read["config"]["models"]}}
+    return json_digest({**read, **scored, "classes": data.classes, "images": data.fingerprints(), "source": source})
 
 
 def output_files(run_dir: Path) -> dict[Path, tuple[int, int]]:
@@ -109,10 +118,9 @@ class AnalysisStore:
         """The stored outputs for `key` copied into `run_dir`, the notebook's paths made the run's own; returns the
         run folder that computed them, or None when the store has none."""
         entry = self.entry(analysis, key)
-        source = entry / SOURCE_FILE
-        if not source.is_file():
+        computed_in = (read_json_or_none(entry / SOURCE_FILE, dict) or {}).get("run_dir")
+        if not isinstance(computed_in, str):  # none stored, or not whole: computed again
             return None
-        computed_in = json.loads(source.read_text())["run_dir"]
         for folder in OUTPUT_FOLDERS:
             for path in sorted((entry / folder).glob("*")) if (entry / folder).is_dir() else []:
                 atomic_write_bytes(run_dir / folder / path.name, path.read_bytes())
@@ -136,8 +144,7 @@ class AnalysisStore:
                 (staging / path.parent.name).mkdir(exist_ok=True)
                 shutil.copy2(path, staging / path.parent.name / path.name)
             shutil.copy2(run_dir / "notebooks" / analysis.executed_name, staging / analysis.executed_name)
-            (staging / SOURCE_FILE).write_text(json.dumps({"run_dir": str(run_dir.resolve()),
-                                                           "notebook": analysis.executed_name}, indent=2) + "\n")
+            write_json(staging / SOURCE_FILE, {"run_dir": str(run_dir.resolve()), "notebook": analysis.executed_name})
             staging.rename(entry)
         except OSError:
             if not entry.exists():
