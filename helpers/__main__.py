@@ -53,7 +53,7 @@ def cmd_predict(args) -> None:
     from .runs.pipeline import predict
 
     world = _world(config)
-    random = [n for n, m in config.models.items() if m.random_weights]
+    random = config.random_weight_models()
     if random and world.is_main:
         print(f"note: model(s) {', '.join(random)} use RANDOM weights (pretrained: random): "
               "their predictions are meaningless", file=sys.stderr)

@@ -189,6 +189,10 @@ class RunConfig:
     analysis: Analysis = field(default_factory=Analysis)
     transductive: Transductive | None = None  # off (null): every image labeled alone, as the winner did
 
+    def random_weight_models(self) -> list[str]:
+        """The models whose weights are random (`pretrained: random`), in the config's order."""
+        return [name for name, entry in self.models.items() if entry.random_weights]
+
     def to_dict(self) -> dict:
         raw = dataclasses.asdict(self)
         if raw["transductive"] is None:  # off: the same dict, so the same hash (run folders, sweep points) as before

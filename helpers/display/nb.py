@@ -62,7 +62,7 @@ def start(config_path: str, output_dir: str) -> tuple[RunConfig, RunData, RunFol
         say(f"{output} is a saved run (python -m helpers run), which a live run does not change: this one writes "
             f"to {live}")
         output = live
-    random = tuple(name for name, entry in config.models.items() if entry.random_weights)
+    random = tuple(config.random_weight_models())
     if random:
         display(Markdown(random_weights_note(random)))
     # the images as the command that started this run found them (run_data.json): listed and stat'ed, not read again

@@ -65,7 +65,7 @@ def reads(config: RunConfig, analysis: AnalysisNotebook) -> dict:
     random weights, which its figures name), prompts or scoring; 02 every model; 03 its own model."""
     raw = {k: v for k, v in config.to_dict().items() if k not in NOT_READ}
     raw["analysis"] = {k: v for k, v in raw["analysis"].items() if k not in NOT_READ_ANALYSIS}
-    raw["random_weights"] = sorted(name for name, entry in config.models.items() if entry.random_weights)
+    raw["random_weights"] = sorted(config.random_weight_models())
     if analysis.notebook == INSPECT:
         for key in ("models", "prompts", "scoring", "logit_scale"):
             del raw[key]

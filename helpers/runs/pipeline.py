@@ -525,7 +525,7 @@ def run_ensemble(config: RunConfig, output_dir: str | Path, data: RunData | None
         metrics[split] = summary
     if data.skipped():
         metrics["skipped_images"] = data.skipped()
-    random = [name for name, entry in config.models.items() if entry.random_weights]
+    random = config.random_weight_models()
     if random:  # the labels and accuracies of these models mean nothing
         metrics["random_weights"] = random
     write_json(output_dir / "metrics.json", metrics)

@@ -86,7 +86,7 @@ def build_report(points: list[Point], keys: list[str], run_dir_of, status_file_o
 
 
 def random_models(points: list[Point]) -> list[str]:
-    return sorted({n for p in points for n, m in p.config.models.items() if m.random_weights})
+    return sorted({name for p in points for name in p.config.random_weight_models()})
 
 
 def write_report(sweep_dir: Path, frame: pd.DataFrame, summary: dict, random: list[str]) -> dict[str, Path]:
