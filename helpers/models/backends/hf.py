@@ -244,7 +244,7 @@ class TransformersBackend(Backend):
 
         config = AutoConfig.from_pretrained(self._source(), **self._hub_kwargs())
         with init_empty_weights():
-            model = self._model_class(config)._from_config(config)
+            model = self._model_class(config)(config)
         return plan_placement(model, self.entry.device_map, max_memory, DTYPES[self.entry.precision])
 
     def _model_class(self, config):
@@ -327,7 +327,11 @@ class EvaClipBackend(TransformersBackend):
         """The remote code's class that AutoModel loads (config.json's auto_map), at the entry's revision."""
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-        return get_class_from_dynamic_module(config.auto_map["AutoModel"], self._source(), revision=self.entry.revision)
+        auto_map = getattr(config, "auto_map", None) or {}
+        if "AutoModel" not in auto_map:
+            raise WeightsUnavailableError(f"models.{self.name}.pretrained: the config.json of {self._source()} names "
+                                          "no remote code (auto_map.AutoModel): eva_clip needs EVA-CLIP's own files")
+        return get_class_from_dynamic_module(auto_map["AutoModel"], self._source(), revision=self.entry.revision)
 
     def load(self, device):
         from transformers import AutoModel
