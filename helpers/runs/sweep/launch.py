@@ -279,7 +279,8 @@ class SubmititLauncher:
         else:
             status = {**own, "point": job.point, "status": "failed",
                       "executor": self.kind, "job_id": handle.job_id, "error": self._failure(handle, value)}
-        if status.get("status") != "done" and self.kind == "slurm" and not returned:  # else it ended by itself
+        # also where the job returned a status: the run it watched may have ended because Slurm ended the job
+        if status.get("status") != "done" and self.kind == "slurm":
             state = self._final_state(handle)
             ended = state.ended_by_slurm()
             status["slurm_state"] = state.state
