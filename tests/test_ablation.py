@@ -10,6 +10,7 @@ from helpers.research.ablation import (
     ensemble_weight_ablation,
     holm_adjust,
     load_model_embeddings,
+    preprocessing_ablation,
     prompt_group_ablation,
     scoring_mode_ablation,
     sharpness_ablation,
@@ -134,3 +135,13 @@ def test_a_notebook_shows_each_interval_beside_its_value():
                                    "differs"]
     assert shown["accuracy [95% CI]"].iloc[0] == "1.000 [1.000, 1.000]"
     assert shown["Δ vs reference [95% CI]"].iloc[1].startswith("-1.000 [")
+
+
+@pytest.mark.parametrize("ablation", ["sharpness", "preprocessing", "embeddings"])
+def test_an_ablation_without_a_labeled_split_is_one_clear_error(ablation, make_config):
+    config = make_config(data={"test": make_config().data.test, "limit": 4})
+    run = {"sharpness": lambda: sharpness_ablation(config, "a", [2.3], progress=False),
+           "preprocessing": lambda: preprocessing_ablation(config, "a", progress=False),
+           "embeddings": lambda: load_model_embeddings(config, "a", progress=False)}[ablation]
+    with pytest.raises(ValueError, match=r"^no labeled split 'dev' in the config \(data.dev gives one\)$"):
+        run()

@@ -32,6 +32,7 @@ from .prompts import PromptSet
 from .restoration import steps_label
 from .scoring import FLOAT32, SCORERS, LogitArithmetic, Scores, average_scores, ensemble_scores, score
 from .stats import LEVEL, accuracy_summary, interval_columns, paired_comparison
+from .steps import Preprocess
 from .transductive import METHODS, build_method, run_method
 from .transductive.stage import joint_embeddings
 
@@ -100,15 +101,36 @@ def load_model_embeddings(config: RunConfig, name: str, split: str = "dev", data
                           progress: bool = True) -> ModelEmbeddings:
     """A model's embeddings of a labeled split, from the cache (the model is loaded only for what is missing)."""
     data = data or load_run_data(config)
-    if split not in data.splits or data.splits[split].labels is None:
-        raise ValueError(f"no labeled split '{split}' in the config (data.dev gives one)")
+    labels = split_labels(data, split)
     handle = ModelHandle(name, config.models[name], config.device, weights_cache(config.cache_dir))
     try:
         text = encode_texts(handle, data.prompts.texts, config.cache_dir)
         image = split_embeddings(handle, config, data, split, progress=progress)
     finally:
         handle.close()
-    return ModelEmbeddings(name, image, text, data.prompts, data.splits[split].labels, handle.logit_arithmetic)
+    return ModelEmbeddings(name, image, text, data.prompts, labels, handle.logit_arithmetic)
+
+
+def split_labels(data: RunData, split: str) -> np.ndarray:
+    """The labels of a labeled split: one error where the config has no such split, or it has no labels."""
+    if split not in data.splits or data.splits[split].labels is None:
+        raise ValueError(f"no labeled split '{split}' in the config (data.dev gives one)")
+    return data.splits[split].labels
+
+
+def view_predictions(handle: ModelHandle, config: RunConfig, data: RunData, split: str,
+                     settings: dict[str, list[Preprocess]], progress: bool = True) -> dict[str, np.ndarray]:
+    """Each setting's labels on `split` (a setting is a list of views, their probabilities averaged), every view
+    encoded once, through the cache; the model is closed after."""
+    predictions = {}
+    try:
+        text = encode_texts(handle, data.prompts.texts, config.cache_dir)
+        for setting, views in settings.items():
+            embs = split_embeddings(handle, config, data, split, views, progress)
+            predictions[setting] = score_views(config, embs, text, data.prompts, handle.logit_arithmetic).labels
+    finally:
+        handle.close()
+    return predictions
 
 
 def prompt_group_ablation(emb: ModelEmbeddings, scoring: str = "joint_softmax_mean",
@@ -140,28 +162,22 @@ def _factor_name(factor) -> str:
     return "+".join(f"{f:g}" for f in factor) if isinstance(factor, list) else f"{factor:g}"
 
 
+def _sharpened_views(handle: ModelHandle, factor) -> list[Preprocess]:
+    """A sharpening factor's views: one, or one per factor of a test-time-view list."""
+    return [handle.sharpened_view(f) for f in (factor if isinstance(factor, list) else [factor])]
+
+
 def sharpness_ablation(config: RunConfig, name: str, factors: list, split: str = "dev", data: RunData | None = None,
                        progress: bool = True) -> pd.DataFrame:
     """Accuracy per sharpening factor; an entry that is a list of factors is one test-time-view variant (their
     probabilities averaged). Every factor is encoded once and cached. The reference is the configured factor."""
     data = data or load_run_data(config)
-    labels = data.splits[split].labels
-    if labels is None:
-        raise ValueError(f"split '{split}' has no labels")
+    labels = split_labels(data, split)
     configured = config.models[name].sharpness
     reference = _factor_name(configured) if configured in factors else _factor_name(factors[0])
     handle = ModelHandle(name, config.models[name], config.device, weights_cache(config.cache_dir))
-    predictions = {}
-    try:
-        text = encode_texts(handle, data.prompts.texts, config.cache_dir)
-        for factor in factors:
-            views = [handle.sharpened_view(f) for f in (factor if isinstance(factor, list) else [factor])]
-            embs = split_embeddings(handle, config, data, split, views, progress)
-            predictions[_factor_name(factor)] = score_views(config, embs, text, data.prompts,
-                                                            handle.logit_arithmetic).labels
-    finally:
-        handle.close()
-    table = compare_predictions(labels, predictions, reference)
+    settings = {_factor_name(factor): _sharpened_views(handle, factor) for factor in factors}
+    table = compare_predictions(labels, view_predictions(handle, config, data, split, settings, progress), reference)
     table.insert(0, "model", name)
     return table
 
@@ -180,28 +196,19 @@ def preprocessing_ablation(config: RunConfig, name: str, split: str = "dev", dat
     row paired with it; a setting that is the configured one is that row). Every setting is encoded once and cached.
     """
     data = data or load_run_data(config)
-    labels = data.splits[split].labels
-    if labels is None:
-        raise ValueError(f"split '{split}' has no labels")
+    labels = split_labels(data, split)
     handle = ModelHandle(name, config.models[name], config.device, weights_cache(config.cache_dir))
     settings = {"configured": ("configured", handle.views)}
     for factor in config.analysis.sharpness_grid:
-        views = [handle.sharpened_view(f) for f in (factor if isinstance(factor, list) else [factor])]
-        settings.setdefault(f"sharpness {_factor_name(factor)}", ("sharpening", views))
+        settings.setdefault(f"sharpness {_factor_name(factor)}", ("sharpening", _sharpened_views(handle, factor)))
     for label, steps in analysis_restorations(config, data).items():
         settings.setdefault(label, ("restoration", [handle.view(steps)]))
     configured = {"configured": settings.pop("configured")}
     same = [n for n, (_, views) in settings.items() if views == configured["configured"][1]]
     reference = same[0] if same else "configured"
     settings = {**({} if same else configured), **settings}
-    predictions = {}
-    try:
-        text = encode_texts(handle, data.prompts.texts, config.cache_dir)
-        for setting, (_, views) in settings.items():
-            embs = split_embeddings(handle, config, data, split, views, progress)
-            predictions[setting] = score_views(config, embs, text, data.prompts, handle.logit_arithmetic).labels
-    finally:
-        handle.close()
+    predictions = view_predictions(handle, config, data, split, {n: views for n, (_, views) in settings.items()},
+                                   progress)
     kinds = {n: {"kind": "configured" if n == reference else kind} for n, (kind, _) in settings.items()}
     table = compare_predictions(labels, predictions, reference, kinds)
     table.insert(0, "model", name)
