@@ -307,14 +307,17 @@ class OpenClipBackend(Backend):
                                weights_format=_open_clip_weights_format(weights))
 
     def tokenizer(self):
-        import open_clip
-
         if self.local_dir is not None:
+            import open_clip
+
             with root_logger_kept():
                 return open_clip.get_tokenizer(self.entry.pretrained)
-        # an architecture file is read each time (it may have changed): its tokenizer is that of what it holds now
-        file = self.entry.arch.endswith(".json")
-        return _tokenizer(self.arch, json.dumps(self._architecture_file(), sort_keys=True) if file else None)
+        if not self.entry.arch.endswith(".json"):
+            return _tokenizer(self.arch, None)
+        # an architecture file is read each time (it may have changed), once here: the tokenizer of what it holds now
+        architecture = self._architecture_file()
+        name = _added_architecture(self.entry.arch, architecture)
+        return _tokenizer(name, json.dumps(architecture, sort_keys=True))
 
     def context_length(self) -> int:
         return self.tokenizer().context_length
