@@ -52,6 +52,20 @@ def precision_auto_is_fp32():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernels_forked():
+    """The notebooks' kernels of the runs the tests start in their own process are forked from a server that imported
+    the workbench once (tests/forked.py): a fresh interpreter spends seconds importing torch and open_clip, in each of
+    some forty kernels. The kernels of the runs other processes start are started as usual."""
+    from jupyter_client.provisioning import local_provisioner
+
+    from . import forked
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local_provisioner, "launch_kernel", forked.launch_kernel)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def run_index(tmp_path, monkeypatch) -> Path:
     """Runs in tests record their history in the test's own folder, not in the project's outputs/runs/index.csv."""

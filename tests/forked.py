@@ -1,28 +1,62 @@
-"""Commands run in processes of their own, for tests that kill them or run several at once, without the seconds a
-fresh interpreter spends importing torch, open_clip and the workbench: each process is forked from multiprocessing's
-fork server, which imported them once (and never ran a model, so no thread pool is forked half-way).
+"""Processes forked from a server that imported torch, open_clip and the workbench once, without the seconds a fresh
+interpreter spends importing them: commands, for tests that kill them or run several at once, and the notebooks'
+kernels of the runs a test starts in its own process. The server is multiprocessing's fork server: it never ran a
+model, so no thread pool is forked half-way.
 
 `start(main, argv, cwd)` returns a `Forked`, used as a `subprocess.Popen`: `communicate()` gives the process's stdout
 and stderr, `returncode` its exit status (-9 when SIGKILL ended it). The process runs in `cwd`, with the caller's
 environment as it is at the call.
+
+`launch_kernel` stands in for jupyter_client's: this checkout's kernel is forked (`ForkedKernel`, the Popen the
+kernel manager signals and waits for), in a session of its own as jupyter_client starts it; any other kernel starts
+as usual. The kernels of the runs that other processes start (a sweep's points, JupyterLab, another checkout) are
+real ones, so jupyter_client's own start stays tested.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import runpy
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from multiprocessing import forkserver
 from pathlib import Path
 
+from jupyter_client.launcher import launch_kernel as launch_kernel_process
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _CONTEXT = multiprocessing.get_context("forkserver")
-# what the fork server imports before it forks anything: what the commands these tests run need
-_CONTEXT.set_forkserver_preload(["helpers.runs.pipeline", "helpers.__main__", "open_clip", "tests.fault_injection"])
+# what the fork server imports before it forks anything: the heavy libraries the commands and kernels these tests run
+# import, and only those that choose nothing at import that a kernel chooses otherwise. Left out: the workbench, which
+# reads HELPERS_SAVED_RUN at import, and whatever imports tqdm.auto (transformers, open_clip), which picks its bar at
+# import by whether it runs in a kernel; matplotlib, which reads MPLBACKEND, set by the kernel, at import.
+_CONTEXT.set_forkserver_preload(["torch", "torchvision", "pandas", "scipy.ndimage", "PIL.Image", "ipykernel.ipkernel"])
+# what those libraries read from the environment at import (the OpenMP threads, tqdm's defaults, ...): a kernel whose
+# environment differs from the server's in these starts as usual
+_READ_AT_IMPORT = ("TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA", "PYTHON", "TQDM_", "PANDAS_")
+_server_environment: dict[str, str] | None = None
 
 
-def _run(main: Callable[[list[str]], int | None], argv: list[str], cwd: str, env: dict[str, str],
-         stdout: str, stderr: str) -> None:
+def _read_at_import(environment) -> dict[str, str]:
+    return {name: value for name, value in environment.items() if name.startswith(_READ_AT_IMPORT)}
+
+
+def _start_server() -> dict[str, str]:
+    """Start the fork server (once per process); returns what its libraries read from the environment at import."""
+    global _server_environment
+    if _server_environment is None:
+        forkserver.ensure_running()
+        _server_environment = _read_at_import(os.environ)
+    return _server_environment
+
+
+def _enter(cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
+    """In the forked process: the working folder, environment and output files it would have been started with."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -31,15 +65,26 @@ def _run(main: Callable[[list[str]], int | None], argv: list[str], cwd: str, env
         os.dup2(target, fd)
         os.close(target)
     sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
+
+
+def _run(main: Callable[[list[str]], int | None], argv: list[str], cwd: str, env: dict[str, str],
+         stdout: str, stderr: str) -> None:
+    _enter(cwd, env, stdout, stderr)
     sys.exit(main(argv))
+
+
+def _output_files(folder: str) -> tuple[str, str]:
+    paths = tuple(str(Path(folder) / name) for name in ("stdout", "stderr"))
+    for path in paths:
+        Path(path).touch()
+    return paths
 
 
 class Forked:
     def __init__(self, main: Callable[[list[str]], int | None], argv: list[str], cwd: Path):
         self._folder = tempfile.TemporaryDirectory(prefix="forked-")
-        self._out, self._err = (str(Path(self._folder.name) / name) for name in ("stdout", "stderr"))
-        for path in (self._out, self._err):
-            Path(path).touch()
+        self._out, self._err = _output_files(self._folder.name)
+        _start_server()
         self._process = _CONTEXT.Process(target=_run, args=(main, list(argv), str(cwd), dict(os.environ),
                                                              self._out, self._err))
         self._process.start()
@@ -66,3 +111,82 @@ class Forked:
 def start(main: Callable[[list[str]], int | None], argv: list[str], cwd: Path) -> Forked:
     """`main(argv)` in a forked process working in `cwd`; its return value is the exit status."""
     return Forked(main, argv, cwd)
+
+
+# --- kernels
+
+# the kernel command of this checkout's kernelspec (helpers.infra.jupyter.install_kernel), before the connection file
+KERNEL_COMMAND = [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f"]
+
+
+def _run_kernel(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
+    os.setsid()  # a session and process group of its own: the kernel manager signals the group
+    _enter(cwd, env, stdout, stderr)
+    sys.argv = argv
+    runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
+
+
+class ForkedKernel:
+    """A forked kernel, as jupyter_client's LocalProvisioner uses the Popen of a kernel: pid, poll, wait, signals.
+    What the kernel wrote to its stdout and stderr is written to this process's stderr when it has ended."""
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, connection_file: str, cwd: str, env: dict[str, str]):
+        self._folder = tempfile.TemporaryDirectory(prefix="kernel-")
+        self._outputs = _output_files(self._folder.name)
+        self._process = _CONTEXT.Process(target=_run_kernel, args=(["ipykernel_launcher", "-f", connection_file],
+                                                                    cwd, env, *self._outputs))
+        self._process.start()
+        self.pid = self._process.pid
+        while self._process.exitcode is None and _process_group(self.pid) != self.pid:
+            time.sleep(0.001)  # the kernel manager reads the group right after the start: it must be the kernel's
+
+    @property
+    def returncode(self) -> int | None:
+        if self._process.exitcode is not None and self._folder is not None:
+            for path in self._outputs:
+                sys.stderr.write(Path(path).read_text())
+            self._folder.cleanup()
+            self._folder = None
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(KERNEL_COMMAND, timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def launch_kernel(cmd: list[str], stdin=None, stdout=None, stderr=None, env=None, independent=False, cwd=None,
+                  **kwargs):
+    """jupyter_client.launcher.launch_kernel, forking this checkout's kernel started in the project folder (as
+    `helpers.runs.notebooks` starts it) when its environment agrees with the fork server's in what the server's
+    libraries read at import; any other kernel is started by jupyter_client."""
+    cwd = cwd or os.getcwd()  # papermill starts its kernels in the folder it changed to
+    forkable = (cmd[:-1] == KERNEL_COMMAND and Path(cwd).resolve() == PROJECT_ROOT
+                and env is not None and stdin is stdout is stderr is None and not independent and not kwargs
+                and _read_at_import(env) == _start_server())
+    if not forkable:
+        return launch_kernel_process(cmd, stdin=stdin, stdout=stdout, stderr=stderr, env=env, independent=independent,
+                                     cwd=cwd, **kwargs)
+    return ForkedKernel(cmd[-1], str(cwd), {**env, "JPY_PARENT_PID": str(os.getpid())})  # as launch_kernel sets it
