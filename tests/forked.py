@@ -31,14 +31,18 @@ from jupyter_client.launcher import launch_kernel as launch_kernel_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _CONTEXT = multiprocessing.get_context("forkserver")
-# what the fork server imports before it forks anything: the heavy libraries the commands and kernels these tests run
-# import, and only those that choose nothing at import that a kernel chooses otherwise. Left out: the workbench, which
-# reads HELPERS_SAVED_RUN at import, and whatever imports tqdm.auto (transformers, open_clip), which picks its bar at
-# import by whether it runs in a kernel; matplotlib, which reads MPLBACKEND, set by the kernel, at import.
-_CONTEXT.set_forkserver_preload(["torch", "torchvision", "pandas", "scipy.ndimage", "PIL.Image", "ipykernel.ipkernel"])
-# what those libraries read from the environment at import (the OpenMP threads, tqdm's defaults, ...): a kernel whose
-# environment differs from the server's in these starts as usual
-_READ_AT_IMPORT = ("TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA", "PYTHON", "TQDM_", "PANDAS_")
+# what the fork server imports before it forks anything: what the commands and kernels these tests run import (but
+# matplotlib, which reads MPLBACKEND, set by the kernel, at import)
+_CONTEXT.set_forkserver_preload(["helpers.runs.pipeline", "helpers.__main__", "helpers.research.ablation", "open_clip",
+                                 "pandas", "ipykernel.ipkernel", "tests.fault_injection"])
+# what the server's libraries read from the environment at import (huggingface_hub's HF_HUB_OFFLINE, the OpenMP
+# threads, ...): a kernel whose environment differs from the server's in these starts as usual
+_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA",
+                   "PYTHON", "TQDM_", "PANDAS_")
+# what a kernel imports afresh: the modules that choose at import what a kernel chooses otherwise (tqdm.auto picks the
+# notebook's bar in a kernel; the workbench, the text bars of a saved run, HELPERS_SAVED_RUN). huggingface_hub keeps
+# the text bar it picked in the server, for downloads, which no forked kernel makes (the hub is offline here).
+_KERNEL_IMPORTS_AFRESH = ("helpers", "tqdm.auto", "tqdm.autonotebook")
 _server_environment: dict[str, str] | None = None
 
 
@@ -122,6 +126,8 @@ KERNEL_COMMAND = [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launc
 def _run_kernel(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
     os.setsid()  # a session and process group of its own: the kernel manager signals the group
     _enter(cwd, env, stdout, stderr)
+    for name in [name for name in sys.modules if name in _KERNEL_IMPORTS_AFRESH or name.startswith("helpers.")]:
+        del sys.modules[name]
     sys.argv = argv
     runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
 
