@@ -276,13 +276,12 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def remote_code_modules(tmp_path_factory):
     """transformers copies remote code into its modules cache before importing it: here a folder of the session's
-    (also for the processes the tests start)."""
+    (for the processes a test starts, `hub_offline` names it in the environment)."""
     from transformers import dynamic_module_utils
 
     folder = str(tmp_path_factory.mktemp("hf_modules"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", folder)
-        patch.setenv("HF_MODULES_CACHE", folder)
         yield folder
 
 
@@ -310,9 +309,10 @@ def eva_clip_hub_cache(tmp_path_factory, remote_code_modules) -> Path:
 
 
 @pytest.fixture
-def hub_offline(monkeypatch, eva_clip_hub_cache) -> Path:
+def hub_offline(monkeypatch, eva_clip_hub_cache, remote_code_modules) -> Path:
     """The hub offline (HF_HUB_OFFLINE=1, as read at import by huggingface_hub and transformers too) and its cache
-    the one that holds the tiny BAAI/EVA-CLIP-18B (returned)."""
+    the one that holds the tiny BAAI/EVA-CLIP-18B (returned); the session's modules cache for the processes the test
+    starts. Set for the test alone: a kernel forked from the tests' fork server must agree with it in these."""
     from huggingface_hub import constants
     from transformers.utils import hub
 
@@ -320,6 +320,7 @@ def hub_offline(monkeypatch, eva_clip_hub_cache) -> Path:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(eva_clip_hub_cache))
+    monkeypatch.setenv("HF_MODULES_CACHE", remote_code_modules)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(eva_clip_hub_cache))
     monkeypatch.setattr(hub, "_is_offline_mode", True)

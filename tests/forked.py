@@ -43,6 +43,7 @@ _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", 
 # notebook's bar in a kernel; the workbench, the text bars of a saved run, HELPERS_SAVED_RUN). huggingface_hub keeps
 # the text bar it picked in the server, for downloads, which no forked kernel makes (the hub is offline here).
 _KERNEL_IMPORTS_AFRESH = ("helpers", "tqdm.auto", "tqdm.autonotebook")
+_SESSION_ENVIRONMENT = dict(os.environ)  # imported with the tests' conftest, before any test has changed it
 _server_environment: dict[str, str] | None = None
 
 
@@ -51,11 +52,19 @@ def _read_at_import(environment) -> dict[str, str]:
 
 
 def _start_server() -> dict[str, str]:
-    """Start the fork server (once per process); returns what its libraries read from the environment at import."""
+    """Start the fork server (once per process) in the environment the session started with, not in whatever a test
+    has set; returns what its libraries read from that environment at import."""
     global _server_environment
     if _server_environment is None:
-        forkserver.ensure_running()
-        _server_environment = _read_at_import(os.environ)
+        current = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(_SESSION_ENVIRONMENT)
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(current)
+        _server_environment = _read_at_import(_SESSION_ENVIRONMENT)
     return _server_environment
 
 
