@@ -1,15 +1,17 @@
 """`python -m helpers predict`: what it writes, that it is deterministic, and how it fails."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from helpers.__main__ import main
-from helpers.config import PromptSpec
+from helpers.config import ConfigError, PromptSpec
 from helpers.research.data import DataError, load_dev_set
 from helpers.runs import pipeline as pipeline_module
 from helpers.runs.outputs import SubmissionError, read_submission, validate_submission, write_submission
@@ -201,3 +203,33 @@ def test_a_prepared_run_folder_records_the_prompt_check_so_kernels_load_no_token
     config.prompts = PromptSpec(exclude=[data.prompts.prompts[0].group])
     load_run_data(config, recorded_in=tmp_path / "o")
     assert len(checked) == 2
+
+
+def test_a_prompt_check_that_passed_is_kept_in_the_cache_for_later_runs(make_config, tmp_path, monkeypatch):
+    """A sweep's points share a cache: the prompt check of the first run is kept there, and a later run of the same
+    prompts and models, in a folder of its own, loads no tokenizer (no open_clip import in its process). A rewritten
+    architecture file is checked again, and a check that failed is not kept."""
+    config = make_config(data={"test": make_config().data.test, "limit": 8})
+    arch = tmp_path / "arch.json"  # a copy of the session's: its modification time changes below
+    arch.write_bytes(Path(config.models["a"].arch).read_bytes())
+    config.models["a"].arch = str(arch)
+    checked = []
+    original = pipeline_module.check_prompts
+    monkeypatch.setattr(pipeline_module, "check_prompts", lambda *args: checked.append(args) or original(*args))
+    data = load_run_data(config)
+    load_run_data(config)
+    assert len(checked) == 1 and len(list((Path(config.cache_dir) / "prompt_checks").glob("*.json"))) == 1
+    os.utime(arch, ns=(arch.stat().st_atime_ns, arch.stat().st_mtime_ns + 10**9))
+    load_run_data(config)
+    assert len(checked) == 2
+
+    def refuses(*args):
+        checked.append(args)
+        raise ConfigError("prompts: too long")
+
+    monkeypatch.setattr(pipeline_module, "check_prompts", refuses)
+    config.prompts = PromptSpec(exclude=[data.prompts.prompts[0].group])
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="too long"):
+            load_run_data(config)
+    assert len(checked) == 4

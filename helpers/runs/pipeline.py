@@ -174,7 +174,7 @@ def load_run_data(config: RunConfig, progress: bool = False, recorded_in: str | 
     recorded = (read_json_or_none(Path(recorded_in) / RUN_DATA, dict) or {}) if recorded_in is not None else {}
     prompts_checked = prompt_check_key(config, prompts)
     if recorded.get("prompts_checked") != prompts_checked:  # a kernel of the prepared run: checked already
-        check_prompts(config, prompts)  # before the images are read
+        check_prompts_once(config, prompts, prompts_checked)  # before the images are read
     problems, checks = {}, {}
     for name, images in splits.items():
         problems[name], checks[name] = check_split(images, config.cache_dir, progress, recorded.get(name))
@@ -596,17 +596,36 @@ def check_models(config: RunConfig) -> None:
 
 
 def prompt_check_key(config: RunConfig, prompts: PromptSet) -> str:
-    """What the prompt check depends on: the prompts, and each model's weights (its tokenizer comes with them) and
-    `truncate`. Read from the entries alone: loads no tokenizer, imports no model library."""
-    models = {name: {**BACKENDS[entry.backend](name, entry).identity(), "truncate": entry.truncate}
-              for name, entry in config.models.items()}
+    """What the prompt check depends on: the prompts, and each model's weights (its tokenizer comes with them), its
+    architecture file and `truncate`. Read from the entries alone: loads no tokenizer, imports no model library."""
+    models = {name: {**BACKENDS[entry.backend](name, entry).identity(), "truncate": entry.truncate,
+                     "arch_file": _file_stamp(entry.arch)} for name, entry in config.models.items()}
     return json_digest([prompts.texts, models])
+
+
+def _file_stamp(path: str | None) -> list[int] | None:
+    """Size and modification time of an architecture file (a model's context length and tokenizer are in it)."""
+    if path is None or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def check_prompts(config: RunConfig, prompts: PromptSet) -> None:
     """Before anything is encoded: every prompt fits the context of every model (or its entry says `truncate`)."""
     for name, entry in config.models.items():
         ModelHandle(name, entry, config.device).check_prompts(prompts)
+
+
+def check_prompts_once(config: RunConfig, prompts: PromptSet, key: str) -> None:
+    """`check_prompts`, once per `prompt_check_key` and cache: a check that passed is kept in the cache
+    (`<cache_dir>/prompt_checks/`), beside the prompts' embeddings of the same models, and a later run of the same
+    prompts and models (a sweep's points) loads no tokenizer and imports no model library for it."""
+    passed = Path(config.cache_dir) / "prompt_checks" / f"{key}.json"
+    if read_json_or_none(passed, dict) is not None:
+        return
+    check_prompts(config, prompts)
+    write_json(passed, {"models": sorted(config.models), "prompts": len(prompts.texts)})
 
 
 def check_paths(config: RunConfig, output_dir: str | Path) -> None:
