@@ -21,7 +21,12 @@ from helpers.config import config_from_dict
 from helpers.infra.cache import image_store
 from helpers.models import Encoder, ModelHandle, device
 from helpers.research.data import file_digest, load_test_set
+from helpers.runs.notebooks import import_nbformat
 from helpers.runs.pipeline import predict
+
+# the test modules import nbformat: without jsonschema's IRI grammar, as the workbench imports it (a second and more
+# in each worker otherwise)
+import_nbformat()
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("WORKBENCH_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
