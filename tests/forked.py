@@ -39,6 +39,8 @@ _CONTEXT.set_forkserver_preload(["helpers.runs.pipeline", "helpers.__main__", "h
 # threads, ...): a kernel whose environment differs from the server's in these starts as usual
 _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA",
                    "PYTHON", "TQDM_", "PANDAS_")
+# ... but what is read when used: inductor sets its cache folder in the environment itself, the first time it compiles
+_READ_WHEN_USED = ("TORCHINDUCTOR_CACHE_DIR",)
 # what a kernel imports afresh: the modules that choose at import what a kernel chooses otherwise (tqdm.auto picks the
 # notebook's bar in a kernel; the workbench, the text bars of a saved run, HELPERS_SAVED_RUN). huggingface_hub keeps
 # the text bar it picked in the server, for downloads, which no forked kernel makes (the hub is offline here).
@@ -48,7 +50,8 @@ _server_environment: dict[str, str] | None = None
 
 
 def _read_at_import(environment) -> dict[str, str]:
-    return {name: value for name, value in environment.items() if name.startswith(_READ_AT_IMPORT)}
+    return {name: value for name, value in environment.items()
+            if name.startswith(_READ_AT_IMPORT) and name not in _READ_WHEN_USED}
 
 
 def _start_server() -> dict[str, str]:
@@ -157,8 +160,8 @@ class ForkedKernel:
         while self._process.exitcode is None and _process_group(self.pid) != self.pid:
             time.sleep(0.001)  # the kernel manager reads the group right after the start: it must be the kernel's
 
-    @property
-    def returncode(self) -> int | None:
+    def poll(self) -> int | None:
+        """The exit status once the kernel has ended (its output then written out), else None."""
         if self._process.exitcode is not None and self._folder is not None:
             for path in self._outputs:
                 sys.stderr.write(Path(path).read_text())
@@ -166,14 +169,11 @@ class ForkedKernel:
             self._folder = None
         return self._process.exitcode
 
-    def poll(self) -> int | None:
-        return self.returncode
-
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
-        if self.returncode is None:
+        if self.poll() is None:
             raise subprocess.TimeoutExpired(KERNEL_COMMAND, timeout)
-        return self.returncode
+        return self._process.exitcode
 
     def send_signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
