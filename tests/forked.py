@@ -15,6 +15,7 @@ real ones, so jupyter_client's own start stays tested.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import runpy
@@ -27,9 +28,12 @@ from collections.abc import Callable
 from multiprocessing import forkserver
 from pathlib import Path
 
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.launcher import launch_kernel as launch_kernel_process
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from helpers.infra.files import PROJECT_ROOT
+from helpers.infra.jupyter import ensure_kernel
+
 _CONTEXT = multiprocessing.get_context("forkserver")
 # what the fork server imports before it forks anything: what the commands and kernels these tests run import (but
 # matplotlib, which reads MPLBACKEND, set by the kernel, at import)
@@ -131,8 +135,10 @@ def start(main: Callable[[list[str]], int | None], argv: list[str], cwd: Path) -
 
 # --- kernels
 
-# the kernel command of this checkout's kernelspec (helpers.infra.jupyter.install_kernel), before the connection file
-KERNEL_COMMAND = [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f"]
+@functools.cache
+def kernel_command() -> list[str]:
+    """The command of this checkout's kernel (`helpers.infra.jupyter`), before its connection file."""
+    return KernelSpecManager().get_kernel_spec(ensure_kernel()).argv[:-1]
 
 
 def _run_kernel(argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
@@ -172,7 +178,7 @@ class ForkedKernel:
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self.poll() is None:
-            raise subprocess.TimeoutExpired(KERNEL_COMMAND, timeout)
+            raise subprocess.TimeoutExpired(kernel_command(), timeout)
         return self._process.exitcode
 
     def send_signal(self, signum: int) -> None:
@@ -198,7 +204,7 @@ def launch_kernel(cmd: list[str], stdin=None, stdout=None, stderr=None, env=None
     `helpers.runs.notebooks` starts it) when its environment agrees with the fork server's in what the server's
     libraries read at import; any other kernel is started by jupyter_client."""
     cwd = cwd or os.getcwd()  # papermill starts its kernels in the folder it changed to
-    forkable = (cmd[:-1] == KERNEL_COMMAND and Path(cwd).resolve() == PROJECT_ROOT
+    forkable = (cmd[:-1] == kernel_command() and Path(cwd).resolve() == PROJECT_ROOT
                 and env is not None and stdin is stdout is stderr is None and not independent and not kwargs
                 and _read_at_import(env) == _start_server())
     if not forkable:

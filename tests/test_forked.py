@@ -37,7 +37,7 @@ def _run_in_kernel(code: str, sockets: Path) -> tuple[object, str]:
 @pytest.mark.parametrize("threads", ["same", "other"])
 def test_this_checkouts_kernel_is_forked_unless_its_environment_differs(monkeypatch, tmp_path, threads):
     monkeypatch.chdir(PROJECT_ROOT)
-    forked._start_server()
+    server = forked._start_server()
     if threads == "other":  # read by OpenMP when the server imported torch
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
     expected = forked.ForkedKernel if threads == "same" else subprocess.Popen
@@ -45,5 +45,5 @@ def test_this_checkouts_kernel_is_forked_unless_its_environment_differs(monkeypa
     assert isinstance(process, expected)
     notebook_bar, own_group, omp = printed.split()
     assert (notebook_bar, own_group) == ("True", "True")
-    assert omp == ("3" if threads == "other" else str(forked._server_environment.get("OMP_NUM_THREADS")))
+    assert omp == ("3" if threads == "other" else str(server.get("OMP_NUM_THREADS")))
     assert process.poll() is not None  # ended, and its exit seen

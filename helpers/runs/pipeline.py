@@ -48,6 +48,7 @@ from ..infra.files import (
     remove_stale_temporaries,
 )
 from ..models import BACKENDS, ModelHandle, WeightsUnavailableError, resolve_device, weights_cache
+from ..models.backends import file_stamps
 from ..research.data import (
     DataError,
     ImageSet,
@@ -599,16 +600,9 @@ def prompt_check_key(config: RunConfig, prompts: PromptSet) -> str:
     """What the prompt check depends on: the prompts, and each model's weights (its tokenizer comes with them), its
     architecture file and `truncate`. Read from the entries alone: loads no tokenizer, imports no model library."""
     models = {name: {**BACKENDS[entry.backend](name, entry).identity(), "truncate": entry.truncate,
-                     "arch_file": _file_stamp(entry.arch)} for name, entry in config.models.items()}
+                     "arch_file": file_stamps(Path(entry.arch)) if entry.arch and Path(entry.arch).is_file() else None}
+              for name, entry in config.models.items()}
     return json_digest([prompts.texts, models])
-
-
-def _file_stamp(path: str | None) -> list[int] | None:
-    """Size and modification time of an architecture file (a model's context length and tokenizer are in it)."""
-    if path is None or not Path(path).is_file():
-        return None
-    stat = Path(path).stat()
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 def check_prompts(config: RunConfig, prompts: PromptSet) -> None:

@@ -25,9 +25,9 @@ def register_backend(name: str):
     return BACKENDS.register(name)
 
 
-def _file_stamps(path: Path) -> dict:
-    """Size and modification time of a weights file, or of every file in a model folder (cheaper than hashing
-    gigabytes; a file rewritten in place changes its stamp)."""
+def file_stamps(path: Path) -> dict:
+    """Size and modification time of a file (weights, an architecture), or of every file in a model folder (cheaper
+    than hashing gigabytes; a file rewritten in place changes its stamp)."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
 
@@ -67,7 +67,7 @@ class Backend:
         if self.random_weights:
             ident["seed"] = e.seed
         elif Path(e.pretrained.removeprefix("local-dir:")).exists():
-            ident["files"] = _file_stamps(Path(e.pretrained.removeprefix("local-dir:")))
+            ident["files"] = file_stamps(Path(e.pretrained.removeprefix("local-dir:")))
         return ident
 
     def views(self) -> list[Preprocess]:
