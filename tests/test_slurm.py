@@ -172,9 +172,14 @@ def on_slurm(slurm_cluster, tmp_path_factory, scene_dir, tiny_arch, tiny_checkpo
         found = {"killed": killed_while_running(sweep(design, folder, *SLURM_OPTIONS, "--jobs", "1"), folder,
                                                 "scoring="),
                  "jobs_before": slurm_jobs(slurm_cluster)}
+        # the scoring point's job is held until the rerun has read the statuses and submitted the hanging point: the
+        # rerun must find it running, however soon its tiny run would otherwise end
+        held = found["killed"][point_named(found["killed"], "scoring=")]["job_id"]
+        slurm_cluster.command("scontrol", "suspend", held)
         rerun = subprocess.Popen(sweep(design, folder, *SLURM_OPTIONS, "--jobs", "2"), cwd=PROJECT_ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         found["cancelled"] = wait_for(running_job(folder, "test="), 240, "the hanging point to run")
+        slurm_cluster.command("scontrol", "resume", held)
         slurm_cluster.command("scancel", found["cancelled"])
         out, err = rerun.communicate(timeout=300)
         found.update(rerun=subprocess.CompletedProcess(rerun.args, rerun.returncode, out, err),
