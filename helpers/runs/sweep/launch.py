@@ -318,7 +318,8 @@ class SubmititLauncher:
 
 def live_jobs(jobs: list[PointJob], submitit_folder: Path) -> dict[str, tuple[str, str]]:
     """The points whose job, started by an earlier sweep (its id in the point's status), is still queued or running:
-    point -> (executor, job id). Raises SweepError where Slurm cannot be asked about a recorded job."""
+    point -> (executor, job id). A Slurm job is asked of squeue (none runs from here where there is no squeue), a
+    local job of its submitit controller. Raises SweepError where squeue is here but cannot answer."""
     import shutil
 
     from .scheduler import SlurmUnavailable, controller_alive, squeue_states

@@ -86,9 +86,6 @@ class SqueueWatcher(SlurmInfoWatcher):
     """submitit's watcher of Slurm jobs (one call for every job of the process, at growing intervals), asking squeue
     instead of sacct."""
 
-    def _make_command(self) -> list[str] | None:
-        return None  # `update` asks squeue itself
-
     def update(self) -> None:
         ids = sorted({job_id.split("_")[0] for job_id in self._registered - self._finished})
         if not ids:
