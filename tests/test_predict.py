@@ -12,6 +12,7 @@ import yaml
 
 from helpers.__main__ import main
 from helpers.config import ConfigError, PromptSpec
+from helpers.models import WeightsUnavailableError
 from helpers.research.data import DataError, load_dev_set
 from helpers.runs import pipeline as pipeline_module
 from helpers.runs.outputs import SubmissionError, read_submission, validate_submission, write_submission
@@ -203,6 +204,43 @@ def test_a_prepared_run_folder_records_the_prompt_check_so_kernels_load_no_token
     config.prompts = PromptSpec(exclude=[data.prompts.prompts[0].group])
     load_run_data(config, recorded_in=tmp_path / "o")
     assert len(checked) == 2
+
+
+def test_a_weights_check_that_passed_is_kept_in_the_cache_and_a_later_run_imports_no_torch(make_config, tmp_path,
+                                                                                          monkeypatch):
+    """Reading a torch checkpoint's contents (the weights check) imports torch: a check that passed is kept in the
+    cache, and a later run of the same models on weights files that did not change, in a process of its own (a
+    sweep's point), reads no checkpoint and imports no torch before its notebooks. Weights named by a tag are checked
+    every time, a rewritten weights file again, and a check that failed is not kept."""
+    config = make_config(data={"test": make_config().data.test, "limit": 8})
+    weights = tmp_path / "a.pt"  # a copy of the session's: it is rewritten below
+    weights.write_bytes(Path(config.models["a"].pretrained).read_bytes())
+    config.models["a"].pretrained = str(weights)
+    checked = []
+    original = pipeline_module.check_models
+    monkeypatch.setattr(pipeline_module, "check_models", lambda config: checked.append(1) or original(config))
+    for _ in range(2):
+        pipeline_module.prepare_run(config, None, progress=False)
+    assert len(checked) == 1 and len(list((Path(config.cache_dir) / "weights_checks").glob("*.json"))) == 1
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    later_run = ("import sys; from helpers.config import load_config; from helpers.runs.pipeline import prepare_run; "
+                 f"prepare_run(load_config({str(config_file)!r}), None, progress=False); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", later_run], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    pipeline_module.prepare_run(config, None, progress=False)
+    assert len(checked) == 2
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short: not a readable checkpoint
+    for _ in range(2):
+        with pytest.raises(WeightsUnavailableError, match="not a readable checkpoint"):
+            pipeline_module.prepare_run(config, None, progress=False)
+    assert len(checked) == 4 and len(list((Path(config.cache_dir) / "weights_checks").glob("*.json"))) == 2
+    config.models["a"].pretrained = "laion2b_s34b_b79k"  # a tag: found in the hub's cache, or downloadable
+    assert pipeline_module.weights_check_key(config) is None
 
 
 def test_a_prompt_check_that_passed_is_kept_in_the_cache_for_later_runs(make_config, tmp_path, monkeypatch):

@@ -14,13 +14,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..config import json_digest
-from ..models import ModelHandle
 from ..research.data import DataError, ImageSet, file_digest, open_image, scan_images
 from ..research.steps import Preprocess
 from .distributed import ONE_PROCESS, World
@@ -28,6 +27,11 @@ from .errors import one_line
 from .files import atomic_write_bytes, remove_stale_temporaries, slug
 from .ledger import record_encode
 from .store import EmbeddingStore
+
+if TYPE_CHECKING:  # torch is imported where images are encoded: a run's own process needs none of it
+    import torch
+
+    from ..models import ModelHandle
 
 
 class CheckedImages:
@@ -94,8 +98,8 @@ def encode_texts(handle: ModelHandle, texts: list[str], cache_dir: str | Path, c
     return store.get(keys)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses image files, for a DataLoader."""
+class ImageFiles:
+    """Decodes and preprocesses image files, for a DataLoader (a map-style dataset: `len` and `[i]`)."""
 
     def __init__(self, files: list[Path], transform):
         self.files, self.transform = files, transform
@@ -120,8 +124,10 @@ class UnreadableImage:
 
 def collate_images(items: list) -> torch.Tensor | UnreadableImage:
     """A batch of preprocessed images, or the first failure among them."""
+    from torch.utils.data import default_collate
+
     failed = next((item for item in items if isinstance(item, UnreadableImage)), None)
-    return failed or torch.utils.data.default_collate(items)
+    return failed or default_collate(items)
 
 
 def image_batches(files: list[Path], preprocess: Preprocess, batches: list[list[int]], num_workers: int,
@@ -129,9 +135,11 @@ def image_batches(files: list[Path], preprocess: Preprocess, batches: list[list[
     """The preprocessed pixels of each batch of `files` (a batch: a list of positions), in order, decoded by
     `num_workers` processes ahead of their use (0: in this process, when the batch is asked for); a batch with an
     image that cannot be read is its `UnreadableImage`."""
-    return torch.utils.data.DataLoader(ImageFiles(files, preprocess.transform()), batch_sampler=batches,
-                                       num_workers=num_workers, collate_fn=collate_images, pin_memory=pin_memory,
-                                       persistent_workers=False)
+    from torch.utils.data import DataLoader
+
+    return DataLoader(ImageFiles(files, preprocess.transform()), batch_sampler=batches,
+                      num_workers=num_workers, collate_fn=collate_images, pin_memory=pin_memory,
+                      persistent_workers=False)
 
 
 def default_num_workers(device: torch.device) -> int:
@@ -154,6 +162,8 @@ def ensure_encoded(handle: ModelHandle, files: list[Path], preprocess: Preproces
     those batches (`World.share`), and the ranks meet before this returns. `num_workers` defaults to
     `default_num_workers(handle.device)`.
     """
+    import torch
+
     num_workers = default_num_workers(handle.device) if num_workers is None else num_workers
     store = image_store(cache_dir, handle, preprocess)
     digests = digests if digests is not None else [file_digest(p) for p in files]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a process group is used: one process (a run's own) needs none of it
+    import torch
 
 # a rank waits at a barrier while the others finish their share of an encode: hours, for a large set
 BARRIER_TIMEOUT = timedelta(hours=24)
@@ -42,6 +43,8 @@ class World:
 
     def barrier(self) -> None:
         if self.size > 1:
+            import torch.distributed as dist
+
             dist.barrier()
 
     def agree(self, value):
@@ -49,6 +52,8 @@ class World:
         into a shared cache between two ranks' looks)."""
         if self.size == 1:
             return value
+        import torch.distributed as dist
+
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -56,6 +61,8 @@ class World:
     def device(self, device: torch.device) -> torch.device:
         """The device of this rank: its own GPU when the run is on CUDA."""
         if self.size > 1 and device.type == "cuda":
+            import torch
+
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -69,6 +76,9 @@ def init_world(device: torch.device) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return ONE_PROCESS
+    import torch
+    import torch.distributed as dist
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device.type == "cuda":
@@ -82,5 +92,7 @@ def init_world(device: torch.device) -> World:
 
 def leave_process_group() -> None:
     """Leave the process group, if one was joined (torch warns about one left open)."""
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()

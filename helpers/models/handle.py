@@ -7,8 +7,7 @@ import dataclasses
 import gc
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError, ModelEntry
 from ..research.prompts import PromptSet
@@ -17,6 +16,9 @@ from ..research.steps import Preprocess, sharpened
 from .backends import BACKENDS
 from .device import autocasts_on, resolve_device, resolve_precision, weights_device, with_index
 from .encoder import Encoder
+
+if TYPE_CHECKING:  # torch is imported where a model is: a handle of a run whose embeddings are cached needs none
+    import torch
 
 
 def weights_cache(cache_dir: str | Path) -> Path:
@@ -29,7 +31,7 @@ class ModelHandle:
 
     def __init__(self, name: str, entry: ModelEntry, device: str | torch.device = "auto",
                  weights_cache: str | Path | None = None):
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.device = resolve_device(device) if isinstance(device, str) else device
         self.precision_setting = entry.precision  # `entry.precision` is what it means here (`auto` resolved)
         self.name, self.entry = name, dataclasses.replace(entry, precision=resolve_precision(
             entry.precision, weights_device(entry, self.device)))
@@ -120,5 +122,7 @@ class ModelHandle:
             return
         self._encoder = None
         gc.collect()
+        import torch
+
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

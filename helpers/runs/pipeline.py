@@ -29,10 +29,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from ..config import ConfigError, RunConfig, fill_in_blur, json_digest, steps_wanting_blur, transductive_method
@@ -47,7 +47,7 @@ from ..infra.files import (
     read_yaml_or_none,
     remove_stale_temporaries,
 )
-from ..models import BACKENDS, ModelHandle, WeightsUnavailableError, resolve_device, weights_cache
+from ..models import BACKENDS, WeightsUnavailableError
 from ..models.backends import file_stamps
 from ..research.data import (
     DataError,
@@ -74,6 +74,10 @@ from ..research.steps import Preprocess
 from ..research.transductive import Method, class_probabilities
 from ..research.transductive.stage import StageResult, run_stage, view_mean
 from .outputs import build_manifest, reference_agreement, reference_path, write_json, write_npy, write_submission
+
+if TYPE_CHECKING:
+    from ..config import ModelEntry
+    from ..models import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +292,8 @@ def score_split(config: RunConfig, stores: list[EmbeddingStore], digests: list[s
     """Score one split in chunks of rows, read from the stores and written into memory-mapped `.npy` files
     (`image_embeddings`, `prompt_probs`, `class_scores`); returns the labels. Scoring is row by row, so the chunks
     give what one pass over all rows gives."""
+    import torch  # here: the run's own process (`python -m helpers run`) scores nothing, and imports no torch
+
     n, dim, views = len(digests), text_emb.shape[1], len(stores)
     emb_shape = (n, dim) if views == 1 else (views, n, dim)
     labels = np.empty(n, dtype=np.int64)
@@ -309,12 +315,19 @@ def score_split(config: RunConfig, stores: list[EmbeddingStore], digests: list[s
     return labels
 
 
+def model_handle(config: RunConfig, name: str, world: World = ONE_PROCESS) -> ModelHandle:
+    """Model `name` of the run, on this rank's device, its converted weights kept in the run's cache."""
+    from ..models import ModelHandle, resolve_device, weights_cache  # here: they import torch
+
+    return ModelHandle(name, config.models[name], world.device(resolve_device(config.device)),
+                       weights_cache(config.cache_dir))
+
+
 def encode_model_images(config: RunConfig, name: str, data: RunData, world: World, progress: bool = False,
                         prompts: bool = False) -> None:
     """A rank's share of model `name`'s image encodes, every split and view, in the order `run_model` takes them
     (and with `prompts`, the prompts too, with the same loaded model)."""
-    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)),
-                         weights_cache(config.cache_dir))
+    handle = model_handle(config, name, world)
     try:
         for split in data.splits:
             split_stores(handle, config, data, split, progress=progress, world=world)
@@ -334,8 +347,7 @@ def run_model(config: RunConfig, name: str, output_dir: str | Path, data: RunDat
     if name not in config.models:
         raise KeyError(f"no model '{name}' in the config (models: {', '.join(config.models)})")
     data = data or load_run_data(config)
-    handle = ModelHandle(name, config.models[name], world.device(resolve_device(config.device)),
-                         weights_cache(config.cache_dir))
+    handle = model_handle(config, name, world)
     out = model_dir(output_dir, name)
     started = time.perf_counter()
     try:
@@ -421,6 +433,8 @@ def model_outputs(output_dir: str | Path, name: str, split: str) -> tuple[np.nda
 def load_model_scores(output_dir: str | Path, name: str, split: str, scoring: str,
                       rows: slice = slice(None)) -> Scores:
     """Model `name`'s scores of one split (of `rows` of it), in memory."""
+    import torch
+
     probs, class_scores = model_outputs(output_dir, name, split)
     return Scores(torch.from_numpy(np.array(class_scores[rows])),
                   torch.from_numpy(np.array(probs[rows])) if SCORERS[scoring].per_prompt_probabilities else None)
@@ -559,6 +573,8 @@ def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, wo
     output_dir = Path(output_dir)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     models = {n: json.loads((model_dir(output_dir, n) / "model.json").read_text()) for n in config.models}
+    from ..models import resolve_device
+
     manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
     manifest["world_size"] = world.size  # processes that shared the encodes (torchrun); the results do not depend on it
     if data.auto_blur:
@@ -583,30 +599,80 @@ def _recorded_config(path: Path) -> dict | None:
     return read_yaml_or_none(path)
 
 
+def check_device(config: RunConfig) -> None:
+    """Before any work: the config's device is here (only CUDA can be missing; torch is imported for it alone)."""
+    if config.device.startswith("cuda"):
+        from ..models import resolve_device
+
+        resolve_device(config.device)
+
+
 def check_models(config: RunConfig) -> None:
-    """Before any work: every model's weights are on disk or downloadable, else one error that says, for each
-    model that lacks them, what to do."""
+    """Before any work: every model's weights are on disk or downloadable, else one error that says, for each model
+    that lacks them, what to do."""
     problems = []
     for name, entry in config.models.items():
         try:
-            ModelHandle(name, entry, config.device).check_weights()
+            BACKENDS[entry.backend](name, entry).check_weights()
         except (WeightsUnavailableError, FileNotFoundError, ValueError) as e:
             problems.append(str(e))
     if problems:
         raise WeightsUnavailableError(" | ".join(problems))
 
 
+def weights_check_key(config: RunConfig) -> str | None:
+    """What the weights check depends on where every model's weights are on disk (or random): the entries, and the
+    size and modification time of their weights and architecture files. None where a model's weights are a tag or a
+    hub repository: their check asks the hub's cache or the network, which may have changed since."""
+    models = {}
+    for name, entry in config.models.items():
+        weights = Path(entry.pretrained).expanduser()
+        if not entry.random_weights and not weights.exists():
+            return None
+        models[name] = {"entry": config.to_dict()["models"][name], "arch_file": arch_file_stamps(entry),
+                        "weights": None if entry.random_weights else file_stamps(weights)}
+    return json_digest(models)
+
+
+def arch_file_stamps(entry: ModelEntry) -> dict | None:
+    """The size and modification time of an entry's architecture file (`arch`), None without one."""
+    return file_stamps(Path(entry.arch)) if entry.arch and Path(entry.arch).is_file() else None
+
+
+def check_models_once(config: RunConfig) -> None:
+    """`check_models`, once per `weights_check_key` and cache where the weights are on disk: reading a torch
+    checkpoint's contents imports torch, and a later run of the same models (a sweep's points, each a process of
+    its own) then needs none of it."""
+    key = weights_check_key(config)
+    if key is None:
+        check_models(config)
+    else:
+        check_once(config.cache_dir, "weights_checks", key, lambda: check_models(config),
+                   {"models": sorted(config.models)})
+
+
+def check_once(cache_dir: str | Path, kind: str, key: str, check, record: dict) -> None:
+    """`check()`, unless a check of this `kind` with this `key` passed before with this cache: one that passed is
+    kept as `<cache_dir>/<kind>/<key>.json` (holding `record`); one that fails raises, and is not kept."""
+    passed = Path(cache_dir) / kind / f"{key}.json"
+    if read_json_or_none(passed, dict) is not None:
+        return
+    check()
+    write_json(passed, record)
+
+
 def prompt_check_key(config: RunConfig, prompts: PromptSet) -> str:
     """What the prompt check depends on: the prompts, and each model's weights (its tokenizer comes with them), its
     architecture file and `truncate`. Read from the entries alone: loads no tokenizer, imports no model library."""
     models = {name: {**BACKENDS[entry.backend](name, entry).identity(), "truncate": entry.truncate,
-                     "arch_file": file_stamps(Path(entry.arch)) if entry.arch and Path(entry.arch).is_file() else None}
-              for name, entry in config.models.items()}
+                     "arch_file": arch_file_stamps(entry)} for name, entry in config.models.items()}
     return json_digest([prompts.texts, models])
 
 
 def check_prompts(config: RunConfig, prompts: PromptSet) -> None:
     """Before anything is encoded: every prompt fits the context of every model (or its entry says `truncate`)."""
+    from ..models import ModelHandle
+
     for name, entry in config.models.items():
         ModelHandle(name, entry, config.device).check_prompts(prompts)
 
@@ -615,11 +681,8 @@ def check_prompts_once(config: RunConfig, prompts: PromptSet, key: str) -> None:
     """`check_prompts`, once per `prompt_check_key` and cache: a check that passed is kept in the cache
     (`<cache_dir>/prompt_checks/`), beside the prompts' embeddings of the same models, and a later run of the same
     prompts and models (a sweep's points) loads no tokenizer and imports no model library for it."""
-    passed = Path(config.cache_dir) / "prompt_checks" / f"{key}.json"
-    if read_json_or_none(passed, dict) is not None:
-        return
-    check_prompts(config, prompts)
-    write_json(passed, {"models": sorted(config.models), "prompts": len(prompts.texts)})
+    check_once(config.cache_dir, "prompt_checks", key, lambda: check_prompts(config, prompts),
+               {"models": sorted(config.models), "prompts": len(prompts.texts)})
 
 
 def check_paths(config: RunConfig, output_dir: str | Path) -> None:
@@ -657,7 +720,8 @@ def prepare_run(config: RunConfig, output_dir: str | Path | None, world: World =
     if output_dir is not None:
         check_paths(config, output_dir)
     check_world(config, world)
-    check_models(config)
+    check_device(config)
+    check_models_once(config)
     data = load_run_data(config, progress and world.is_main)
     if output_dir is not None and world.is_main:
         claim_output_dir(Path(output_dir), config)

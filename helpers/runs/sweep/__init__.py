@@ -120,14 +120,16 @@ def check_points(sweep: Sweep, here: bool) -> None:
     this machine, so their device must be here too (a Slurm sweep may be started where the jobs' GPUs are not)."""
     import dataclasses
 
-    from ..pipeline import check_models, check_paths
+    from ..pipeline import check_device, check_models_once, check_paths
 
     checked = set()
     for point in sweep.points:
         check_paths(point.config, sweep.run_dir(point))
+        if here:
+            check_device(point.config)
         models = json_digest({n: dataclasses.asdict(m) for n, m in point.config.models.items()})
         if models not in checked:
-            check_models(point.config if here else dataclasses.replace(point.config, device="cpu"))
+            check_models_once(point.config)  # kept in the points' cache: they need not check again
             checked.add(models)
 
 
