@@ -570,11 +570,11 @@ def _with_skipped(frame: pd.DataFrame, images: ImageSet, fallback: dict, classes
 
 def write_run_files(config: RunConfig, output_dir: str | Path, data: RunData, world: World = ONE_PROCESS) -> None:
     """The config used (resolved) and the manifest, with what each model's inference recorded."""
+    from ..models import resolve_device  # here: it imports torch
+
     output_dir = Path(output_dir)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     models = {n: json.loads((model_dir(output_dir, n) / "model.json").read_text()) for n in config.models}
-    from ..models import resolve_device
-
     manifest = build_manifest(config.to_dict(), resolve_device(config.device), data.fingerprints(), models)
     manifest["world_size"] = world.size  # processes that shared the encodes (torchrun); the results do not depend on it
     if data.auto_blur:
@@ -620,23 +620,27 @@ def check_models(config: RunConfig) -> None:
         raise WeightsUnavailableError(" | ".join(problems))
 
 
-def weights_check_key(config: RunConfig) -> str | None:
-    """What the weights check depends on where every model's weights are on disk (or random): the entries, and the
-    size and modification time of their weights and architecture files. None where a model's weights are a tag or a
-    hub repository: their check asks the hub's cache or the network, which may have changed since."""
-    models = {}
-    for name, entry in config.models.items():
-        weights = Path(entry.pretrained).expanduser()
-        if not entry.random_weights and not weights.exists():
-            return None
-        models[name] = {"entry": config.to_dict()["models"][name], "arch_file": arch_file_stamps(entry),
-                        "weights": None if entry.random_weights else file_stamps(weights)}
-    return json_digest(models)
+def model_stamps(config: RunConfig) -> dict[str, dict]:
+    """Each model's identity (with the size and modification time of its weights files where they are on disk, or
+    its seed) and its architecture file's: what the checks kept in the cache depend on, read from the entries alone
+    (loads no tokenizer, imports no model library)."""
+    return {name: {**BACKENDS[entry.backend](name, entry).identity(), "arch_file": arch_file_stamps(entry)}
+            for name, entry in config.models.items()}
 
 
 def arch_file_stamps(entry: ModelEntry) -> dict | None:
     """The size and modification time of an entry's architecture file (`arch`), None without one."""
     return file_stamps(Path(entry.arch)) if entry.arch and Path(entry.arch).is_file() else None
+
+
+def weights_check_key(config: RunConfig) -> str | None:
+    """What the weights check depends on where every model's weights are on disk (or random): the entries and
+    `model_stamps`. None where a model's weights are a tag or a hub repository: their check asks the hub's cache or
+    the network, which may have changed since."""
+    stamps = model_stamps(config)
+    if any("files" not in stamps[name] and not entry.random_weights for name, entry in config.models.items()):
+        return None
+    return json_digest([config.to_dict()["models"], stamps])
 
 
 def check_models_once(config: RunConfig) -> None:
@@ -662,10 +666,10 @@ def check_once(cache_dir: str | Path, kind: str, key: str, check, record: dict) 
 
 
 def prompt_check_key(config: RunConfig, prompts: PromptSet) -> str:
-    """What the prompt check depends on: the prompts, and each model's weights (its tokenizer comes with them), its
-    architecture file and `truncate`. Read from the entries alone: loads no tokenizer, imports no model library."""
-    models = {name: {**BACKENDS[entry.backend](name, entry).identity(), "truncate": entry.truncate,
-                     "arch_file": arch_file_stamps(entry)} for name, entry in config.models.items()}
+    """What the prompt check depends on: the prompts, and each model's `model_stamps` (its tokenizer comes with its
+    weights) and `truncate`."""
+    models = {name: {**stamps, "truncate": config.models[name].truncate}
+              for name, stamps in model_stamps(config).items()}
     return json_digest([prompts.texts, models])
 
 
