@@ -354,19 +354,20 @@ def live_jobs(jobs: list[PointJob], submitit_folder: Path) -> dict[str, tuple[st
 def image_needs(point: Point) -> set[str]:
     """What a point's inference encodes: per model and view, the embedding cache's own key
     (`helpers.infra.cache.image_store`: the model's identity and the preprocessing) with the images, as digests.
-    The models are described for the CPU: the sweep may run where the points' GPUs are not, and only which points
-    share an entry matters here."""
+    The models are described by their entries as written (`precision: auto` unresolved): the sweep may run where
+    the points' GPUs are not, only which points share an entry matters here, and the backends' descriptions need no
+    torch, which the sweep's own process then never imports."""
     from ...config import json_digest
-    from ...models import ModelHandle
+    from ...models.backends import BACKENDS
 
     data = point.config.data
     images = {"test": data.test, "limit": data.limit, "dev": None if data.dev is None else
               {"path": data.dev.path, "limit": data.dev.limit}}
     needs = set()
     for name, entry in point.config.models.items():
-        handle = ModelHandle(name, entry, "cpu")
-        needs |= {json_digest({"model": handle.identity, "preprocess": view.key(), "images": images})
-                  for view in handle.views}
+        backend = BACKENDS[entry.backend](name, entry)
+        needs |= {json_digest({"model": backend.identity(), "preprocess": view.key(), "images": images})
+                  for view in backend.views()}
     return needs
 
 
