@@ -57,6 +57,11 @@ class Encoder:
         options = {"freezing": True} if self.device.type == "cpu" else {}
         return torch.compile(forward, dynamic=False, options=options)
 
+    def release(self) -> None:
+        """Let go of the model, and of the forward that refers back to this encoder (a reference cycle, which would
+        keep the model until the next garbage collection)."""
+        self.model = self._image_forward = None
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         import torch
 
