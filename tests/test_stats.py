@@ -1,6 +1,7 @@
 """Statistics on cases whose answers are known."""
 
 import numpy as np
+import pytest
 
 from helpers.research.stats import (
     accuracy_summary,
@@ -46,6 +47,17 @@ def test_mcnemar_exact_on_known_counts():
     assert abs(mcnemar_p(a, b) - 2 * 0.5**10) < 1e-12
     assert mcnemar_p([1, 0, 1, 0], [0, 1, 0, 1]) == 1.0  # 2 vs 2 discordant
     assert mcnemar_p([1, 1], [1, 1]) == 1.0
+
+
+def test_mcnemar_is_scipys_exact_binomial_test_for_every_split_of_the_discordant_pairs():
+    from scipy.stats import binomtest
+
+    for n in range(1, 61):
+        for only_a in range(n + 1):
+            a = np.array([1] * only_a + [0] * (n - only_a) + [1, 0])  # and two concordant images
+            b = np.array([0] * only_a + [1] * (n - only_a) + [1, 0])
+            expected = binomtest(only_a, n, 0.5).pvalue
+            assert mcnemar_p(a, b) == pytest.approx(expected, rel=1e-12, abs=1e-300), (only_a, n)
 
 
 def test_paired_comparison_sees_noise_as_noise_and_a_real_gain_as_real():
