@@ -23,13 +23,15 @@ setup: $(VENV)/.installed
 
 # uv installs the same pins as pip would, from the same sources (tools/pip_sources.py hands it pip's configuration,
 # which it does not read), several times faster; the bytecode is compiled once here, not by every process (these
-# machines set PYTHONDONTWRITEBYTECODE). requirements.txt is what a run needs, the `dev` group (pyproject.toml) what
-# the tests and the lint need.
+# machines set PYTHONDONTWRITEBYTECODE): the libraries' by uv, the workbench's and the tests' own (an editable
+# install, which uv leaves as source) by compileall; a module changed since is compiled in memory, as before.
+# requirements.txt is what a run needs, the `dev` group (pyproject.toml) what the tests and the lint need.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(UV)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --index-strategy unsafe-best-match \
 		$$($(PYTHON) tools/pip_sources.py) -r requirements.txt --group dev -e .
+	$(BIN)/python -m compileall -q helpers tests
 	$(BIN)/python -m helpers install-kernel
 	@# headless Chromium for the JupyterLab test (tests/test_lab.py), from Debian's packages where it is missing
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
