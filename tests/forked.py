@@ -35,14 +35,17 @@ from helpers.infra.files import PROJECT_ROOT
 from helpers.infra.jupyter import ensure_kernel
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-# what the fork server imports before it forks anything: what the commands and kernels these tests run import (but
-# matplotlib, which reads MPLBACKEND, set by the kernel, at import)
+# what the fork server imports before it forks anything: what the commands and kernels these tests run import
+# (matplotlib's backend, read from MPLBACKEND at import, a forked kernel sets as its own import would: `_run_kernel`)
 _CONTEXT.set_forkserver_preload(["helpers.runs.pipeline", "helpers.__main__", "helpers.research.ablation", "open_clip",
-                                 "pandas", "ipykernel.ipkernel", "tests.fault_injection"])
+                                 "pandas", "matplotlib.pyplot", "ipykernel.ipkernel", "tests.fault_injection"])
 # what the server's libraries read from the environment at import (huggingface_hub's HF_HUB_OFFLINE, the OpenMP
-# threads, ...): a kernel whose environment differs from the server's in these starts as usual
+# threads, matplotlib's configuration folder, ...): a kernel whose environment differs from the server's in these
+# starts as usual
 _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA",
-                   "PYTHON", "TQDM_", "PANDAS_")
+                   "PYTHON", "TQDM_", "PANDAS_", "MPL")
+# the backend ipykernel names in MPLBACKEND, for its inline figures, where the environment names none
+_INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 # ... but what is read when used: inductor sets its cache folder in the environment itself, the first time it compiles
 _READ_WHEN_USED = ("TORCHINDUCTOR_CACHE_DIR",)
 # what a kernel imports afresh: the modules that choose at import what a kernel chooses otherwise (tqdm.auto picks the
@@ -146,6 +149,11 @@ def _run_kernel(argv: list[str], cwd: str, env: dict[str, str], stdout: str, std
     _enter(cwd, env, stdout, stderr)
     for name in [name for name in sys.modules if name in _KERNEL_IMPORTS_AFRESH or name.startswith("helpers.")]:
         del sys.modules[name]
+    # what matplotlib, imported here, would have read: the MPLBACKEND the kernel sets as it starts (the server's
+    # environment agrees with the kernel's in MPL*, so the rest of matplotlib's configuration is the kernel's own)
+    import matplotlib
+
+    matplotlib.rcParams["backend"] = os.environ.get("MPLBACKEND") or _INLINE_BACKEND
     sys.argv = argv
     runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
 

@@ -13,8 +13,8 @@ from helpers.infra.jupyter import ensure_kernel
 from . import forked
 from .conftest import PROJECT_ROOT
 
-PROBE = ("import os, tqdm.auto, tqdm.notebook; print(issubclass(tqdm.auto.tqdm, tqdm.notebook.tqdm), "
-         "os.getpgid(0) == os.getpid(), os.getenv('OMP_NUM_THREADS'))")
+PROBE = ("import os, matplotlib, tqdm.auto, tqdm.notebook; print(issubclass(tqdm.auto.tqdm, tqdm.notebook.tqdm), "
+         "os.getpgid(0) == os.getpid(), os.getenv('OMP_NUM_THREADS'), matplotlib.get_backend())")
 
 
 def _run_in_kernel(code: str, sockets: Path) -> tuple[object, str]:
@@ -43,7 +43,7 @@ def test_this_checkouts_kernel_is_forked_unless_its_environment_differs(monkeypa
     expected = forked.ForkedKernel if threads == "same" else subprocess.Popen
     process, printed = _run_in_kernel(PROBE, tmp_path / "kernel")
     assert isinstance(process, expected)
-    notebook_bar, own_group, omp = printed.split()
-    assert (notebook_bar, own_group) == ("True", "True")
+    notebook_bar, own_group, omp, backend = printed.split()
+    assert (notebook_bar, own_group, backend) == ("True", "True", "module://matplotlib_inline.backend_inline")
     assert omp == ("3" if threads == "other" else str(server.get("OMP_NUM_THREADS")))
     assert process.poll() is not None  # ended, and its exit seen
