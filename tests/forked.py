@@ -38,12 +38,13 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 # what the fork server imports before it forks anything: what the commands and kernels these tests run import
 # (matplotlib's backend, read from MPLBACKEND at import, a forked kernel sets as its own import would: `_run_kernel`)
 _CONTEXT.set_forkserver_preload(["helpers.runs.pipeline", "helpers.__main__", "helpers.research.ablation", "open_clip",
-                                 "pandas", "matplotlib.pyplot", "ipykernel.ipkernel", "tests.fault_injection"])
+                                 "pandas", "matplotlib.pyplot", "scipy.special", "ot", "ipykernel.ipkernel",
+                                 "tests.fault_injection"])
 # what the server's libraries read from the environment at import (huggingface_hub's HF_HUB_OFFLINE, the OpenMP
 # threads, matplotlib's configuration folder, ...): a kernel whose environment differs from the server's in these
 # starts as usual
 _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA",
-                   "PYTHON", "TQDM_", "PANDAS_", "MPL")
+                   "PYTHON", "TQDM_", "PANDAS_", "MPL", "POT_")
 # the backend ipykernel names in MPLBACKEND, for its inline figures, where the environment names none
 _INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 # ... but what is read when used: inductor sets its cache folder in the environment itself, the first time it compiles
