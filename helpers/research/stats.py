@@ -93,12 +93,12 @@ def mcnemar_p(correct_a, correct_b) -> float:
     information, and under the null hypothesis the b that only A gets right are Binomial(n, 1/2). The two-sided p is
     twice the smaller tail, at most 1 (the distribution is symmetric): scipy.stats.binomtest's p for 1/2, from the
     binomial CDF of scipy.special (scipy.stats takes over half a second to import, in every kernel that compares)."""
-    from scipy.special import bdtr
-
     correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     only_a, only_b = int(np.sum(correct_a & ~correct_b)), int(np.sum(~correct_a & correct_b))
     if only_a + only_b == 0:
         return 1.0
+    from scipy.special import bdtr  # on first use, as the rest of scipy here
+
     return float(min(1.0, 2 * bdtr(min(only_a, only_b), only_a + only_b, 0.5)))
 
 

@@ -355,8 +355,8 @@ def image_needs(point: Point) -> set[str]:
     """What a point's inference encodes: per model and view, the embedding cache's own key
     (`helpers.infra.cache.image_store`: the model's identity and the preprocessing) with the images, as digests.
     The models are described by their entries as written (`precision: auto` unresolved): the sweep may run where
-    the points' GPUs are not, only which points share an entry matters here, and the backends' descriptions need no
-    torch, which the sweep's own process then never imports."""
+    the points' GPUs are not, and only which points share an entry matters here. The backends' descriptions need no
+    torch (the sweep's own process imports it only for a weights check not yet kept)."""
     from ...config import json_digest
     from ...models.backends import BACKENDS
 
